@@ -1,0 +1,94 @@
+"""Command-line entry points (the only place that parses argv).
+
+    cats-prepare  --config R.yaml [a.b=v ...]
+    cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
+    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [a.b=v ...]
+    cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from cats_ds.config import ConfigError, load_config
+
+
+def _fail(msg: str) -> "None":
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="experiment recipe (YAML)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_updates=200")
+    return p
+
+
+def prepare_main(argv: Optional[list[str]] = None) -> None:
+    p = _config_parser("cats-prepare", "Raw corpus -> SentencePiece -> binarized shards + manifest.json")
+    p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    from cats_ds.data.prepare import PrepareError, prepare
+
+    try:
+        prepare(cfg, force=args.force)
+    except PrepareError as e:
+        _fail(str(e))
+
+
+def train_main(argv: Optional[list[str]] = None) -> None:
+    p = _config_parser("cats-train", "Train under the DeepSpeed launcher")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (precision, ZeRO, accumulation)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    from cats_ds.train import TrainError, train
+
+    try:
+        train(cfg, args.deepspeed_config)
+    except (TrainError, ConfigError) as e:
+        _fail(str(e))
+
+
+def evaluate_main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="cats-evaluate", description="Beam search + sacreBLEU per language")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
+    p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref files go")
+    p.add_argument("--languages", default=None, help="comma-separated subset of languages")
+    p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
+    args = p.parse_args(argv)
+    from cats_ds.evaluate import EvalError, evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
+                            languages=args.languages.split(",") if args.languages else None,
+                            overrides=args.overrides)
+    except (EvalError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def slurm_hostfile_main(argv: Optional[list[str]] = None) -> None:
+    """Print the master host after writing a DeepSpeed hostfile from a SLURM node list."""
+    p = argparse.ArgumentParser(prog="cats-slurm-hostfile")
+    p.add_argument("nodelist", help="SLURM_JOB_NODELIST, e.g. gpu[01-04]")
+    p.add_argument("slots", type=int, help="ranks per node (GPUs per node)")
+    p.add_argument("out", help="hostfile to write")
+    args = p.parse_args(argv)
+    from cats_ds.slurm import write_hostfile
+
+    try:
+        print(write_hostfile(args.nodelist, args.slots, args.out)[0])
+    except ValueError as e:
+        _fail(str(e))

@@ -1,0 +1,398 @@
+"""Typed experiment configuration: YAML recipe + ``section.field=value`` overrides.
+
+One dataclass per section. Every field has a default and a docstring-comment; unknown
+keys are rejected with the closest match, choices are checked against their ``Literal``.
+DeepSpeed settings (precision, ZeRO stage, gradient accumulation, clipping) are NOT here:
+the DeepSpeed JSON is their one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data-bin/gettext8"
+    """Prepared data folder (manifest.json, spm.model, binarized shards)."""
+    corpus: Literal["gettext", "plain", "opus100", "ted8", "wmt"] = "gettext"
+    """Raw corpus layout read by `prepare` (see DATA.md)."""
+    raw: str = "/usr/share/locale"
+    """Root of the raw corpus."""
+    languages: list[str] = field(default_factory=list)
+    """Target languages (English is always the source). Empty: every language found."""
+    pattern: Optional[str] = None
+    """TED8 only: file pattern preset (`orig`, `mtok`, `spm8000`, `raw`) or a pattern with
+    {lang}, {split}, {side}, {l2e} placeholders."""
+    vocab_size: int = 8000
+    """Joint SentencePiece vocabulary size (language tags included)."""
+    vocab_temperature: float = 5.0
+    """Temperature over languages when sampling sentences to train SentencePiece."""
+    vocab_sentences: int = 300_000
+    """How many sentences (both sides together) SentencePiece is trained on."""
+    character_coverage: float = 0.9995
+    """SentencePiece character coverage."""
+    max_chars: int = 300
+    """Drop pairs with a side longer than this many characters."""
+    max_tokens_per_side: int = 200
+    """Drop pairs with a side longer than this many pieces after encoding."""
+    dev_fraction: float = 0.03
+    """Share of English sentences hashed into dev (corpora without their own dev)."""
+    test_fraction: float = 0.03
+    """Share of English sentences hashed into test (corpora without their own test)."""
+    dev_max: int = 500
+    """Cap on dev/test pairs per language for hash-split corpora; pairs over the cap are
+    dropped (never moved to train), so no English sentence crosses splits."""
+    min_pairs: int = 1
+    """Languages with fewer training pairs than this are an error."""
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512
+    """Model width."""
+    ffn_dim: int = 2048
+    """Feed-forward inner width."""
+    encoder_layers: int = 6
+    """Encoder depth."""
+    decoder_layers: int = 6
+    """Decoder depth."""
+    heads: int = 8
+    """Attention heads."""
+    dropout: float = 0.1
+    """Residual/embedding dropout."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    activation_dropout: float = 0.0
+    """Dropout after the FFN activation."""
+    activation: Literal["relu", "gelu"] = "relu"
+    """FFN activation."""
+    norm: Literal["layernorm", "layernorm_noaffine", "rmsnorm", "rmsnorm_noaffine"] = "layernorm"
+    """Norm variant; *_noaffine have no gain and no bias (the paper's w/o LayerNorm)."""
+    prenorm: bool = True
+    """Pre-norm residual blocks (False: post-norm)."""
+    share_embeddings: bool = True
+    """Tie encoder, decoder and output embeddings (one joint vocabulary)."""
+    max_positions: int = 256
+    """Longest sequence the sinusoidal positions cover."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 5.0
+    """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform."""
+    langs_per_batch: int = 4
+    """K: language slots per batch, each drawn from p_l with replacement (so every
+    language's expected share of tokens is exactly p_l); a batch holds <= K languages."""
+
+
+@dataclass
+class WeightingConfig:
+    method: Literal["temperature", "gradnorm", "mgda", "cats"] = "temperature"
+    """Task weighting. temperature: token-mean loss of the sampled batch."""
+
+
+@dataclass
+class CatsConfig:
+    loss_term: bool = True
+    """Include the per-language loss L_n in dL/dalpha (the paper's first term)."""
+    lr_alpha: float = 0.1
+    """SGD step on alpha."""
+    lr_lambda: float = 0.01
+    """Projected gradient-ascent step on the Lagrange multipliers."""
+    eps: float = 0.1
+    """Margin: curvature budget for alpha^T G alpha and the floor on each alpha."""
+    meta_every: list[list[Optional[int]]] = field(default_factory=lambda: [[None, 10]])
+    """Schedule [[until_step, M], ...]: meta step every M updates until until_step
+    (None = forever)."""
+    meta_data: Literal["train", "dev"] = "train"
+    """Where meta batches come from (the paper: train)."""
+    params: Literal["shared", "all"] = "shared"
+    """Gram over shared parameters only (experts excluded) or all parameters."""
+
+
+@dataclass
+class GradNormConfig:
+    asymmetry: float = 1.5
+    """GradNorm's alpha (restoring-force strength)."""
+    lr: float = 0.025
+    """Step size on the task weights."""
+
+
+@dataclass
+class MgdaConfig:
+    iters: int = 50
+    """Frank-Wolfe iterations for the min-norm point."""
+
+
+@dataclass
+class ExpertsConfig:
+    modules: list[Literal["ffn", "attn", "out_embed", "all"]] = field(default_factory=list)
+    """Which modules get one expert per language family; empty = dense model."""
+    side: Literal["encoder", "decoder", "both"] = "decoder"
+    """Where ffn/attn experts sit."""
+    families: Optional[str] = None
+    """Family map YAML (family -> languages): a path, or a name in cats_ds/families/."""
+    ep_size: int = 1
+    """Expert-parallel world size (DeepSpeed MoE)."""
+
+
+@dataclass
+class TrainConfig:
+    save_dir: str = "runs/gettext8"
+    """Checkpoints (best/, latest/), logs and TensorBoard events go here."""
+    max_updates: int = 1000
+    """Stop after this many optimizer updates."""
+    max_minutes: Optional[float] = None
+    """Also stop (after a checkpoint) once this much wall-clock time has passed."""
+    max_tokens: int = 4096
+    """Token budget of one micro-batch on one rank (padded tokens, max of both sides)."""
+    update_tokens: Optional[int] = None
+    """If set, must equal max_tokens * gradient_accumulation_steps * world_size."""
+    lr: float = 0.0015
+    """Peak learning rate (Adam)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    warmup_updates: int = 4000
+    """Linear warmup, then inverse square root decay."""
+    warmup_init_lr: float = 1e-7
+    """Learning rate at update 0."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross entropy."""
+    log_every: int = 50
+    """A log line (and TensorBoard scalars) every N updates."""
+    valid_every: int = 500
+    """Validation loss per language (and checkpoints) every N updates."""
+    resume: str = "auto"
+    """auto: continue from save_dir/latest if present; none: start fresh; or a path."""
+    seed: int = 1
+    """Seed for initialization, sampling and dropout."""
+    tensorboard: bool = True
+    """Write TensorBoard events through DeepSpeed's monitor (unless the JSON sets it)."""
+
+
+@dataclass
+class EvalConfig:
+    beam: int = 5
+    """Beam size."""
+    lenpen: float = 1.0
+    """Length penalty: hypotheses are ranked by logprob / length^lenpen."""
+    max_len_a: float = 1.2
+    """Longest hypothesis = max_len_a * source length + max_len_b."""
+    max_len_b: int = 10
+    """See max_len_a."""
+    batch_tokens: int = 6000
+    """Source tokens per decoding batch."""
+    tokenize: str = "13a"
+    """Default sacreBLEU tokenizer."""
+    tokenize_lang: dict[str, str] = field(
+        default_factory=lambda: {"zh": "zh", "zh_CN": "zh", "zh_TW": "zh", "zh_HK": "zh",
+                                 "ja": "char", "th": "char", "ko": "char", "km": "char",
+                                 "lo": "char", "my": "char"})
+    """Per-language sacreBLEU tokenizer overrides."""
+    lo_max: int = 100_000
+    """Languages with fewer training pairs are Lo."""
+    hi_min: int = 1_000_000
+    """Languages with at least this many training pairs are Hi (between: Mid)."""
+
+
+@dataclass
+class AnalysisConfig:
+    every: int = 0
+    """Run the gradient/Hessian analysis every N updates during training (0 = never)."""
+    pairs: list[str] = field(default_factory=list)
+    """Language pairs such as ["de:af", "uk:kk"] for cos/gamma; empty = all pairs."""
+    sentences: int = 64
+    """Sentences per language in the fixed analysis batch."""
+    hessian_iters: int = 20
+    """Power-iteration steps for lambda_max."""
+    hessian_tol: float = 1e-3
+    """Stop power iteration when lambda changes by less than this (relative)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    cats: CatsConfig = field(default_factory=CatsConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
+    mgda: MgdaConfig = field(default_factory=MgdaConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        m = self.model
+        if m.embed_dim % m.heads:
+            raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.heads={m.heads}")
+        if self.sampling.temperature <= 0:
+            raise ConfigError(f"sampling.temperature must be > 0 (inf for uniform), got {self.sampling.temperature}")
+        if self.sampling.langs_per_batch < 1:
+            raise ConfigError(f"sampling.langs_per_batch must be >= 1, got {self.sampling.langs_per_batch}")
+        if self.train.max_tokens < 8:
+            raise ConfigError(f"train.max_tokens must be >= 8, got {self.train.max_tokens}")
+        if not self.cats.meta_every:
+            raise ConfigError("cats.meta_every must list at least one [until_step, M] entry")
+        for i, entry in enumerate(self.cats.meta_every):
+            if len(entry) != 2 or entry[1] is None or entry[1] < 1:
+                raise ConfigError(f"cats.meta_every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
+        if self.train.resume not in ("auto", "none") and not self.train.resume:
+            raise ConfigError("train.resume must be auto, none or a checkpoint path")
+        if self.experts.ep_size < 1:
+            raise ConfigError(f"experts.ep_size must be >= 1, got {self.experts.ep_size}")
+        if self.eval.beam < 1:
+            raise ConfigError(f"eval.beam must be >= 1, got {self.eval.beam}")
+        return self
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _closest(key: str, choices) -> str:
+    near = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML value into the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # accepts "inf" as well as YAML's .inf
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'" + _closest(k, names))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"'{key}' is a section; expected a mapping, got {v!r}")
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def merge_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree or {}, "").validate()
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML recipe (or none) and apply ``section.field=value`` overrides."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    try:
+        return config_from_dict(merge_overrides(tree, overrides or []))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:
+    """M in force at `step` under a [[until_step, M], ...] schedule."""
+    for until, every in schedule:
+        if until is None or step < until:
+            return int(every)
+    return int(schedule[-1][1])

@@ -1,0 +1,1 @@
+"""Corpus readers, SentencePiece vocab, binarized shards, language sampler."""

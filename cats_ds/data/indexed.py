@@ -1,0 +1,63 @@
+"""Memory-mapped token shards: ``{prefix}.bin`` (all tokens, concatenated) and
+``{prefix}.idx`` (a .npy of int64 offsets, length n+1).
+
+Both are written to temporary names and renamed into place, so a crash never leaves a
+half-written shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def write_shard(prefix: str | Path, sequences: Iterable[Sequence[int]], dtype: np.dtype) -> int:
+    """Write sequences of token ids; returns how many were written."""
+    prefix = Path(prefix)
+    bin_tmp = prefix.with_name(prefix.name + ".bin.tmp")
+    idx_tmp = prefix.with_name(prefix.name + ".idx.tmp")
+    offsets = [0]
+    with open(bin_tmp, "wb") as f:
+        for seq in sequences:
+            arr = np.asarray(seq, dtype=dtype)
+            f.write(arr.tobytes())
+            offsets.append(offsets[-1] + len(arr))
+    with open(idx_tmp, "wb") as f:
+        np.save(f, np.asarray(offsets, dtype=np.int64))
+    os.replace(bin_tmp, prefix.with_name(prefix.name + ".bin"))
+    os.replace(idx_tmp, prefix.with_name(prefix.name + ".idx"))
+    return len(offsets) - 1
+
+
+class IndexedDataset:
+    """Read-only view of one shard; items are numpy arrays of token ids."""
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype):
+        prefix = Path(prefix)
+        idx_path = prefix.with_name(prefix.name + ".idx")
+        bin_path = prefix.with_name(prefix.name + ".bin")
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"missing shard file {p}; run prepare first")
+        self.offsets = np.load(idx_path)
+        n_tokens = int(self.offsets[-1])
+        if bin_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
+            raise ValueError(f"{bin_path}: size {bin_path.stat().st_size} bytes does not match "
+                             f"{n_tokens} tokens of {np.dtype(dtype).name} from {idx_path}")
+        # np.memmap of an empty file fails; an empty shard has no tokens to map
+        self.tokens = (np.memmap(bin_path, dtype=dtype, mode="r") if n_tokens
+                       else np.zeros(0, dtype=dtype))
+        self.sizes = np.diff(self.offsets).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]

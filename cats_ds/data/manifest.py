@@ -1,0 +1,139 @@
+"""The contract between `prepare` and everything after it.
+
+A prepared data folder holds:
+  manifest.json                     languages, pair counts per split, vocab, sources + sha256
+  spm.model / spm.vocab             ONE joint SentencePiece model; `<2xx>` tags are user symbols
+  {split}.en-{lang}.en.{bin,idx}    source side: pieces + </s>
+  {split}.en-{lang}.{lang}.{bin,idx} target side: pieces + </s> (the `<2xx>` tag is added
+                                     at batch time as the first decoder input token)
+Token ids: pad 0, unk 1, bos 2, eos 3, then the language tags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cats_ds.data.indexed import IndexedDataset
+
+MANIFEST = "manifest.json"
+SPM_PREFIX = "spm"
+SPLITS = ("train", "dev", "test")
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+MANIFEST_VERSION = 1
+
+
+def lang_tag(lang: str) -> str:
+    return f"<2{lang}>"
+
+
+def shard_prefix(data_dir: str | Path, split: str, lang: str, side: str) -> Path:
+    """side is "en" (source) or the language code (target)."""
+    return Path(data_dir) / f"{split}.en-{lang}.{side}"
+
+
+@dataclass
+class Manifest:
+    languages: list[str]
+    """Target languages, in a fixed order: language index i everywhere means languages[i]."""
+    pairs: dict[str, dict[str, int]]
+    """split -> language -> number of pairs in the binarized shards."""
+    vocab_size: int
+    dtype: str
+    corpus: str
+    sources: list[dict] = field(default_factory=list)
+    """[{"path": ..., "sha256": ...}] of every raw file read."""
+    fingerprint: str = ""
+    """Hash of the sources' checksums and the prepare settings: equal means no-op re-run."""
+    settings: dict = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def train_pairs(self, lang: str) -> int:
+        return int(self.pairs.get("train", {}).get(lang, 0))
+
+    def lang_index(self, lang: str) -> int:
+        try:
+            return self.languages.index(lang)
+        except ValueError:
+            raise KeyError(f"unknown language '{lang}'; corpus languages: {', '.join(self.languages)}") from None
+
+    def save(self, data_dir: str | Path) -> None:
+        path = Path(data_dir) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "Manifest":
+        path = Path(data_dir) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `python launch/prepare.py --config <recipe>` "
+                                    f"(data.dir={data_dir}) first")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: manifest version {raw.get('version')} != {MANIFEST_VERSION}; re-run prepare")
+        return cls(**raw)
+
+
+class Vocab:
+    """The joint SentencePiece model plus the id conventions above."""
+
+    def __init__(self, data_dir: str | Path, languages: list[str]):
+        import sentencepiece as spm
+
+        path = Path(data_dir) / f"{SPM_PREFIX}.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run prepare first")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.pad, self.unk, self.bos, self.eos = PAD, UNK, BOS, EOS
+        assert self.sp.pad_id() == PAD and self.sp.eos_id() == EOS, f"{path}: unexpected special ids"
+        self.lang_ids = {}
+        for lang in languages:
+            i = self.sp.piece_to_id(lang_tag(lang))
+            if i == self.sp.unk_id():
+                raise ValueError(f"{path}: no tag {lang_tag(lang)} for language '{lang}'")
+            self.lang_ids[lang] = i
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int) + [EOS]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) not in (PAD, BOS, EOS)]
+        return self.sp.decode(ids)
+
+
+@dataclass
+class LangSplit:
+    src: IndexedDataset
+    tgt: IndexedDataset
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def load_split(data_dir: str | Path, manifest: Manifest, split: str,
+               languages: Optional[list[str]] = None) -> dict[str, LangSplit]:
+    """Per-language source/target shards of one split (languages default to the manifest's)."""
+    out = {}
+    for lang in languages or manifest.languages:
+        manifest.lang_index(lang)  # raises naming the language if it is not in the corpus
+        if manifest.pairs.get(split, {}).get(lang, 0) == 0:
+            continue
+        src = IndexedDataset(shard_prefix(data_dir, split, lang, "en"), manifest.np_dtype)
+        tgt = IndexedDataset(shard_prefix(data_dir, split, lang, lang), manifest.np_dtype)
+        if len(src) != len(tgt):
+            raise ValueError(f"{shard_prefix(data_dir, split, lang, lang)}: {len(tgt)} target sentences "
+                             f"but {len(src)} source sentences")
+        out[lang] = LangSplit(src, tgt)
+    return out

@@ -1,0 +1,194 @@
+"""Language sampler: temperature T over languages, K language slots per batch,
+token-budget batches, disjoint data per rank.
+
+Every rank runs the same sampler and sees the same GLOBAL plan for a micro-step (so all
+ranks agree on which languages are in the batch, as the Gram matrix needs); each rank
+then takes its own interleaved share of every language's sentences. The global plan
+depends only on `max_tokens * world_size`, so 2 ranks with budget B train on exactly the
+data 1 rank with budget 2B sees.
+
+State is tiny and exact: the micro-step counter plus (epoch, position) per language.
+Everything else is recomputed from (seed, language, epoch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from cats_ds.data.manifest import EOS, PAD, LangSplit
+
+
+def temperature_probs(sizes: list[int], temperature: float) -> np.ndarray:
+    """p_l ~ n_l^(1/T); T = inf gives uniform."""
+    n = np.asarray(sizes, dtype=np.float64)
+    if math.isinf(temperature):
+        w = np.ones_like(n)
+    else:
+        w = n ** (1.0 / temperature)
+    return w / w.sum()
+
+
+def chunk_by_budget(order: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split sentence ids `order` (ascending by cost) into consecutive chunks whose
+    padded cost (count * longest) stays within budget; a sentence over budget is alone."""
+    c = cost[order]
+    chunks, i, n = [], 0, len(order)
+    sorted_c = c.tolist()
+    while i < n:
+        # largest j with (j - i + 1) * c[j] <= budget; c ascending makes this monotone
+        lo, hi = i, n - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (mid - i + 1) * sorted_c[mid] <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        chunks.append(order[i:lo + 1])
+        i = lo + 1
+    return chunks
+
+
+@dataclass
+class Plan:
+    """One micro-step's global batch: languages (indices into the language list, each
+    once, ascending) and the sentence ids of each."""
+    langs: list[int]
+    sents: list[np.ndarray]
+
+    def for_rank(self, rank: int, world: int) -> "Plan":
+        # sentences are ascending by length within a chunk: interleaving keeps ranks balanced
+        return Plan(self.langs, [s[rank::world] for s in self.sents])
+
+
+class LanguageSampler:
+    def __init__(self, splits: dict[str, LangSplit], languages: list[str], temperature: float,
+                 langs_per_batch: int, max_tokens: int, world_size: int, seed: int):
+        missing = [l for l in languages if l not in splits]
+        if missing:
+            raise ValueError(f"no training data for language(s) {', '.join(missing)}")
+        self.languages = languages
+        self.sizes = [len(splits[l]) for l in languages]
+        self.cost = [np.maximum(splits[l].src.sizes, splits[l].tgt.sizes) for l in languages]
+        self.probs = temperature_probs(self.sizes, temperature)
+        self.k = langs_per_batch
+        self.slot_budget = max(1, max_tokens * world_size // langs_per_batch)
+        self.seed = seed
+        self.micro_step = 0
+        self.cursor = [[0, 0] for _ in languages]  # (epoch, position) per language
+        self._chunks: dict[int, tuple[int, list[np.ndarray]]] = {}
+
+    def _epoch_chunks(self, li: int, epoch: int) -> list[np.ndarray]:
+        cached = self._chunks.get(li)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        rng = np.random.default_rng([self.seed, 1, li, epoch])
+        perm = rng.permutation(self.sizes[li])
+        order = perm[np.argsort(self.cost[li][perm], kind="stable")]  # by length, random ties
+        chunks = chunk_by_budget(order, self.cost[li], self.slot_budget)
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        self._chunks[li] = (epoch, chunks)
+        return chunks
+
+    def _take(self, li: int) -> np.ndarray:
+        epoch, pos = self.cursor[li]
+        chunks = self._epoch_chunks(li, epoch)
+        if pos >= len(chunks):
+            epoch, pos = epoch + 1, 0
+            chunks = self._epoch_chunks(li, epoch)
+        self.cursor[li] = [epoch, pos + 1]
+        return chunks[pos]
+
+    def next_plan(self) -> Plan:
+        rng = np.random.default_rng([self.seed, 2, self.micro_step])
+        self.micro_step += 1
+        slots = rng.choice(len(self.languages), size=self.k, replace=True, p=self.probs)
+        taken: dict[int, list[np.ndarray]] = {}
+        for li in slots.tolist():
+            taken.setdefault(li, []).append(self._take(li))
+        langs = sorted(taken)
+        sents = []
+        for li in langs:
+            s = np.concatenate(taken[li])
+            sents.append(s[np.argsort(self.cost[li][s], kind="stable")])
+        return Plan(langs, sents)
+
+    def state_dict(self) -> dict:
+        return {"micro_step": self.micro_step, "cursor": [list(c) for c in self.cursor],
+                "languages": list(self.languages), "slot_budget": self.slot_budget, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["languages"] != self.languages:
+            raise ValueError(f"checkpoint sampler languages {state['languages']} != configured {self.languages}")
+        if state["slot_budget"] != self.slot_budget or state["seed"] != self.seed:
+            raise ValueError(f"checkpoint sampler budget/seed ({state['slot_budget']}, {state['seed']}) != "
+                             f"({self.slot_budget}, {self.seed}): max_tokens * world_size / K or the seed changed")
+        self.micro_step = int(state["micro_step"])
+        self.cursor = [list(c) for c in state["cursor"]]
+
+
+def eval_plans(splits: dict[str, LangSplit], languages: list[str], max_tokens: int,
+               rank: int, world: int, limit: Optional[int] = None) -> list[Plan]:
+    """Deterministic single-language batches over a dev/test split, dealt round-robin to
+    ranks (a rank may get none)."""
+    plans = []
+    for li, lang in enumerate(languages):
+        if lang not in splits:
+            continue
+        n = len(splits[lang]) if limit is None else min(limit, len(splits[lang]))
+        cost = np.maximum(splits[lang].src.sizes[:n], splits[lang].tgt.sizes[:n])
+        order = np.argsort(cost, kind="stable")
+        plans.extend(Plan([li], [c]) for c in chunk_by_budget(order, cost, max_tokens))
+    return plans[rank::world]
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor    # (B, S) source pieces + </s>, right-padded
+    prev: torch.Tensor   # (B, T) <2xx> + target pieces
+    tgt: torch.Tensor    # (B, T) target pieces + </s>
+    langs: torch.Tensor  # (B,) language index of each sentence
+    ids: torch.Tensor    # (B,) sentence id within its language's split
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.src, self.prev, self.tgt, self.langs, self.ids)))
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        return Batch(*(t[rows] for t in (self.src, self.prev, self.tgt, self.langs, self.ids)))
+
+
+def pad_stack(seqs: list[np.ndarray], pad: int = PAD) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = np.full((len(seqs), width), pad, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return torch.from_numpy(out)
+
+
+def collate(plan: Plan, splits: dict[str, LangSplit], languages: list[str], tag_ids: list[int]) -> Batch:
+    """Plan -> padded tensors; the language tag is the first decoder input token."""
+    src, prev, tgt, langs, ids = [], [], [], [], []
+    for li, sents in zip(plan.langs, plan.sents):
+        data = splits[languages[li]]
+        for i in sents.tolist():
+            y = np.asarray(data.tgt[i], dtype=np.int64)  # pieces + </s>
+            src.append(np.asarray(data.src[i], dtype=np.int64))
+            tgt.append(y)
+            prev.append(np.concatenate([[tag_ids[li]], y[:-1]]))
+            langs.append(li)
+            ids.append(i)
+    return Batch(pad_stack(src), pad_stack(prev), pad_stack(tgt),
+                 torch.tensor(langs, dtype=torch.long), torch.tensor(ids, dtype=torch.long))
+
+
+def target_tokens(plan: Plan, splits: dict[str, LangSplit], languages: list[str]) -> dict[int, int]:
+    """Target tokens (incl. </s>) per language in a plan: the loss normalizers."""
+    return {li: int(splits[languages[li]].tgt.sizes[s].sum()) for li, s in zip(plan.langs, plan.sents)}

@@ -1,0 +1,1 @@
+"""Encoder-decoder Transformer, norm variants, family experts."""

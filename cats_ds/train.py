@@ -1,0 +1,435 @@
+"""The training loop around the DeepSpeed engine: setup -> resume -> fit -> validate.
+
+Loss normalization is global: each language's loss L_n is the mean over ALL its target
+tokens in the micro-step (every rank knows the global plan, so no communication), and
+the local loss is multiplied by the data-parallel world size to undo DeepSpeed's
+gradient averaging. Hence W ranks with budget B step exactly like 1 rank with W*B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cats_ds.config import Config, config_from_dict
+from cats_ds.data.manifest import Manifest, Vocab, load_split
+from cats_ds.data.sampler import Batch, LanguageSampler, Plan, collate, eval_plans, target_tokens
+from cats_ds.losses import per_language_sums
+from cats_ds.model.transformer import Transformer, build_model
+from cats_ds.weighting.base import Weighting, make_weighting
+
+CHECKPOINT_META = "cats_ds.json"
+
+
+class TrainError(Exception):
+    """Bad setup (config, DeepSpeed JSON, data, checkpoint); the message says what and where."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args) -> None:
+    if is_rank0():
+        print(*args, flush=True)
+
+
+def inverse_sqrt(cfg_train) -> callable:
+    """Multiplier on train.lr: linear warmup from warmup_init_lr, then lr * sqrt(warmup / step)."""
+    lr, init, warm = cfg_train.lr, cfg_train.warmup_init_lr, max(1, cfg_train.warmup_updates)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (init + (lr - init) * step / warm) / lr
+        return math.sqrt(warm / step)
+
+    return factor
+
+
+def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
+    """Read the DeepSpeed JSON and check it against the world size and the token budget."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"DeepSpeed config not found: {path}")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path}: not valid JSON: {e}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise TrainError(f"{path}: remove '{key}': the optimizer and LR schedule come from the "
+                             f"experiment config (train.lr, train.betas, train.warmup_updates)")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if micro != 1:
+        raise TrainError(f"{path}: train_micro_batch_size_per_gpu must be 1 (got {micro!r}): one micro-batch "
+                         f"is one token-budget batch of train.max_tokens={cfg.train.max_tokens} tokens")
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or gas < 1:
+        raise TrainError(f"{path}: gradient_accumulation_steps must be a positive integer, got {gas!r}")
+    tbs = ds.get("train_batch_size")
+    if tbs is not None and tbs != micro * gas * world_size:
+        raise TrainError(f"{path}: train_batch_size={tbs} contradicts train_micro_batch_size_per_gpu={micro} x "
+                         f"gradient_accumulation_steps={gas} x world_size={world_size} = {micro * gas * world_size}")
+    want = cfg.train.update_tokens
+    if want is not None and want != cfg.train.max_tokens * gas * world_size:
+        raise TrainError(f"train.update_tokens={want} but train.max_tokens={cfg.train.max_tokens} x "
+                         f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = "
+                         f"{cfg.train.max_tokens * gas * world_size}")
+    if cfg.train.tensorboard and "tensorboard" not in ds:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(cfg.train.save_dir) / "tensorboard"),
+                             "job_name": ""}
+    return ds
+
+
+def init_distributed() -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=backend) if backend else deepspeed.init_distributed()
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Run:
+    cfg: Config
+    engine: object
+    model: Transformer
+    manifest: Manifest
+    vocab: Vocab
+    languages: list[str]
+    train_splits: dict
+    dev_splits: dict
+    sampler: LanguageSampler
+    weighting: Weighting
+    device: torch.device
+    rank: int
+    world: int
+    gas: int
+    tag_ids: list[int]
+    step: int = 0
+    best_valid: float = float("inf")
+    log_path: Optional[Path] = None
+    elapsed: float = 0.0
+    """Training seconds before this process (resumed runs)."""
+    t_start: float = 0.0
+    t_log: float = 0.0
+    """Start of the current logging interval (tokens/s)."""
+    acc: dict = field(default_factory=dict)
+
+
+def setup(cfg: Config, ds_config_path: str) -> Run:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = load_ds_config(ds_config_path, world, cfg)
+    try:
+        manifest = Manifest.load(cfg.data.dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    languages = cfg.data.languages or list(manifest.languages)
+    for lang in languages:
+        if lang not in manifest.languages:
+            raise TrainError(f"data.languages: unknown language '{lang}'; prepared corpus "
+                             f"{cfg.data.dir} has: {', '.join(manifest.languages)}")
+    vocab = Vocab(cfg.data.dir, manifest.languages)
+    train_splits = load_split(cfg.data.dir, manifest, "train", languages)
+    dev_splits = load_split(cfg.data.dir, manifest, "dev", languages)
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, len(vocab))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                                 weight_decay=cfg.train.weight_decay)
+    factor = inverse_sqrt(cfg.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    sampler = LanguageSampler(train_splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
+                              cfg.train.max_tokens, world, cfg.train.seed)
+    run = Run(cfg=cfg, engine=engine, model=model, manifest=manifest, vocab=vocab, languages=languages,
+              train_splits=train_splits, dev_splits=dev_splits, sampler=sampler,
+              weighting=make_weighting(cfg, languages), device=torch.device(get_accelerator().device_name()),
+              rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
+              tag_ids=[vocab.lang_ids[l] for l in languages])
+    run.log_path = Path(cfg.train.save_dir) / "train_log.jsonl"
+    if rank == 0:
+        Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
+           f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
+           f"{cfg.train.max_tokens * run.gas * world} tokens per update")
+    print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs)))
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank, so every rank builds identical initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- one update
+
+
+def forward_sums(run: Run, batch: Batch):
+    logits = run.engine(batch.src, batch.prev, batch.langs)
+    return per_language_sums(logits, batch.tgt, batch.langs, len(run.languages), run.cfg.train.label_smoothing)
+
+
+def scaled_loss(run: Run, loss_sum: torch.Tensor, coeffs: dict[int, float], tokens: dict[int, int]) -> torch.Tensor:
+    """sum_n c_n * (local loss sum_n / global tokens_n), times the DP world size that
+    DeepSpeed's gradient averaging divides by."""
+    idx = torch.tensor(list(coeffs), device=loss_sum.device)
+    w = torch.tensor([coeffs[l] / tokens[l] for l in coeffs], device=loss_sum.device, dtype=loss_sum.dtype)
+    return (loss_sum[idx] * w).sum() * run.world
+
+
+def train_step(run: Run) -> None:
+    """One optimizer update: gas micro-batches, one backward each, then engine.step()."""
+    for _ in range(run.gas):
+        plan = run.sampler.next_plan()
+        tokens = target_tokens(plan, run.train_splits, run.languages)
+        batch = collate(plan.for_rank(run.rank, run.world), run.train_splits, run.languages,
+                        run.tag_ids).to(run.device)
+        coeffs = run.weighting.coefficients(plan.langs, tokens)
+        loss_sum, nll_sum, tok = forward_sums(run, batch)
+        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens))
+        run.engine.step()
+        accumulate(run, loss_sum.detach(), nll_sum, tok, plan)
+    run.step += 1
+
+
+def accumulate(run: Run, loss_sum, nll_sum, tok, plan: Plan) -> None:
+    a = run.acc
+    if not a:
+        n = len(run.languages)
+        a.update(sums=torch.zeros(3, n, dtype=torch.float64), slots=np.zeros(n))
+    a["sums"] += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+    for li in plan.langs:
+        a["slots"][li] += 1
+
+
+# --------------------------------------------------------------------------- logging / validation
+
+
+def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    t = t.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def log_train(run: Run) -> None:
+    a = run.acc
+    sums = all_reduce_sum(a["sums"].clone(), run.device)
+    now = time.time()
+    elapsed, run.t_log = max(now - run.t_log, 1e-9), now
+    loss_l = sums[0] / sums[2].clamp(min=1)
+    nll_l = sums[1] / sums[2].clamp(min=1)
+    tok = float(sums[2].sum())
+    record = {"step": run.step, "loss": float(sums[0].sum() / max(tok, 1)), "nll": float(sums[1].sum() / max(tok, 1)),
+              "lr": run.engine.get_lr()[0], "tokens_per_s": tok / elapsed,
+              "loss_lang": {l: float(loss_l[i]) for i, l in enumerate(run.languages) if sums[2][i] > 0}}
+    slots = a["slots"] / max(a["slots"].sum(), 1)
+    events = [("train/loss", record["loss"], run.step), ("train/nll", record["nll"], run.step),
+              ("train/lr", record["lr"], run.step), ("train/tokens_per_s", record["tokens_per_s"], run.step)]
+    events += [(f"loss/en-{l}", v, run.step) for l, v in record["loss_lang"].items()]
+    events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
+    events += [(k, float(v), run.step) for k, v in run.weighting.scalars().items()]
+    write_events(run, events)
+    print0(f"| step {run.step:6d} | loss {record['loss']:.4f} | nll {record['nll']:.4f} | "
+           f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s")
+    write_log(run, {"kind": "train", **record})
+    run.acc = {}
+
+
+def write_events(run: Run, events: list) -> None:
+    monitor = getattr(run.engine, "monitor", None)
+    if monitor is not None and monitor.enabled:
+        monitor.write_events(events)
+
+
+def write_log(run: Run, record: dict) -> None:
+    if run.rank == 0:
+        with open(run.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict[str, dict[str, float]]:
+    """Per-language validation loss and nll over the whole dev split (all ranks share it)."""
+    run.engine.eval()
+    n = len(run.languages)
+    sums = torch.zeros(3, n, dtype=torch.float64)
+    for plan in eval_plans(run.dev_splits, run.languages, run.cfg.train.max_tokens, run.rank, run.world):
+        batch = collate(plan, run.dev_splits, run.languages, run.tag_ids).to(run.device)
+        loss_sum, nll_sum, tok = forward_sums(run, batch)
+        sums += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+    run.engine.train()
+    sums = all_reduce_sum(sums, run.device)
+    return {l: {"loss": float(sums[0, i] / sums[2, i]), "nll": float(sums[1, i] / sums[2, i])}
+            for i, l in enumerate(run.languages) if sums[2, i] > 0}
+
+
+def log_valid(run: Run, res: dict) -> float:
+    mean = float(np.mean([v["loss"] for v in res.values()])) if res else float("nan")
+    events = [(f"valid_loss/en-{l}", v["loss"], run.step) for l, v in res.items()]
+    events += [(f"valid_nll/en-{l}", v["nll"], run.step) for l, v in res.items()]
+    events.append(("valid/mean_loss", mean, run.step))
+    write_events(run, events)
+    print0(f"| valid step {run.step} | mean loss {mean:.4f} | " +
+           " ".join(f"{l} {v['loss']:.3f}" for l, v in res.items()))
+    write_log(run, {"kind": "valid", "step": run.step, "mean_loss": mean, "langs": res})
+    return mean
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
+    """Write <save_dir>/<name>/ atomically: DeepSpeed writes <name>.tmp, then rank 0 swaps."""
+    save_dir = Path(run.cfg.train.save_dir)
+    tmp = f"{name}.tmp"
+    client = {"step": run.step, "best_valid": run.best_valid, "sampler": run.sampler.state_dict(),
+              "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
+    run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, save_dir / tmp / f"rng_rank{run.rank}.pt")
+    if run.rank == 0:
+        meta = {"step": run.step, "valid_loss": valid_loss, "config": run.cfg.to_dict(),
+                "languages": run.languages, "manifest_fingerprint": run.manifest.fingerprint,
+                "vocab_size": len(run.vocab), "world_size": run.world,
+                "zero_stage": run.engine.zero_optimization_stage()}
+        (save_dir / tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=1))
+    dist.barrier()
+    if run.rank == 0:
+        final, old = save_dir / name, save_dir / f"{name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(save_dir / tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    p = Path(path) / CHECKPOINT_META
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} is not a cats_ds checkpoint (no {CHECKPOINT_META})")
+    return json.loads(p.read_text())
+
+
+def resume(run: Run) -> None:
+    r = run.cfg.train.resume
+    if r == "none":
+        return
+    path = Path(run.cfg.train.save_dir) / "latest" if r == "auto" else Path(r)
+    if not (path / CHECKPOINT_META).is_file():
+        if r == "auto":
+            return
+        raise TrainError(f"train.resume={r}: no checkpoint at {path} (expected {CHECKPOINT_META} inside)")
+    meta = read_checkpoint_meta(path)
+    if meta["vocab_size"] != len(run.vocab) or meta["manifest_fingerprint"] != run.manifest.fingerprint:
+        raise TrainError(f"{path}: checkpoint was trained on data with vocab {meta['vocab_size']} / fingerprint "
+                         f"{meta['manifest_fingerprint'][:12]}, but {run.cfg.data.dir} has vocab {len(run.vocab)} / "
+                         f"{run.manifest.fingerprint[:12]}")
+    if meta["languages"] != run.languages:
+        raise TrainError(f"{path}: checkpoint languages {meta['languages']} != configured {run.languages}")
+    load_path, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise TrainError(f"DeepSpeed could not load the checkpoint at {path}")
+    run.step = int(client["step"])
+    run.best_valid = float(client["best_valid"])
+    run.elapsed = float(client.get("elapsed", 0.0))
+    run.sampler.load_state_dict(client["sampler"])
+    run.weighting.load_state_dict(client["weighting"])
+    rng_file = path / f"rng_rank{run.rank}.pt"
+    if rng_file.is_file() and meta["world_size"] == run.world:
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        print0(f"| warning: world size changed ({meta['world_size']} -> {run.world}); dropout RNG reseeded")
+        torch.manual_seed(run.cfg.train.seed * 1000 + run.step * 10 + run.rank)
+    print0(f"| resumed from {path} at step {run.step}")
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def should_stop(run: Run) -> bool:
+    """Time budget, decided on rank 0 and shared so every rank stops at the same step."""
+    limit = run.cfg.train.max_minutes
+    if limit is None:
+        return False
+    flag = torch.tensor([float(run.elapsed + time.time() - run.t_start > limit * 60)])
+    if run.world > 1:
+        flag = flag.to(run.device)
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def validate_and_save(run: Run) -> None:
+    res = validate(run)
+    mean = log_valid(run, res)
+    if mean < run.best_valid:
+        run.best_valid = mean
+        save_checkpoint(run, "best", mean)
+    save_checkpoint(run, "latest", mean)
+    run.t_log = time.time()  # tokens/s counts training time only
+
+
+def fit(run: Run) -> None:
+    cfg = run.cfg.train
+    while run.step < cfg.max_updates:
+        train_step(run)
+        if run.step % cfg.log_every == 0:
+            log_train(run)
+        stop = run.step % cfg.log_every == 0 and should_stop(run)
+        if run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop:
+            validate_and_save(run)
+        if stop:
+            print0(f"| time budget of {cfg.max_minutes} minutes reached at step {run.step}")
+            break
+    print0(f"| done at step {run.step}; best mean valid loss {run.best_valid:.4f}")
+
+
+def train(cfg: Config, ds_config_path: str) -> Run:
+    run = setup(cfg, ds_config_path)
+    torch.manual_seed(cfg.train.seed * 1000 + run.rank)  # dropout stream per rank
+    run.t_start = time.time()
+    resume(run)
+    run.t_start = run.t_log = time.time()
+    fit(run)
+    return run
+
+
+def load_config_from_checkpoint(path: str | Path) -> Config:
+    return config_from_dict(read_checkpoint_meta(path)["config"])

@@ -1,0 +1,18 @@
+"""Train a multilingual Transformer under the DeepSpeed launcher.
+
+CPU, 2 ranks (laptop / CI):
+    deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_zero2.json \
+        --config launch/recipes/gettext8.yaml train.max_updates=200
+One GPU node, 8 GPUs, bf16 + ZeRO-2:
+    deepspeed --num_gpus 8 launch/train.py --deepspeed_config ds_configs/zero2_bf16.json \
+        --config launch/recipes/opus100.yaml weighting.method=cats
+Several nodes (SLURM): sbatch launch/slurm/train.sbatch (see the header of that file).
+
+Any config key can be overridden as section.key=value; train.resume=auto (the default)
+continues from <train.save_dir>/latest.
+"""
+
+from cats_ds.cli import train_main
+
+if __name__ == "__main__":
+    train_main()

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cats_ds",
+    version="0.1.0",
+    description="DeepSpeed training stack for massively multilingual translation with "
+                "Curvature-Aware Task Scaling (Li & Gong)",
+    packages=find_packages(include=["cats_ds", "cats_ds.*"]),
+    package_data={"cats_ds": ["families/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1,<2.14",
+        "deepspeed>=0.14",
+        "sentencepiece>=0.1.99",
+        "sacrebleu>=2.3",
+        "tensorboard>=2.10",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy>=1.22",
+    ],
+    extras_require={
+        "plot": ["matplotlib>=3.5"],
+        "dev": ["pytest>=7", "matplotlib>=3.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cats-prepare=cats_ds.cli:prepare_main",
+            "cats-train=cats_ds.cli:train_main",
+            "cats-evaluate=cats_ds.cli:evaluate_main",
+            "cats-analyze=cats_ds.cli:analyze_main",
+        ]
+    },
+)

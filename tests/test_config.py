@@ -1,0 +1,42 @@
+import math
+
+import pytest
+
+from cats_ds.config import ConfigError, load_config, meta_interval
+
+
+def test_defaults_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  embed_dim: 64\n  heads: 4\nsampling:\n  temperature: 1\n")
+    cfg = load_config(str(recipe), ["sampling.temperature=inf", "train.betas=[0.9,0.99]",
+                                    "cats.meta_every=[[100,1],[null,10]]", "data.languages=de,af"])
+    assert cfg.model.embed_dim == 64 and cfg.model.heads == 4
+    assert math.isinf(cfg.sampling.temperature)
+    assert cfg.train.betas == [0.9, 0.99]
+    assert cfg.data.languages == ["de", "af"]
+    assert meta_interval(cfg.cats.meta_every, 5) == 1 and meta_interval(cfg.cats.meta_every, 500) == 10
+
+
+def test_unknown_key_names_key_and_closest_match(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_update: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_update'.*did you mean 'max_updates'"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*did you mean 'model'"):
+        load_config(None, ["modle.embed_dim=3"])
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"model.norm: 'batchnorm' is not one of"):
+        load_config(None, ["model.norm=batchnorm"])
+    with pytest.raises(ConfigError, match=r"train.max_updates: expected an integer"):
+        load_config(None, ["train.max_updates=ten"])
+    with pytest.raises(ConfigError, match=r"not divisible"):
+        load_config(None, ["model.embed_dim=30", "model.heads=4"])
+    with pytest.raises(ConfigError, match=r"cats.meta_every\[0\]"):
+        load_config(None, ["cats.meta_every=[[100]]"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
