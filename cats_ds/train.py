@@ -25,6 +25,7 @@ import torch.distributed as dist
 from cats_ds.config import Config, config_from_dict
 from cats_ds.data.manifest import Manifest, Vocab, load_split
 from cats_ds.data.sampler import Batch, LanguageSampler, Plan, collate, eval_plans, target_tokens
+from cats_ds.grads import PartitionGrads, gram_and_losses, is_expert_param
 from cats_ds.losses import per_language_sums
 from cats_ds.model.transformer import Transformer, build_model
 from cats_ds.weighting.base import Weighting, make_weighting
@@ -132,6 +133,12 @@ class Run:
     t_log: float = 0.0
     """Start of the current logging interval (tokens/s)."""
     acc: dict = field(default_factory=dict)
+    grads: Optional[PartitionGrads] = None
+    """This rank's gradient partition, for meta steps (Gram-based weighting only)."""
+    dev_sampler: Optional[LanguageSampler] = None
+    """Meta batches from dev (cats.meta_data=dev)."""
+    filler: Optional[Batch] = None
+    """One real sentence run with weight 0 by a rank that got no sentences."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -170,6 +177,13 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
               weighting=make_weighting(cfg, languages), device=torch.device(get_accelerator().device_name()),
               rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
               tag_ids=[vocab.lang_ids[l] for l in languages])
+    run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
+    if cfg.weighting.method != "temperature":
+        shared_only = cfg.cats.params == "shared"
+        run.grads = PartitionGrads(engine, include=lambda name, p: not (shared_only and is_expert_param(p)))
+        if cfg.cats.meta_data == "dev":
+            run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
+                                              cfg.train.seed, allow_missing=True)
     run.log_path = Path(cfg.train.save_dir) / "train_log.jsonl"
     if rank == 0:
         Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
@@ -204,29 +218,115 @@ def scaled_loss(run: Run, loss_sum: torch.Tensor, coeffs: dict[int, float], toke
     return (loss_sum[idx] * w).sum() * run.world
 
 
-def train_step(run: Run) -> None:
-    """One optimizer update: gas micro-batches, one backward each, then engine.step()."""
-    for _ in range(run.gas):
-        plan = run.sampler.next_plan()
+def local_batch(run: Run, plan: Plan, splits: dict) -> tuple[Batch, bool]:
+    """This rank's share of a global plan. A rank with no sentences (a language with fewer
+    sentences than ranks) still runs forward/backward, on one filler sentence with weight 0,
+    so every rank joins DeepSpeed's collectives."""
+    mine = plan.for_rank(run.rank, run.world)
+    if sum(len(s) for s in mine.sents) == 0:
+        return run.filler, False
+    return collate(mine, splits, run.languages, run.tag_ids).to(run.device), True
+
+
+def next_plans(run: Run) -> list[Plan]:
+    plans = [run.sampler.next_plan() for _ in range(run.gas)]
+    for plan in plans:
+        count_slots(run, plan)
+    return plans
+
+
+def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
+    """gas micro-batches, one backward of sum_n c_n L_n each, then the optimizer step."""
+    for m, plan in enumerate(plans or next_plans(run)):
         tokens = target_tokens(plan, run.train_splits, run.languages)
-        batch = collate(plan.for_rank(run.rank, run.world), run.train_splits, run.languages,
-                        run.tag_ids).to(run.device)
+        batch, live = local_batch(run, plan, run.train_splits)
         coeffs = run.weighting.coefficients(plan.langs, tokens)
+        run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
         loss_sum, nll_sum, tok = forward_sums(run, batch)
-        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens))
+        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens) * float(live))
         run.engine.step()
-        accumulate(run, loss_sum.detach(), nll_sum, tok, plan)
+        if live:
+            accumulate(run, loss_sum.detach(), nll_sum, tok)
+
+
+def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool):
+    """One forward+backward per language of each micro-batch plan, each captured from
+    this rank's gradient partition (cats_ds/grads.py). Returns (langs, rows (K, n_local),
+    local loss sums (K,), local target tokens (K,), global tokens per language)."""
+    rows: dict[int, torch.Tensor] = {}
+    n = len(run.languages)
+    loss_sums = torch.zeros(n, dtype=torch.float64)
+    toks = torch.zeros(n, dtype=torch.float64)
+    global_tokens: dict[int, int] = {}
+    for plan in plans:
+        tokens = target_tokens(plan, splits, run.languages)
+        for li, cnt in tokens.items():
+            global_tokens[li] = global_tokens.get(li, 0) + cnt
+        for li, sents in zip(plan.langs, plan.sents):
+            batch, live = local_batch(run, Plan([li], [sents]), splits)
+            run.engine.set_gradient_accumulation_boundary(True)
+            loss_sum, nll_sum, tok = forward_sums(run, batch)
+            run.engine.backward(scaled_loss(run, loss_sum, {li: 1.0}, tokens) * float(live))
+            g = run.grads.capture()
+            rows[li] = g if li not in rows else rows[li] + g
+            if live:
+                loss_sums += loss_sum.detach().double().cpu()
+                toks += tok.double().cpu()
+                if log:
+                    accumulate(run, loss_sum.detach(), nll_sum, tok)
+    langs = sorted(rows)
+    idx = torch.tensor(langs)
+    return langs, torch.stack([rows[l] for l in langs]), loss_sums[idx], toks[idx], global_tokens
+
+
+def meta_update(run: Run) -> None:
+    """A meta step: per-language gradients -> G -> weighting.update -> sum_n c_n g_n
+    written into the partition -> engine.step(). Meta batches are the training batches
+    (the paper's Algorithm 1) unless cats.meta_data=dev."""
+    plans = next_plans(run)
+    if run.cfg.cats.meta_data == "dev":
+        # dev gradients only steer the weights; the update is a plain one on the train plans
+        meta_plans = [run.dev_sampler.plan_for(p.langs) for p in plans]
+        langs, rows, loss_sums, toks, tokens = per_language_gradients(run, meta_plans, run.dev_splits, log=False)
+        gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
+        run.weighting.update(run.step, langs, losses, gram, tokens)
+        del rows
+        plain_update(run, plans)
+        return
+    langs, rows, loss_sums, toks, tokens = per_language_gradients(run, plans, run.train_splits, log=True)
+    gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
+    coeffs = run.weighting.update(run.step, langs, losses, gram, tokens)
+    combo = torch.tensor([coeffs[l] for l in langs], dtype=rows.dtype) @ rows  # (n_local,)
+    run.grads.write_back(combo)
+    for m in range(run.gas):
+        run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
+        run.engine.step()
+
+
+def train_step(run: Run) -> None:
+    """One optimizer update; the weighting hook decides whether it is a meta step."""
+    if run.weighting.is_meta_step(run.step):
+        meta_update(run)
+    else:
+        plain_update(run)
     run.step += 1
 
 
-def accumulate(run: Run, loss_sum, nll_sum, tok, plan: Plan) -> None:
-    a = run.acc
-    if not a:
+def _acc(run: Run) -> dict:
+    if not run.acc:
         n = len(run.languages)
-        a.update(sums=torch.zeros(3, n, dtype=torch.float64), slots=np.zeros(n))
-    a["sums"] += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+        run.acc.update(sums=torch.zeros(3, n, dtype=torch.float64), slots=np.zeros(n))
+    return run.acc
+
+
+def accumulate(run: Run, loss_sum, nll_sum, tok) -> None:
+    _acc(run)["sums"] += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+
+
+def count_slots(run: Run, plan: Plan) -> None:
+    slots = _acc(run)["slots"]
     for li in plan.langs:
-        a["slots"][li] += 1
+        slots[li] += 1
 
 
 # --------------------------------------------------------------------------- logging / validation
@@ -250,12 +350,13 @@ def log_train(run: Run) -> None:
     record = {"step": run.step, "loss": float(sums[0].sum() / max(tok, 1)), "nll": float(sums[1].sum() / max(tok, 1)),
               "lr": run.engine.get_lr()[0], "tokens_per_s": tok / elapsed,
               "loss_lang": {l: float(loss_l[i]) for i, l in enumerate(run.languages) if sums[2][i] > 0}}
+    record["weighting"] = run.weighting.scalars()
     slots = a["slots"] / max(a["slots"].sum(), 1)
     events = [("train/loss", record["loss"], run.step), ("train/nll", record["nll"], run.step),
               ("train/lr", record["lr"], run.step), ("train/tokens_per_s", record["tokens_per_s"], run.step)]
     events += [(f"loss/en-{l}", v, run.step) for l, v in record["loss_lang"].items()]
     events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
-    events += [(k, float(v), run.step) for k, v in run.weighting.scalars().items()]
+    events += [(k, float(v), run.step) for k, v in record["weighting"].items()]
     write_events(run, events)
     print0(f"| step {run.step:6d} | loss {record['loss']:.4f} | nll {record['nll']:.4f} | "
            f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s")
@@ -311,6 +412,7 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
     save_dir = Path(run.cfg.train.save_dir)
     tmp = f"{name}.tmp"
     client = {"step": run.step, "best_valid": run.best_valid, "sampler": run.sampler.state_dict(),
+              "dev_sampler": run.dev_sampler.state_dict() if run.dev_sampler else None,
               "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
     run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -366,6 +468,8 @@ def resume(run: Run) -> None:
     run.best_valid = float(client["best_valid"])
     run.elapsed = float(client.get("elapsed", 0.0))
     run.sampler.load_state_dict(client["sampler"])
+    if run.dev_sampler is not None and client.get("dev_sampler"):
+        run.dev_sampler.load_state_dict(client["dev_sampler"])
     run.weighting.load_state_dict(client["weighting"])
     rng_file = path / f"rng_rank{run.rank}.pt"
     if rng_file.is_file() and meta["world_size"] == run.world:

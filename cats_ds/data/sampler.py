@@ -13,7 +13,6 @@ Everything else is recomputed from (seed, language, epoch).
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -21,14 +20,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cats_ds.data.manifest import EOS, PAD, LangSplit
+from cats_ds.data.manifest import PAD, LangSplit
 
 
 def temperature_probs(sizes: list[int], temperature: float) -> np.ndarray:
     """p_l ~ n_l^(1/T); T = inf gives uniform."""
     n = np.asarray(sizes, dtype=np.float64)
     if math.isinf(temperature):
-        w = np.ones_like(n)
+        w = (n > 0).astype(np.float64)
     else:
         w = n ** (1.0 / temperature)
     return w / w.sum()
@@ -68,13 +67,14 @@ class Plan:
 
 class LanguageSampler:
     def __init__(self, splits: dict[str, LangSplit], languages: list[str], temperature: float,
-                 langs_per_batch: int, max_tokens: int, world_size: int, seed: int):
+                 langs_per_batch: int, max_tokens: int, world_size: int, seed: int, allow_missing: bool = False):
         missing = [l for l in languages if l not in splits]
-        if missing:
+        if missing and not allow_missing:
             raise ValueError(f"no training data for language(s) {', '.join(missing)}")
         self.languages = languages
-        self.sizes = [len(splits[l]) for l in languages]
-        self.cost = [np.maximum(splits[l].src.sizes, splits[l].tgt.sizes) for l in languages]
+        self.sizes = [len(splits[l]) if l in splits else 0 for l in languages]
+        self.cost = [np.maximum(splits[l].src.sizes, splits[l].tgt.sizes) if l in splits else np.zeros(0, np.int64)
+                     for l in languages]
         self.probs = temperature_probs(self.sizes, temperature)
         self.k = langs_per_batch
         self.slot_budget = max(1, max_tokens * world_size // langs_per_batch)
@@ -103,6 +103,11 @@ class LanguageSampler:
             chunks = self._epoch_chunks(li, epoch)
         self.cursor[li] = [epoch, pos + 1]
         return chunks[pos]
+
+    def plan_for(self, langs: list[int]) -> Plan:
+        """The next chunk of each given language that has data (meta batches from dev)."""
+        have = [li for li in langs if self.sizes[li] > 0]
+        return Plan(have, [self._take(li) for li in have])
 
     def next_plan(self) -> Plan:
         rng = np.random.default_rng([self.seed, 2, self.micro_step])

@@ -10,32 +10,38 @@ per-language gradients into the update, before `engine.step()`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from cats_ds.config import meta_interval
 
 
 class Weighting:
     name = "base"
 
-    def __init__(self, languages: list[str]):
+    def __init__(self, languages: list[str], meta_every: Optional[list] = None):
         self.languages = languages
+        self.meta_every = meta_every
+        self.last: dict[str, float] = {}
 
     def is_meta_step(self, step: int) -> bool:
-        """Whether update `step` needs per-language gradients and their Gram matrix."""
-        return False
+        """Whether update `step` (0-based) needs per-language gradients and their Gram."""
+        return self.meta_every is not None and step % meta_interval(self.meta_every, step) == 0
 
     def coefficients(self, langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
         """c_n of sum_n c_n L_n for the languages of this batch (L_n: mean token loss)."""
         raise NotImplementedError
 
-    def update(self, step: int, langs: list[int], losses: dict[int, float], gram: torch.Tensor,
+    def update(self, step: int, langs: list[int], losses: torch.Tensor, gram: torch.Tensor,
                tokens: dict[int, int]) -> dict[int, float]:
-        """Meta step: G[i, j] = <g_langs[i], g_langs[j]>. Returns the c_n that combine the
-        per-language gradients into this update."""
+        """Meta step: losses[i] = L_{langs[i]}, G[i, j] = <g_langs[i], g_langs[j]> (float64).
+        Returns the c_n that combine the per-language gradients into this update."""
         raise NotImplementedError
 
     def scalars(self) -> dict[str, float]:
-        """TensorBoard scalars describing the current state (e.g. alpha/xx)."""
-        return {}
+        """TensorBoard scalars of the current state (alpha/xx, ...) and of the last meta step."""
+        return dict(self.last)
 
     def state_dict(self) -> dict:
         return {}
@@ -43,16 +49,20 @@ class Weighting:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def _record_gram(self, gram: torch.Tensor, weights: torch.Tensor) -> None:
+        self.last["meta/curvature"] = float(weights @ gram @ weights)
+        self.last["meta/mean_cos"] = mean_pairwise_cosine(gram)
 
-class TemperatureWeighting(Weighting):
-    """Static: the token-mean loss of the sampled batch (the data sampler's temperature
-    does the weighting), c_n = tokens_n / tokens."""
 
-    name = "temperature"
-
-    def coefficients(self, langs, tokens):
-        total = sum(tokens[l] for l in langs)
-        return {l: tokens[l] / total for l in langs}
+def mean_pairwise_cosine(gram: torch.Tensor) -> float:
+    """Mean of cos(g_i, g_j) over i < j, from the Gram matrix alone (nan for K < 2)."""
+    k = gram.size(0)
+    if k < 2:
+        return float("nan")
+    norms = gram.diagonal().clamp(min=1e-30).sqrt()
+    cos = gram / (norms[:, None] * norms[None, :])
+    iu = torch.triu_indices(k, k, offset=1)
+    return float(cos[iu[0], iu[1]].mean())
 
 
 def token_share(langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
@@ -60,7 +70,26 @@ def token_share(langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
     return {l: tokens[l] / total for l in langs}
 
 
+class TemperatureWeighting(Weighting):
+    """Static: the token-mean loss of the sampled batch (the sampler's temperature does
+    the weighting), c_n = tokens_n / tokens."""
+
+    name = "temperature"
+
+    def coefficients(self, langs, tokens):
+        return token_share(langs, tokens)
+
+
 def make_weighting(cfg, languages: list[str]) -> Weighting:
     """cfg.weighting.method -> instance. A plain dict, no registry."""
-    builders = {"temperature": lambda: TemperatureWeighting(languages)}
+    from cats_ds.weighting.cats import CatsWeighting
+    from cats_ds.weighting.gradnorm import GradNormWeighting
+    from cats_ds.weighting.mgda import MgdaWeighting
+
+    builders = {
+        "temperature": lambda: TemperatureWeighting(languages),
+        "cats": lambda: CatsWeighting(languages, cfg.cats),
+        "gradnorm": lambda: GradNormWeighting(languages, cfg.gradnorm, cfg.cats.meta_every),
+        "mgda": lambda: MgdaWeighting(languages, cfg.mgda, cfg.cats.meta_every),
+    }
     return builders[cfg.weighting.method]()

@@ -1,0 +1,171 @@
+"""Per-language gradients on ZeRO partitions -> Gram matrix (the CATS hook).
+
+At a meta step the loop runs one forward+backward per language of the batch, each at a
+forced accumulation boundary so DeepSpeed reduces it. Right after each backward this
+rank's share of every parameter's gradient is copied into a row of a (K, n_local)
+buffer and zeroed, so the next backward starts from nothing whatever DeepSpeed's
+accumulation semantics are (ZeRO-0 accumulates into param.grad, ZeRO-1/2 in fp32
+rebuild the partition, mixed precision accumulates into a flat fp32 partition).
+
+Local dot products give a partial K x K Gram; ONE all_reduce (with the K loss sums and
+token counts folded in) gives G. The update sum_n c_n g_n is written back into the
+partition before engine.step(), so DeepSpeed's clipping and optimizer see the combined
+gradient. Full per-language gradients are never gathered: extra memory is the
+(K, |theta| / world) buffer, extra traffic K*K + 2K floats.
+
+Which fragment a rank owns:
+  ZeRO-0      the whole (already averaged) param.grad; replicated on every rank of the
+              parameter's data-parallel group, so its dot products are divided by that
+              group's size before the all_reduce.
+  ZeRO-1/2    the fragment DeepSpeed maps to this rank (param._hp_mapping); also the
+              BF16 optimizer, whose buffer may hold the whole parameter.
+  ZeRO-3      deepspeed.utils.safe_get_local_grad / safe_set_local_grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_expert_param(param: torch.nn.Parameter) -> bool:
+    """DeepSpeed marks MoE expert parameters with allreduce=False."""
+    return hasattr(param, "allreduce") and not param.allreduce
+
+
+@dataclass
+class _Slot:
+    name: str
+    param: torch.nn.Parameter
+    in_gram: bool
+    replicas: int
+
+
+class PartitionGrads:
+    """This rank's writable share of every trainable parameter's gradient.
+
+    Valid right after a backward at an accumulation boundary, before engine.step().
+    `include(name, param)` decides which parameters enter the Gram matrix (all of them
+    are captured and written back)."""
+
+    def __init__(self, engine, include: Callable[[str, torch.nn.Parameter], bool] = lambda n, p: True):
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        slots = []
+        for name, p in engine.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            replicas = 1
+            if self.stage == 0:
+                group = getattr(p, "group_name", None) if is_expert_param(p) else None
+                replicas = _expert_dp_size(group) if group else world
+            slots.append(_Slot(name, p, bool(include(name, p)), replicas))
+        self.slots = slots
+        self._layout: Optional[list[int]] = None
+        self._weights: Optional[torch.Tensor] = None
+
+    # ---------------------------------------------------------------- fragments
+
+    def _fragment(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """A flat view of the part of p's gradient this rank owns (None: owns none)."""
+        if self.stage == 0:
+            return None if p.grad is None else p.grad.view(-1)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return None
+        frag = mapping.get_lp_grad_fragment(p._index_in_param_group)
+        addr = mapping.lp_fragment_address
+        flat = frag.view(-1)
+        if flat.numel() != addr.numel:  # BF16 optimizer: a buffer of the whole parameter
+            flat = flat.narrow(0, addr.start, addr.numel)
+        return flat
+
+    def _read(self, slot: _Slot) -> Optional[torch.Tensor]:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            g = safe_get_local_grad(slot.param)
+            return None if g is None else g.reshape(-1)
+        return self._fragment(slot.param)
+
+    def _write(self, slot: _Slot, value: torch.Tensor) -> None:
+        if self.stage == 3:
+            from deepspeed.utils import safe_set_local_grad
+
+            safe_set_local_grad(slot.param, value)
+            return
+        frag = self._fragment(slot.param)
+        if frag is not None:
+            frag.copy_(value)
+
+    # ---------------------------------------------------------------- capture / write back
+
+    def capture(self) -> torch.Tensor:
+        """Copy this rank's gradient share into a new flat fp32 vector, then zero it."""
+        parts, layout = [], []
+        for slot in self.slots:
+            g = self._read(slot)
+            n = 0 if g is None else g.numel()
+            layout.append(n)
+            if n:
+                parts.append(g.float().clone())
+                self._write(slot, torch.zeros_like(g))
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise RuntimeError("the local gradient partition changed shape between backwards "
+                               "(a parameter got no gradient on one language?)")
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def write_back(self, flat: torch.Tensor) -> None:
+        """Write a flat vector (the layout of capture()) into the gradient partition."""
+        offset = 0
+        for slot, n in zip(self.slots, self._layout):
+            if n:
+                g = self._read(slot)
+                self._write(slot, flat[offset:offset + n].to(g.dtype).view_as(g))
+                offset += n
+
+    def gram_weights(self, device) -> torch.Tensor:
+        """Per-element weight of the dot products: 0 outside the Gram's parameters,
+        1 / replicas for fragments that several ranks hold (ZeRO-0)."""
+        if self._weights is None:
+            w = [torch.full((n,), (1.0 / s.replicas) if s.in_gram else 0.0)
+                 for s, n in zip(self.slots, self._layout) if n]
+            self._weights = torch.cat(w).to(device) if w else torch.zeros(0, device=device)
+        return self._weights
+
+    def loss_scale(self) -> float:
+        """fp16 dynamic loss scale (1 for fp32/bf16): divided out before any dot product."""
+        opt = self.engine.optimizer
+        for attr in ("loss_scale", "cur_scale"):
+            v = getattr(opt, attr, None)
+            if isinstance(v, (int, float)) or torch.is_tensor(v):
+                return float(v)
+        return 1.0
+
+
+def _expert_dp_size(group_name: str) -> int:
+    from deepspeed.utils import groups
+
+    return dist.get_world_size(group=groups._get_expert_data_parallel_group(group_name))
+
+
+def gram_and_losses(grads: PartitionGrads, rows: torch.Tensor, loss_sums: torch.Tensor,
+                    tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows: (K, n_local) captured partitions. Returns (G (K, K), per-language mean loss (K,)),
+    both global, from ONE all_reduce of K*K + 2K floats."""
+    k = rows.size(0)
+    scale = grads.loss_scale()
+    w = grads.gram_weights(rows.device)
+    partial = (rows * w) @ rows.T / (scale * scale)  # (K, K)
+    packed = torch.cat([partial.reshape(-1).double(), loss_sums.double(), tokens.double()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+    gram = packed[:k * k].view(k, k)
+    losses = packed[k * k:k * k + k] / packed[k * k + k:].clamp(min=1)
+    return gram, losses

@@ -1,0 +1,60 @@
+"""GradNorm (Chen et al., 2018) from the Gram matrix alone.
+
+Task weights w (init 1, sum N). At a meta step, over the K languages of the batch:
+gradient norms G_n = w_n |g_n| = w_n sqrt(G[n, n]); loss ratios r_n = L_n / L_n(first
+seen); target_n = mean(G) * (r_n / mean(r))^asymmetry, held constant. The loss
+sum_n |G_n - target_n| is minimized by one SGD step on w, then w is renormalized so
+that sum w = N. Between meta steps the loss is sum_n w_n L_n.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cats_ds.config import GradNormConfig
+from cats_ds.weighting.base import Weighting
+
+
+class GradNormWeighting(Weighting):
+    name = "gradnorm"
+
+    def __init__(self, languages: list[str], cfg: GradNormConfig, meta_every):
+        super().__init__(languages, meta_every)
+        self.cfg = cfg
+        n = len(languages)
+        self.w = torch.ones(n, dtype=torch.float64)
+        self.initial_loss = torch.full((n,), float("nan"), dtype=torch.float64)
+
+    def coefficients(self, langs, tokens):
+        return {l: float(self.w[l]) for l in langs}
+
+    def update(self, step, langs, losses, gram, tokens):
+        idx = torch.tensor(langs)
+        losses, gram = losses.double().cpu(), gram.double().cpu()
+        first = torch.isnan(self.initial_loss[idx])
+        self.initial_loss[idx[first]] = losses[first]
+        norms = gram.diagonal().clamp(min=0).sqrt()  # |g_n|
+        w = self.w[idx]
+        gnorm = w * norms  # G_W^(n)
+        ratio = losses / self.initial_loss[idx]
+        target = gnorm.mean() * (ratio / ratio.mean()) ** self.cfg.asymmetry
+        grad = torch.sign(gnorm - target) * norms  # d/dw_n sum |G_n - target_n|
+        new = (self.w.clone())
+        new[idx] = (w - self.cfg.lr * grad).clamp(min=1e-6)
+        self.w = new * (len(self.languages) / new.sum())
+        self._record_gram(gram, self.w[idx])
+        return self.coefficients(langs, tokens)
+
+    def scalars(self):
+        out = dict(self.last)
+        out.update({f"weight/{l}": float(v) for l, v in zip(self.languages, self.w)})
+        return out
+
+    def state_dict(self):
+        return {"w": self.w.tolist(), "initial_loss": self.initial_loss.tolist(), "languages": self.languages}
+
+    def load_state_dict(self, state):
+        if state["languages"] != self.languages:
+            raise ValueError(f"GradNorm state is for languages {state['languages']}, not {self.languages}")
+        self.w = torch.tensor(state["w"], dtype=torch.float64)
+        self.initial_loss = torch.tensor(state["initial_loss"], dtype=torch.float64)

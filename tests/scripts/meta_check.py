@@ -1,0 +1,108 @@
+"""Run under `deepspeed --num_gpus W`: one CATS meta step through the real training code,
+checked against a single-process full-gradient reference built on every rank.
+
+Writes <out>.rank<r>.json with the Gram matrices, the loss values and the largest
+parameter difference after the step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from cats_ds.config import load_config
+from cats_ds.data.sampler import Plan, collate, target_tokens
+from cats_ds.losses import per_language_sums
+from cats_ds.model.transformer import build_model
+from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything, setup
+from cats_ds.weighting.base import make_weighting
+
+
+def reference_gradients(model, run, plans):
+    """g_n = (1/gas) sum_m grad L_n^(m) on the GLOBAL batch, plain autograd, one process."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, loss_tok = {}, {}
+    for plan in plans:
+        tokens = target_tokens(plan, run.train_splits, run.languages)
+        for li, sents in zip(plan.langs, plan.sents):
+            batch = collate(Plan([li], [sents]), run.train_splits, run.languages, run.tag_ids)
+            loss_sum, _, tok = per_language_sums(model(batch.src, batch.prev, batch.langs), batch.tgt, batch.langs,
+                                                 len(run.languages), run.cfg.train.label_smoothing)
+            g = torch.autograd.grad(loss_sum[li] / tokens[li], params)
+            flat = torch.cat([x.reshape(-1) for x in g]).double() / run.gas
+            grads[li] = flat if li not in grads else grads[li] + flat
+            s, t = loss_tok.get(li, (0.0, 0.0))
+            loss_tok[li] = (s + float(loss_sum[li]), t + float(tok[li]))
+    langs = sorted(grads)
+    rows = torch.stack([grads[l] for l in langs])
+    losses = torch.tensor([loss_tok[l][0] / loss_tok[l][1] for l in langs], dtype=torch.float64)
+    return langs, rows, losses
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config")
+    ap.add_argument("--deepspeed_config")
+    ap.add_argument("--out")
+    ap.add_argument("--local_rank", type=int, default=-1)
+    args, overrides = ap.parse_known_args()
+    cfg = load_config(args.config, overrides)
+    run = setup(cfg, args.deepspeed_config)
+    ref = build_and_load(cfg, run)  # the same seed gives the engine's initial weights
+    sampler_state = run.sampler.state_dict()
+
+    # 1) the Gram matrix from partitions == from full gradients
+    plans = [run.sampler.next_plan() for _ in range(run.gas)]
+    langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
+    gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
+    ref_langs, ref_rows, ref_losses = reference_gradients(ref, run, plans)
+    ref_gram = ref_rows @ ref_rows.T
+    run.engine.optimizer.zero_grad()
+    for p in run.engine.module.parameters():
+        p.grad = None
+
+    # 2) one real meta step == a reference step on sum_n alpha_n L_n
+    run.sampler.load_state_dict(sampler_state)
+    lr = run.engine.get_lr()[0]
+    meta_update(run)
+    ref_weighting = make_weighting(cfg, run.languages)
+    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_gram, {})
+    combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
+    params = [p for p in ref.parameters() if p.requires_grad]
+    offset = 0
+    for p in params:
+        p.grad = combo[offset:offset + p.numel()].view_as(p).float().clone()
+        offset += p.numel()
+    clip = run.engine.gradient_clipping()
+    if clip and clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
+    opt.step()
+    got = dict(run.engine.module.named_parameters())
+    diff, scale = 0.0, 0.0
+    per_param = {}
+    for name, p in ref.named_parameters():
+        per_param[name] = float((got[name].detach().float() - p.detach()).abs().max())
+        diff = max(diff, per_param[name])
+        scale = max(scale, float(p.detach().abs().max()))
+    moved = max(float((p.detach() - q).abs().max()) for p, q in
+                zip(ref.parameters(), [v for v in build_and_load(cfg, run).parameters()]))
+    out = {"langs": langs, "ref_langs": ref_langs, "gram": gram.tolist(), "ref_gram": ref_gram.tolist(),
+           "losses": losses.tolist(), "ref_losses": ref_losses.tolist(), "param_diff": diff, "param_scale": scale,
+           "param_moved": moved, "per_param": per_param, "coeffs": {str(k): v for k, v in coeffs.items()},
+           "alpha": run.weighting.state_dict().get("alpha")}
+    with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
+        json.dump(out, f)
+
+
+def build_and_load(cfg, run):
+    """The initial weights again (same seed), to measure how far the step moved them."""
+    seed_everything(cfg.train.seed)
+    return build_model(cfg.model, len(run.vocab))
+
+
+if __name__ == "__main__":
+    main()
