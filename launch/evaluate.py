@@ -1,0 +1,16 @@
+"""Evaluate a checkpoint: beam search per language, sacreBLEU + chrF, Lo/Mid/Hi/All table.
+
+    python launch/evaluate.py --checkpoint runs/gettext8/best                      # test split, beam 5
+    python launch/evaluate.py --checkpoint runs/gettext8/best --split dev --limit 100 eval.beam=1
+    python launch/evaluate.py --checkpoint runs/opus100/best --languages de,af,kk \
+        eval.lenpen=0.6 eval.batch_tokens=4000 --out results/opus100-test
+
+One CPU process (no deepspeed launcher). Only eval.* settings can be overridden. Results go
+to <checkpoint>/eval-<split>/ unless --out is given: bleu.json, bleu.md, hyp.en-xx.txt and
+ref.en-xx.txt. Same as the `cats-evaluate` command.
+"""
+
+from cats_ds.cli import evaluate_main
+
+if __name__ == "__main__":
+    evaluate_main()
