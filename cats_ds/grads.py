@@ -169,3 +169,34 @@ def gram_and_losses(grads: PartitionGrads, rows: torch.Tensor, loss_sums: torch.
     gram = packed[:k * k].view(k, k)
     losses = packed[k * k:k * k + k] / packed[k * k + k:].clamp(min=1)
     return gram, losses
+
+
+def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[str], tag_ids: list[int],
+                   smoothing: float, gas: int):
+    """The single-process reference the partitioned path must equal (tests, benchmark):
+    g_n = (1/gas) sum_m grad L_n^(m) on the GLOBAL batch of each micro-step plan, by plain
+    autograd on a full copy of the model. Returns (langs, rows (K, |theta|) float64,
+    mean losses (K,) float64)."""
+    from cats_ds.data.sampler import Plan, collate, target_tokens
+    from cats_ds.losses import per_language_sums
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads: dict[int, torch.Tensor] = {}
+    sums: dict[int, list[float]] = {}
+    for plan in plans:
+        tokens = target_tokens(plan, splits, languages)
+        for li, sents in zip(plan.langs, plan.sents):
+            batch = collate(Plan([li], [sents]), splits, languages, tag_ids)
+            logits = model(batch.src, batch.prev, batch.langs)
+            loss_sum, _, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
+            g = torch.autograd.grad(loss_sum[li] / tokens[li], params, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
+            flat = flat.double() / gas
+            grads[li] = flat if li not in grads else grads[li] + flat
+            acc = sums.setdefault(li, [0.0, 0.0])
+            acc[0] += float(loss_sum[li])
+            acc[1] += float(tok[li])
+    langs = sorted(grads)
+    rows = torch.stack([grads[l] for l in langs])
+    losses = torch.tensor([sums[l][0] / sums[l][1] for l in langs], dtype=torch.float64)
+    return langs, rows, losses

@@ -49,7 +49,12 @@ class CatsWeighting(Weighting):
     def update(self, step, langs, losses, gram, tokens):
         c, n = self.cfg, len(self.languages)
         losses, gram = losses.double().cpu(), gram.double().cpu()
-        self.alpha = self.alpha - c.lr_alpha * self.meta_gradient(langs, losses, gram)
+        alpha = self.alpha - c.lr_alpha * self.meta_gradient(langs, losses, gram)
+        if not torch.isfinite(alpha).all():
+            raise FloatingPointError(
+                f"CATS alpha diverged at step {step} (lambda_c={self.lambda_c:.3g}, lambda_s={self.lambda_s:.3g}, "
+                f"max |G|={float(gram.abs().max()):.3g}): lower cats.lr_alpha / cats.lr_lambda or raise cats.eps")
+        self.alpha = alpha
         a_b = self.alpha[torch.tensor(langs)]
         curvature = float(a_b @ gram @ a_b)
         self.lambda_c = max(0.0, self.lambda_c + c.lr_lambda * (curvature - c.eps))

@@ -14,32 +14,10 @@ import torch
 import torch.distributed as dist
 
 from cats_ds.config import load_config
-from cats_ds.data.sampler import Plan, collate, target_tokens
-from cats_ds.losses import per_language_sums
+from cats_ds.grads import reference_rows
 from cats_ds.model.transformer import build_model
 from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything, setup
 from cats_ds.weighting.base import make_weighting
-
-
-def reference_gradients(model, run, plans):
-    """g_n = (1/gas) sum_m grad L_n^(m) on the GLOBAL batch, plain autograd, one process."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads, loss_tok = {}, {}
-    for plan in plans:
-        tokens = target_tokens(plan, run.train_splits, run.languages)
-        for li, sents in zip(plan.langs, plan.sents):
-            batch = collate(Plan([li], [sents]), run.train_splits, run.languages, run.tag_ids)
-            loss_sum, _, tok = per_language_sums(model(batch.src, batch.prev, batch.langs), batch.tgt, batch.langs,
-                                                 len(run.languages), run.cfg.train.label_smoothing)
-            g = torch.autograd.grad(loss_sum[li] / tokens[li], params)
-            flat = torch.cat([x.reshape(-1) for x in g]).double() / run.gas
-            grads[li] = flat if li not in grads else grads[li] + flat
-            s, t = loss_tok.get(li, (0.0, 0.0))
-            loss_tok[li] = (s + float(loss_sum[li]), t + float(tok[li]))
-    langs = sorted(grads)
-    rows = torch.stack([grads[l] for l in langs])
-    losses = torch.tensor([loss_tok[l][0] / loss_tok[l][1] for l in langs], dtype=torch.float64)
-    return langs, rows, losses
 
 
 def main():
@@ -58,7 +36,8 @@ def main():
     plans = [run.sampler.next_plan() for _ in range(run.gas)]
     langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
     gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-    ref_langs, ref_rows, ref_losses = reference_gradients(ref, run, plans)
+    ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
+                                                     cfg.train.label_smoothing, run.gas)
     ref_gram = ref_rows @ ref_rows.T
     run.engine.optimizer.zero_grad()
     for p in run.engine.module.parameters():

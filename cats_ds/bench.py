@@ -1,0 +1,379 @@
+"""Benchmarks: a table on stdout and a JSON file. Every target is a ratio measured inside
+one run (the machine is shared and noisy), never an absolute time.
+
+    python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks, peak RSS
+    python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s
+    python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
+    python -m cats_ds.bench experts --json out.json   # dense vs family experts
+
+Multi-rank parts run under the real `deepspeed` launcher (CPU: DS_ACCELERATOR=cpu, gloo);
+the worker side is `python -m cats_ds.bench worker-<name>` inside each rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+RECIPE = "launch/recipes/gettext8.yaml"
+DS_CONFIG = "ds_configs/cpu_zero2.json"
+
+
+# --------------------------------------------------------------------------- launcher side
+
+
+def _launch_worker(name: str, nproc: int, args: list[str]) -> dict:
+    """Run `cats_ds.bench worker-<name>` on nproc ranks; rank 0 writes the result JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(_free_port()), "--module", "cats_ds.bench", f"worker-{name}",
+               "--out", str(out), "--save_dir", str(Path(tmp) / "run")] + args
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise SystemExit(f"benchmark worker {name} on {nproc} rank(s) failed (exit {proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_prepared(recipe: str, overrides: list[str]) -> None:
+    from cats_ds.config import load_config
+    from cats_ds.data.prepare import prepare
+
+    prepare(load_config(recipe, overrides))  # a no-op when the manifest is up to date
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: Optional[str], result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {path}")
+
+
+def bench_train(args) -> dict:
+    _ensure_prepared(args.recipe, args.overrides)
+    common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.steps),
+              "--warmup", str(args.warmup)] + args.overrides
+    one = _launch_worker("train", 1, common)
+    two = _launch_worker("train", 2, common)
+    rows = [[1, one["tokens_per_s"], one["tokens_per_s"], one["peak_rss_mb"], one["params"]],
+            [2, two["tokens_per_s"], two["tokens_per_s"] / 2, two["peak_rss_mb"], two["params"]]]
+    print_table(f"training throughput ({args.recipe}, {args.steps} timed updates, target tokens)",
+                ["ranks", "tokens/s", "tokens/s/rank", "peak RSS/rank MB", "params"], rows)
+    result = {"one_rank": one, "two_ranks": two, "speedup_2_over_1": two["tokens_per_s"] / one["tokens_per_s"]}
+    print(f"speedup 2 ranks / 1 rank: {result['speedup_2_over_1']:.2f}x")
+    return result
+
+
+def bench_decode(args) -> dict:
+    import torch
+
+    from cats_ds.config import load_config
+    from cats_ds.data.manifest import Manifest, Vocab, load_split
+    from cats_ds.model.build import model_from_config
+    from cats_ds.search import beam_search
+
+    _ensure_prepared(args.recipe, args.overrides)
+    if args.checkpoint:
+        from cats_ds.checkpoint import load_for_inference
+
+        cfg, model, manifest, vocab, languages = load_for_inference(args.checkpoint)
+        trained = True
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+        manifest = Manifest.load(cfg.data.dir)
+        vocab = Vocab(cfg.data.dir, manifest.languages)
+        languages = cfg.data.languages or manifest.languages
+        torch.manual_seed(0)
+        model = model_from_config(cfg, len(vocab), languages)
+        trained = False
+    model.eval()
+    splits = load_split(cfg.data.dir, manifest, "test", languages)
+    per_lang = max(1, args.sentences // len(splits))
+    rows, total_s, total_n, total_tok = [], 0.0, 0, 0
+    for li, lang in enumerate(languages):
+        if lang not in splits:
+            continue
+        n = min(per_lang, len(splits[lang]))
+        srcs = [torch.as_tensor(splits[lang].src[i].astype("int64")) for i in range(n)]
+        t0 = time.perf_counter()
+        hyp_tokens = 0
+        for start in range(0, n, args.batch):
+            chunk = srcs[start:start + args.batch]
+            width = max(len(s) for s in chunk)
+            src = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, s in enumerate(chunk):
+                src[i, :len(s)] = s
+            tags = torch.full((len(chunk),), vocab.lang_ids[lang], dtype=torch.long)
+            langs = torch.full((len(chunk),), li, dtype=torch.long)
+            with torch.no_grad():
+                out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
+                                  max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
+            hyp_tokens += sum(len(nbest[0]["tokens"]) for nbest in out)
+        dt = time.perf_counter() - t0
+        rows.append([lang, n, n / dt, hyp_tokens / dt])
+        total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
+    note = "" if trained else " (untrained model: hypotheses tend to run to the length limit)"
+    print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process{note}",
+                ["lang", "sentences", "sentences/s", "hyp tokens/s"], rows)
+    result = {"beam": args.beam, "batch": args.batch, "sentences": total_n, "sentences_per_s": total_n / total_s,
+              "hyp_tokens_per_s": total_tok / total_s, "trained_checkpoint": args.checkpoint,
+              "per_language": {r[0]: {"sentences": r[1], "sentences_per_s": r[2]} for r in rows},
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+def bench_cats(args) -> dict:
+    _ensure_prepared(args.recipe, args.overrides)
+    _ensure_prepared(args.recipe100, [])
+    common = ["--deepspeed_config", args.ds_config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    res = _launch_worker("cats", 2, common + ["--config", args.recipe, "--k", "4"] + args.overrides)
+    n8 = _launch_worker("meta", 2, common + ["--config", args.recipe, "--k", "8"] + args.overrides)
+    n100 = _launch_worker("meta", 2, common + ["--config", args.recipe100, "--k", "8"] + args.overrides)
+    t_plain, t_meta = res["plain_step_s"], res["meta_step_s"]
+    out = {
+        "plain_step_s": t_plain, "meta_step_s": t_meta, "meta_over_plain": t_meta / t_plain,
+        # a meta step every M updates: (M - 1) plain steps + 1 meta step, over M plain steps
+        **{f"ratio_m{m}": ((m - 1) * t_plain + t_meta) / (m * t_plain) for m in (1, 10, 100)},
+        "measured_ratio_m10": res["measured_ratio_m10"],
+        "gram_rel_err": res["gram_rel_err"],
+        "extra_mem_bytes": res["extra_mem_bytes"], "expected_extra_mem_bytes": res["expected_extra_mem_bytes"],
+        "meta_step_s_n8": n8["meta_step_s"], "meta_step_s_n100": n100["meta_step_s"],
+        "ratio_n100_over_n8": n100["meta_step_s"] / n8["meta_step_s"],
+        "targets": {"ratio_m10": 1.10, "ratio_m100": 1.02, "ratio_n100_over_n8": 1.10, "gram_rel_err": 1e-5},
+    }
+    rows = [["ratio_m1", out["ratio_m1"], "-"], ["ratio_m10", out["ratio_m10"], "<= 1.10"],
+            ["measured_ratio_m10", out["measured_ratio_m10"], "<= 1.10"],
+            ["ratio_m100", out["ratio_m100"], "<= 1.02"], ["gram_rel_err", out["gram_rel_err"], "< 1e-5"],
+            ["extra_mem_bytes", out["extra_mem_bytes"], f"~ {out['expected_extra_mem_bytes']}"],
+            ["ratio_n100_over_n8", out["ratio_n100_over_n8"], "<= 1.10"]]
+    print_table(f"CATS on 2 ranks, K=4 ({args.recipe}); plain step {t_plain:.3f}s, meta step {t_meta:.3f}s",
+                ["metric", "value", "target"], rows)
+    return out
+
+
+# --------------------------------------------------------------------------- worker side (inside ranks)
+
+
+def _worker_setup(args):
+    import torch.distributed as dist
+
+    from cats_ds.config import load_config
+    from cats_ds.train import setup
+
+    overrides = list(args.overrides) + [f"train.save_dir={args.save_dir}", "train.tensorboard=false",
+                                        "train.max_minutes=null"]
+    if getattr(args, "k", None):
+        overrides.append(f"sampling.langs_per_batch={args.k}")
+    cfg = load_config(args.config, overrides)
+    run = setup(cfg, args.deepspeed_config)
+    return cfg, run, dist
+
+
+def _peak_rss_mb(dist) -> float:
+    import torch
+
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _timed(run, dist, n: int, fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(run)
+        run.step += 1
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def worker_train(args) -> None:
+    import torch
+
+    from cats_ds.train import plain_update
+
+    cfg, run, dist = _worker_setup(args)
+    _timed(run, dist, args.warmup, plain_update)
+    run.acc = {}
+    dt = _timed(run, dist, args.steps, plain_update)
+    tokens = torch.tensor([float(run.acc["sums"][2].sum())])
+    dist.all_reduce(tokens)
+    result = {"ranks": run.world, "tokens_per_s": float(tokens) / dt, "step_s": dt / args.steps,
+              "peak_rss_mb": _peak_rss_mb(dist), "params": sum(p.numel() for p in run.model.parameters()),
+              "max_tokens": cfg.train.max_tokens}
+    if run.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def _use_cats(run, cfg, every: int):
+    from cats_ds.grads import PartitionGrads, is_expert_param
+    from cats_ds.weighting.cats import CatsWeighting
+
+    cfg.cats.meta_every = [[None, every]]
+    run.weighting = CatsWeighting(run.languages, cfg.cats)
+    if run.grads is None:
+        run.grads = PartitionGrads(run.engine, include=lambda n, p: not is_expert_param(p))
+
+
+def worker_cats(args) -> None:
+    """Plain vs meta step cost (alternating blocks), measured M=10 end to end, the Gram
+    error against a 1-process full-gradient reference, and the meta step's extra memory."""
+    import torch
+
+    from cats_ds.grads import gram_and_losses, reference_rows
+    from cats_ds.model.build import model_from_config
+    from cats_ds.train import meta_update, per_language_gradients, plain_update, seed_everything, train_step
+    from cats_ds.weighting.base import TemperatureWeighting
+
+    cfg, run, dist = _worker_setup(args)
+    seed_everything(cfg.train.seed)
+    ref = model_from_config(cfg, len(run.vocab), run.languages)  # same seed: the engine's initial weights
+    _use_cats(run, cfg, 1)
+
+    # Gram error: partitions on every rank vs full gradients in one process (fp32 model)
+    plans = [run.sampler.next_plan() for _ in range(run.gas)]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
+    gram, _ = gram_and_losses(run.grads, rows, loss_sums, toks)
+    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    buffer_bytes = rows.numel() * rows.element_size()
+    del rows
+    _, ref_rows, _ = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
+                                    cfg.train.label_smoothing, run.gas)
+    ref_gram = ref_rows @ ref_rows.T
+    gram_err = float((gram - ref_gram).abs().max() / ref_gram.abs().max())
+    n_params = sum(p.numel() for p in run.model.parameters())
+    del ref_rows, ref
+    run.engine.optimizer.zero_grad()
+
+    for _ in range(args.warmup):
+        plain_update(run)
+        meta_update(run)
+    plain, meta = 0.0, 0.0
+    for _ in range(args.steps):  # alternate so drift in machine load hits both equally
+        plain += _timed(run, dist, 1, plain_update)
+        meta += _timed(run, dist, 1, meta_update)
+    plain, meta = plain / args.steps, meta / args.steps
+
+    # M = 10 end to end: 2 blocks of 10 updates with CATS(M=10) vs temperature, alternating
+    measured = []
+    for _ in range(2):
+        _use_cats(run, cfg, 10)
+        run.step = 0
+        t_cats = _timed(run, dist, 10, train_step_no_count)
+        run.weighting = TemperatureWeighting(run.languages)
+        t_temp = _timed(run, dist, 10, train_step_no_count)
+        measured.append(t_cats / t_temp)
+    result = {"plain_step_s": plain, "meta_step_s": meta, "measured_ratio_m10": sum(measured) / len(measured),
+              "gram_rel_err": gram_err, "extra_mem_bytes": extra, "meta_buffer_bytes": buffer_bytes,
+              "expected_extra_mem_bytes": len(langs) * n_params * 4 // run.world, "k_in_batch": len(langs)}
+    if run.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def train_step_no_count(run) -> None:
+    """train_step without its step increment (_timed counts steps)."""
+    from cats_ds.train import meta_update, plain_update
+
+    (meta_update if run.weighting.is_meta_step(run.step) else plain_update)(run)
+
+
+def worker_meta(args) -> None:
+    """Meta-step time alone (for N=8 vs N=100 at the same K)."""
+    from cats_ds.train import meta_update
+
+    cfg, run, dist = _worker_setup(args)
+    _use_cats(run, cfg, 1)
+    _timed(run, dist, args.warmup, meta_update)
+    dt = _timed(run, dist, args.steps, meta_update)
+    if run.rank == 0:
+        Path(args.out).write_text(json.dumps({"meta_step_s": dt / args.steps, "languages": len(run.languages)}))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cats_ds.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help_, recipe=True):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--json", help="write the results here")
+        if recipe:
+            s.add_argument("--recipe", default=RECIPE)
+            s.add_argument("--ds_config", default=DS_CONFIG)
+        s.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe")
+        return s
+
+    s = add("train", "training tokens/s on 1 and 2 ranks")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s = add("decode", "beam-search sentences/s")
+    s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: untrained quickstart model)")
+    s.add_argument("--sentences", type=int, default=200)
+    s.add_argument("--beam", type=int, default=5)
+    s.add_argument("--batch", type=int, default=32)
+    s = add("cats", "CATS meta-step cost, Gram error and memory on 2 ranks")
+    s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
+    s.add_argument("--steps", type=int, default=6)
+    s.add_argument("--warmup", type=int, default=2)
+    s = add("experts", "dense vs family-expert placements")
+    s.add_argument("--steps", type=int, default=10)
+    for name in ("train", "cats", "meta"):
+        w = sub.add_parser(f"worker-{name}")
+        w.add_argument("--out", required=True)
+        w.add_argument("--save_dir", required=True)
+        w.add_argument("--config", required=True)
+        w.add_argument("--deepspeed_config", required=True)
+        w.add_argument("--steps", type=int, default=10)
+        w.add_argument("--warmup", type=int, default=2)
+        w.add_argument("--k", type=int, default=None)
+        w.add_argument("overrides", nargs="*")
+    argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher adds --local_rank before the subcommand; ranks read LOCAL_RANK
+    args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
+    if args.cmd.startswith("worker-"):
+        {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta}[args.cmd](args)
+        return
+    if args.cmd == "experts":
+        from cats_ds.bench_experts import bench_experts
+
+        result = bench_experts(args)
+    else:
+        result = {"train": bench_train, "decode": bench_decode, "cats": bench_cats}[args.cmd](args)
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
