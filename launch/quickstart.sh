@@ -25,15 +25,7 @@ DATA=${DATA:-data-bin/gettext8}
 [ "$CORPUS" = gettext ] || DATA=${DATA_PLAIN:-data-bin/quickstart-$CORPUS}
 RECIPE=launch/recipes/gettext8.yaml
 
-echo "== 1/5 environment ($VENV)"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-. "$VENV/bin/activate"
-pip install -q --upgrade pip
-pip install -q torch==2.13.0          # the CPU build; must come before the project
-pip install -q -e .
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-echo "== 2/5 corpus check ($CORPUS at $RAW: $LANGS)"
+echo "== 1/5 corpus check ($CORPUS at $RAW: $LANGS)"
 if [ "$CORPUS" = gettext ]; then
   missing=()
   for lang in ${LANGS//,/ }; do
@@ -52,6 +44,14 @@ MSG
     exit 1
   fi
 fi
+echo "== 2/5 environment ($VENV)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+pip install -q --upgrade pip
+pip install -q torch==2.13.0          # the CPU build; must come before the project
+pip install -q -e .
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 DATA_ARGS=("data.dir=$DATA" "data.corpus=$CORPUS" "data.raw=$RAW" "data.languages=[$LANGS]")
 
 echo "== 3/5 prepare -> $DATA"

@@ -137,6 +137,21 @@ class LanguageSampler:
         self.cursor = [list(c) for c in state["cursor"]]
 
 
+def split_by_length(plan: Plan, splits: dict[str, LangSplit], languages: list[str], budget: int) -> list[Plan]:
+    """Split a global plan into length-homogeneous groups of padded cost <= budget, so a
+    micro-batch mixing short and long chunks is not padded to its longest sentence.
+    Every rank computes the same groups, so all run the same number of forwards."""
+    lang_of = np.concatenate([np.full(len(s), li) for li, s in zip(plan.langs, plan.sents)])
+    sent_of = np.concatenate(plan.sents)
+    cost = np.concatenate([np.maximum(splits[languages[li]].src.sizes[s], splits[languages[li]].tgt.sizes[s])
+                           for li, s in zip(plan.langs, plan.sents)])
+    groups = []
+    for chunk in chunk_by_budget(np.argsort(cost, kind="stable"), cost, budget):
+        langs = sorted(set(lang_of[chunk].tolist()))
+        groups.append(Plan(langs, [sent_of[chunk][lang_of[chunk] == li] for li in langs]))
+    return groups
+
+
 def eval_plans(splits: dict[str, LangSplit], languages: list[str], max_tokens: int,
                rank: int, world: int, limit: Optional[int] = None) -> list[Plan]:
     """Deterministic single-language batches over a dev/test split, dealt round-robin to

@@ -1,0 +1,104 @@
+"""Language sampler, length groups and rank shares on the prepared tiny corpus."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cats_ds.data.manifest import Manifest, load_split
+from cats_ds.data.sampler import (LanguageSampler, chunk_by_budget, collate, split_by_length, target_tokens,
+                                  temperature_probs)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_data):
+    manifest = Manifest.load(tiny_data)
+    return manifest, load_split(tiny_data, manifest, "train")
+
+
+def test_temperature_probs():
+    assert np.allclose(temperature_probs([100, 25], 1.0), [0.8, 0.2])
+    assert np.allclose(temperature_probs([100, 25], 2.0), [2 / 3, 1 / 3])
+    assert np.allclose(temperature_probs([100, 25, 0], math.inf), [0.5, 0.5, 0.0])
+
+
+def test_chunks_respect_budget():
+    cost = np.array([3, 9, 1, 4, 4, 30, 2])
+    order = np.argsort(cost, kind="stable")
+    chunks = chunk_by_budget(order, cost, 10)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(7))
+    for c in chunks:
+        assert len(c) * cost[c].max() <= 10 or len(c) == 1
+
+
+def test_slot_frequencies_follow_temperature(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    s = LanguageSampler(data, langs, temperature=1.0, langs_per_batch=2, max_tokens=64, world_size=1, seed=3)
+    counts = np.zeros(len(langs))
+    for _ in range(3000):
+        rng = np.random.default_rng([s.seed, 2, s.micro_step])
+        for li in rng.choice(len(langs), size=2, replace=True, p=s.probs):
+            counts[li] += 1
+        s.micro_step += 1
+    assert np.allclose(counts / counts.sum(), s.probs, atol=0.02)
+
+
+def test_ranks_see_disjoint_shares_of_the_same_global_batch(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    one = LanguageSampler(data, langs, 5.0, 2, max_tokens=256, world_size=1, seed=1)
+    two = LanguageSampler(data, langs, 5.0, 2, max_tokens=128, world_size=2, seed=1)
+    for _ in range(20):
+        p1, p2 = one.next_plan(), two.next_plan()
+        assert p1.langs == p2.langs and all(np.array_equal(a, b) for a, b in zip(p1.sents, p2.sents))
+        r0, r1 = p2.for_rank(0, 2), p2.for_rank(1, 2)
+        for a, b, full in zip(r0.sents, r1.sents, p2.sents):
+            assert not set(a.tolist()) & set(b.tolist())
+            assert sorted(a.tolist() + b.tolist()) == sorted(full.tolist())
+
+
+def test_length_groups_cover_the_plan_and_bound_padding(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    s = LanguageSampler(data, langs, 5.0, 3, max_tokens=200, world_size=1, seed=2)
+    for _ in range(10):
+        plan = s.next_plan()
+        groups = split_by_length(plan, data, langs, 200)
+        got = sorted((li, i) for g in groups for li, ss in zip(g.langs, g.sents) for i in ss.tolist())
+        assert got == sorted((li, i) for li, ss in zip(plan.langs, plan.sents) for i in ss.tolist())
+        for g in groups:
+            batch = collate(g, data, langs, [4, 5, 6])
+            n = len(batch)
+            assert n == 1 or n * max(batch.src.size(1), batch.tgt.size(1)) <= 200
+            assert (batch.prev[:, 0] == torch_tags(batch.langs)).all()  # the language tag leads
+        assert sum(target_tokens(plan, data, langs).values()) == sum(
+            int(data[langs[li]].tgt.sizes[ss].sum()) for li, ss in zip(plan.langs, plan.sents))
+
+
+def torch_tags(langs):
+    return langs + 4
+
+
+def test_state_roundtrip_continues_identically(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    a = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=4)
+    for _ in range(37):
+        a.next_plan()
+    b = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=4)
+    b.load_state_dict(a.state_dict())
+    for _ in range(50):  # across epoch boundaries of the small languages
+        pa, pb = a.next_plan(), b.next_plan()
+        assert pa.langs == pb.langs and all(np.array_equal(x, y) for x, y in zip(pa.sents, pb.sents))
+    c = LanguageSampler(data, langs, 5.0, 2, 256, 1, seed=4)
+    with pytest.raises(ValueError, match="max_tokens"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_missing_language(splits):
+    manifest, data = splits
+    with pytest.raises(ValueError, match="no training data for language"):
+        LanguageSampler(data, manifest.languages + ["zz"], 5.0, 2, 128, 1, seed=0)
