@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1,<2.14",
-        "deepspeed>=0.14",
+        "deepspeed>=0.19.8",  # the MOELayer gate contract the family experts use
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.3",
         "tensorboard>=2.10",

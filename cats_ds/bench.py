@@ -348,8 +348,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
     s.add_argument("--steps", type=int, default=6)
     s.add_argument("--warmup", type=int, default=2)
-    s = add("experts", "dense vs family-expert placements")
-    s.add_argument("--steps", type=int, default=10)
+    from cats_ds.bench_experts import add_arguments as experts_arguments
+
+    experts_arguments(sub.add_parser("experts", help="dense vs family-expert placements"))
     for name in ("train", "cats", "meta"):
         w = sub.add_parser(f"worker-{name}")
         w.add_argument("--out", required=True)
@@ -369,10 +370,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.cmd == "experts":
         from cats_ds.bench_experts import bench_experts
 
-        result = bench_experts(args)
-    else:
-        result = {"train": bench_train, "decode": bench_decode, "cats": bench_cats}[args.cmd](args)
-    write_json(args.json, result)
+        bench_experts(args)  # prints its table and writes --json itself
+        return
+    write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats}[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cats_ds.config import Config
+from cats_ds.config import Config, ConfigError
 from cats_ds.data.manifest import Manifest, Vocab
-from cats_ds.model.transformer import Transformer, build_model
+from cats_ds.model.build import model_from_config
+from cats_ds.model.transformer import Transformer
 from cats_ds.train import CHECKPOINT_META, load_config_from_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -93,11 +94,12 @@ def fill_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[st
 
 
 def build_for_checkpoint(cfg: Config, vocab_size: int, languages: list[str], path: str | Path) -> Transformer:
-    """The model a checkpoint's config describes (the hook for family-expert models)."""
-    if cfg.experts.modules:
-        raise CheckpointError(f"{path}: the checkpoint has family experts (experts.modules={cfg.experts.modules}); "
-                              f"cats_ds.checkpoint.build_for_checkpoint builds dense models only")
-    return build_model(cfg.model, vocab_size)
+    """The model a checkpoint's config describes, on one process: family experts are all
+    local (ep_size 1), so local expert ids are the global ids of the expert files."""
+    try:
+        return model_from_config(cfg, vocab_size, languages, ep_size=1)
+    except ConfigError as e:  # e.g. the family map the run used is gone or changed
+        raise CheckpointError(f"{path}: cannot rebuild the model its config describes: {e}") from None
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"

@@ -92,3 +92,37 @@ def slurm_hostfile_main(argv: Optional[list[str]] = None) -> None:
         print(write_hostfile(args.nodelist, args.slots, args.out)[0])
     except ValueError as e:
         _fail(str(e))
+
+
+def analyze_main(argv: Optional[list[str]] = None) -> None:
+    """Gradient similarity by parameter group, lambda_max per language, figures, report."""
+    p = argparse.ArgumentParser(
+        prog="cats-analyze",
+        description="The paper's optimization analysis on a checkpoint, and/or figures (and a claims report) "
+                    "from training runs that logged analyses (analysis.every > 0).")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder to analyze, e.g. runs/gettext8/best")
+    p.add_argument("--pairs", default=None, help="language pairs to report one by one, e.g. de:af,uk:kk "
+                                                 "(default: analysis.pairs, empty = all pairs)")
+    p.add_argument("--run", action="append", default=[], dest="runs", metavar="[LABEL=]DIR",
+                   help="a training run folder (train.save_dir) to draw; repeat it to draw runs side by side; "
+                        "the checkpoint's own run folder is added when it has logs")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/analysis)")
+    p.add_argument("--report", action="store_true", help="also write report.md / report.json: the paper's "
+                                                         "claims vs. the runs' measurements")
+    p.add_argument("--device", default="cpu", help="torch device for the checkpoint analysis")
+    p.add_argument("overrides", nargs="*", help="analysis.* / eval.lo_max / eval.hi_min overrides, "
+                                                "e.g. analysis.sentences=32")
+    args = p.parse_args(argv)
+    if args.checkpoint is None and not args.runs:
+        _fail("give --checkpoint DIR and/or --run DIR (repeatable)")
+    if args.out is None and args.checkpoint is None:
+        _fail("--out is required without --checkpoint")
+    from cats_ds.analysis.analyze import analyze
+    from cats_ds.analysis.similarity import AnalysisError
+    from cats_ds.checkpoint import CheckpointError
+
+    try:
+        analyze(checkpoint=args.checkpoint, pairs=args.pairs, runs=args.runs, out=args.out, report=args.report,
+                device=args.device, overrides=args.overrides)
+    except (AnalysisError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))

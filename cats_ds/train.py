@@ -22,12 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cats_ds.analysis import analysis_step
 from cats_ds.config import Config, config_from_dict
 from cats_ds.data.manifest import Manifest, Vocab, load_split
-from cats_ds.data.sampler import Batch, LanguageSampler, Plan, collate, eval_plans, target_tokens
+from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
+                                  target_tokens)
 from cats_ds.grads import PartitionGrads, gram_and_losses, is_expert_param
 from cats_ds.losses import per_language_sums
-from cats_ds.model.transformer import Transformer, build_model
+from cats_ds.model.build import model_from_config
+from cats_ds.model.experts import param_groups
+from cats_ds.model.transformer import Transformer
 from cats_ds.weighting.base import Weighting, make_weighting
 
 CHECKPOINT_META = "cats_ds.json"
@@ -100,8 +104,24 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend) if backend else deepspeed.init_distributed()
+    if get_accelerator().device_name() != "cpu":
+        deepspeed.init_distributed()
+        return
+    deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
+
+
+def release_shm_workspace() -> None:
+    """DeepSpeed's CPU backend maps a 69 MB /dev/shm workspace per rank, named by master
+    address, port and rank, for an inference all-reduce training never uses, and never
+    unlinks it: every run on a new port leaked ~69 MB per rank until /dev/shm (RAM) was
+    full. Once every rank has mapped its peers' workspaces (they do so inside
+    init_distributed, hence the barrier), unlinking our own name frees it at exit."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 # --------------------------------------------------------------------------- state
@@ -162,10 +182,10 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     dev_splits = load_split(cfg.data.dir, manifest, "dev", languages)
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, len(vocab))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
-                                 weight_decay=cfg.train.weight_decay)
+    model = model_from_config(cfg, len(vocab), languages)
+    # family-expert parameters go to DeepSpeed's MoE groups (reduced over the expert-data-parallel group)
+    optimizer = torch.optim.Adam(param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
     factor = inverse_sqrt(cfg.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
@@ -228,6 +248,24 @@ def local_batch(run: Run, plan: Plan, splits: dict) -> tuple[Batch, bool]:
     return collate(mine, splits, run.languages, run.tag_ids).to(run.device), True
 
 
+def forward_plan(run: Run, plan: Plan, splits: dict):
+    """Forward this rank's share of a global plan, in length groups (one forward each, one
+    backward later). Returns per-language (loss sum with graph, nll sum, tokens) and
+    whether this rank had any sentence; filler forwards enter the loss with weight 0."""
+    loss_sum = nll_sum = tok = None
+    any_live = False
+    for group in split_by_length(plan, splits, run.languages, run.cfg.train.max_tokens * run.world):
+        batch, live = local_batch(run, group, splits)
+        ls, ns, tk = forward_sums(run, batch)
+        if not live:
+            ls, ns, tk = ls * 0.0, ns * 0.0, tk * 0.0
+        any_live |= live
+        loss_sum = ls if loss_sum is None else loss_sum + ls
+        nll_sum = ns if nll_sum is None else nll_sum + ns
+        tok = tk if tok is None else tok + tk
+    return loss_sum, nll_sum, tok, any_live
+
+
 def next_plans(run: Run) -> list[Plan]:
     plans = [run.sampler.next_plan() for _ in range(run.gas)]
     for plan in plans:
@@ -239,11 +277,10 @@ def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
     """gas micro-batches, one backward of sum_n c_n L_n each, then the optimizer step."""
     for m, plan in enumerate(plans or next_plans(run)):
         tokens = target_tokens(plan, run.train_splits, run.languages)
-        batch, live = local_batch(run, plan, run.train_splits)
         coeffs = run.weighting.coefficients(plan.langs, tokens)
         run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
-        loss_sum, nll_sum, tok = forward_sums(run, batch)
-        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens) * float(live))
+        loss_sum, nll_sum, tok, live = forward_plan(run, plan, run.train_splits)
+        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens))
         run.engine.step()
         if live:
             accumulate(run, loss_sum.detach(), nll_sum, tok)
@@ -263,10 +300,9 @@ def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool)
         for li, cnt in tokens.items():
             global_tokens[li] = global_tokens.get(li, 0) + cnt
         for li, sents in zip(plan.langs, plan.sents):
-            batch, live = local_batch(run, Plan([li], [sents]), splits)
             run.engine.set_gradient_accumulation_boundary(True)
-            loss_sum, nll_sum, tok = forward_sums(run, batch)
-            run.engine.backward(scaled_loss(run, loss_sum, {li: 1.0}, tokens) * float(live))
+            loss_sum, nll_sum, tok, live = forward_plan(run, Plan([li], [sents]), splits)
+            run.engine.backward(scaled_loss(run, loss_sum, {li: 1.0}, tokens))
             g = run.grads.capture()
             rows[li] = g if li not in rows else rows[li] + g
             if live:
@@ -382,8 +418,17 @@ def validate(run: Run) -> dict[str, dict[str, float]]:
     run.engine.eval()
     n = len(run.languages)
     sums = torch.zeros(3, n, dtype=torch.float64)
-    for plan in eval_plans(run.dev_splits, run.languages, run.cfg.train.max_tokens, run.rank, run.world):
-        batch = collate(plan, run.dev_splits, run.languages, run.tag_ids).to(run.device)
+    plans = eval_plans(run.dev_splits, run.languages, run.cfg.train.max_tokens, run.rank, run.world)
+    # with expert parallelism every forward is an all-to-all: a rank dealt fewer plans runs
+    # the filler sentence (not counted) until every rank has run the same number of forwards
+    rounds = torch.tensor([len(plans)], device=run.device)
+    if run.world > 1:
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    for i in range(int(rounds.item())):
+        if i >= len(plans):
+            forward_sums(run, run.filler)
+            continue
+        batch = collate(plans[i], run.dev_splits, run.languages, run.tag_ids).to(run.device)
         loss_sum, nll_sum, tok = forward_sums(run, batch)
         sums += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
     run.engine.train()
@@ -516,6 +561,8 @@ def fit(run: Run) -> None:
         train_step(run)
         if run.step % cfg.log_every == 0:
             log_train(run)
+        if run.cfg.analysis.every and run.step % run.cfg.analysis.every == 0:
+            analysis_step(run)
         stop = run.step % cfg.log_every == 0 and should_stop(run)
         if run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop:
             validate_and_save(run)

@@ -49,9 +49,15 @@ def free_port() -> int:
 def launch(args: list[str], nproc: int, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run a script under the real `deepspeed` launcher with `nproc` CPU (gloo) ranks."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(free_port())] + [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+           "--master_port", str(port)] + [str(a) for a in args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        # a rank that died before cats_ds released DeepSpeed's /dev/shm workspace leaves it behind
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"launcher exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
