@@ -126,3 +126,32 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
                 device=args.device, overrides=args.overrides)
     except (AnalysisError, CheckpointError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
+
+
+def compare_main(argv: Optional[list[str]] = None) -> None:
+    """Print (and optionally write) a side-by-side BLEU table of several evaluations."""
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="cats-compare", description="BLEU of several runs side by side")
+    p.add_argument("runs", nargs="+", help="LABEL=path/to/bleu.json (or its folder)")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    args = p.parse_args(argv)
+    from cats_ds.evaluate import EvalError, compare_reports
+
+    reports = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep or not label:
+            _fail(f"'{item}': expected LABEL=path/to/bleu.json")
+        f = Path(path) / "bleu.json" if Path(path).is_dir() else Path(path)
+        if not f.is_file():
+            _fail(f"{label}: no evaluation at {f}")
+        reports[label] = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        table = compare_reports(reports)
+    except EvalError as e:
+        _fail(str(e))
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")

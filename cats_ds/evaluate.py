@@ -243,3 +243,33 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     (out / "bleu.md").write_text(table, encoding="utf-8")
     print(f"| wrote {out / 'bleu.json'}, {out / 'bleu.md'} and hyp/ref files")
     return report
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def compare_reports(reports: dict[str, dict]) -> str:
+    """Markdown table of several bleu.json reports side by side: one row per language
+    (BLEU), then the Lo/Mid/Hi/All averages; columns are the runs, in the order given."""
+    labels = list(reports)
+    first = reports[labels[0]]
+    langs = list(first["languages"])
+    for label, rep in reports.items():
+        if list(rep["languages"]) != langs or rep["settings"]["split"] != first["settings"]["split"]:
+            raise EvalError(f"run '{label}' was evaluated on {list(rep['languages'])} "
+                            f"({rep['settings']['split']}), not on {langs} ({first['settings']['split']})")
+    head = "| language | pairs | group | " + " | ".join(labels) + " |"
+    lines = [head, "|---|---:|---|" + "---:|" * len(labels)]
+    for lang in langs:
+        info = first["languages"][lang]
+        cells = [f"{reports[l]['languages'][lang]['bleu']:.2f}" for l in labels]
+        lines.append(f"| en-{lang} | {info['train_pairs']} | {info['group']} | " + " | ".join(cells) + " |")
+    for group in GROUPS + ("All",):
+        if first["averages"].get(group) is None:
+            continue
+        cells = [f"**{reports[l]['averages'][group]['bleu']:.2f}**" for l in labels]
+        lines.append(f"| **{group}** | | | " + " | ".join(cells) + " |")
+    s = first["settings"]
+    note = (f"BLEU on {s['split']} (first {s['limit']} sentences per language), beam {s['beam']}, "
+            f"length penalty {s['lenpen']}; steps: " + ", ".join(f"{l} {reports[l]['settings']['step']}" for l in labels))
+    return "\n".join(lines) + "\n\n" + note + "\n"

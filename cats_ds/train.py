@@ -177,6 +177,13 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
         if lang not in manifest.languages:
             raise TrainError(f"data.languages: unknown language '{lang}'; prepared corpus "
                              f"{cfg.data.dir} has: {', '.join(manifest.languages)}")
+    if cfg.analysis.every:
+        from cats_ds.analysis.analyze import AnalysisError, check_settings
+
+        try:
+            check_settings(cfg, languages)  # fail now, not at the first analysis
+        except (AnalysisError, ValueError) as e:
+            raise TrainError(str(e)) from None
     vocab = Vocab(cfg.data.dir, manifest.languages)
     train_splits = load_split(cfg.data.dir, manifest, "train", languages)
     dev_splits = load_split(cfg.data.dir, manifest, "dev", languages)
@@ -184,8 +191,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     seed_everything(cfg.train.seed)
     model = model_from_config(cfg, len(vocab), languages)
     # family-expert parameters go to DeepSpeed's MoE groups (reduced over the expert-data-parallel group)
-    optimizer = torch.optim.Adam(param_groups(model), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                 eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(param_groups(model), cfg, ds)
     factor = inverse_sqrt(cfg.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
@@ -213,6 +219,19 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
            f"{cfg.train.max_tokens * run.gas * world} tokens per update")
     print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs)))
     return run
+
+
+def make_optimizer(groups, cfg: Config, ds: dict):
+    """Adam from the experiment config. With optimizer offload in the DeepSpeed JSON, ZeRO
+    requires DeepSpeed's CPU Adam (same update rule, built on first use)."""
+    kwargs = dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                  weight_decay=cfg.train.weight_decay)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=False, **kwargs)
+    return torch.optim.Adam(groups, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -506,6 +525,10 @@ def resume(run: Run) -> None:
                          f"{run.manifest.fingerprint[:12]}")
     if meta["languages"] != run.languages:
         raise TrainError(f"{path}: checkpoint languages {meta['languages']} != configured {run.languages}")
+    saved_ep = meta["config"]["experts"]["ep_size"]
+    if run.cfg.experts.modules and saved_ep != run.cfg.experts.ep_size:
+        raise TrainError(f"{path}: checkpoint has experts.ep_size={saved_ep}, this run "
+                         f"experts.ep_size={run.cfg.experts.ep_size}; resume with the same ep_size")
     load_path, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise TrainError(f"DeepSpeed could not load the checkpoint at {path}")
@@ -546,13 +569,14 @@ def should_stop(run: Run) -> bool:
 
 
 def validate_and_save(run: Run) -> None:
+    t0 = time.time()
     res = validate(run)
     mean = log_valid(run, res)
     if mean < run.best_valid:
         run.best_valid = mean
         save_checkpoint(run, "best", mean)
     save_checkpoint(run, "latest", mean)
-    run.t_log = time.time()  # tokens/s counts training time only
+    run.t_log += time.time() - t0  # tokens/s counts training time only
 
 
 def fit(run: Run) -> None:
