@@ -247,11 +247,9 @@ def _use_cats(run, cfg, every: int):
 def worker_cats(args) -> None:
     """Plain vs meta step cost (alternating blocks), measured M=10 end to end, the Gram
     error against a 1-process full-gradient reference, and the meta step's extra memory."""
-    import torch
-
     from cats_ds.grads import gram_and_losses, reference_rows
     from cats_ds.model.build import model_from_config
-    from cats_ds.train import meta_update, per_language_gradients, plain_update, seed_everything, train_step
+    from cats_ds.train import meta_update, per_language_gradients, plain_update, seed_everything
     from cats_ds.weighting.base import TemperatureWeighting
 
     cfg, run, dist = _worker_setup(args)

@@ -400,7 +400,6 @@ def log_train(run: Run) -> None:
     now = time.time()
     elapsed, run.t_log = max(now - run.t_log, 1e-9), now
     loss_l = sums[0] / sums[2].clamp(min=1)
-    nll_l = sums[1] / sums[2].clamp(min=1)
     tok = float(sums[2].sum())
     record = {"step": run.step, "loss": float(sums[0].sum() / max(tok, 1)), "nll": float(sums[1].sum() / max(tok, 1)),
               "lr": run.engine.get_lr()[0], "tokens_per_s": tok / elapsed,

@@ -77,7 +77,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from torch import nn
 
 from cats_ds.config import ConfigError, ModelConfig
-from cats_ds.model.transformer import Attention, Cache, FeedForward, Sublayers
+from cats_ds.model.transformer import Attention, FeedForward, Sublayers
 
 MODULES = ("ffn", "attn", "out_embed")
 """Expert placements; `all` in experts.modules means all of them."""
@@ -223,44 +223,16 @@ class ExpertAttention(Attention):
     """Attention with per-family q/k/v/output projections (one attention module per family).
 
     Built as a dense Attention first (same initialization, same random draws), whose
-    projections then become the experts' common starting point. forward mirrors
-    Attention.forward with routed projections; test_experts pins the two together."""
+    projections then become the experts' common starting point. Attention.forward is
+    shared; only the projections route."""
 
     def __init__(self, dim: int, heads: int, dropout: float, num_experts: int, ep_size: int):
         super().__init__(dim, heads, dropout)
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(self, name, FamilyMoE(getattr(self, name), num_experts, ep_size, dim, dim))
 
-    def forward(self, x: torch.Tensor, kv: Optional[torch.Tensor] = None,
-                key_pad: Optional[torch.Tensor] = None, causal: bool = False,
-                cache: Optional[Cache] = None, route: Optional[torch.Tensor] = None) -> torch.Tensor:
-        fam = _token_families(route, x)  # (B, T)
-        q = self._split(self.q_proj(x, fam))
-        if kv is None:  # self-attention
-            k, v = self._split(self.k_proj(x, fam)), self._split(self.v_proj(x, fam))
-            if cache is not None:
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        elif cache is not None and "ck" in cache:
-            k, v = cache["ck"], cache["cv"]
-        else:  # encoder states route by the family of the sentence they belong to
-            kv_fam = _token_families(route, kv)  # (B, S)
-            k, v = self._split(self.k_proj(kv, kv_fam)), self._split(self.v_proj(kv, kv_fam))
-            if cache is not None:
-                cache["ck"], cache["cv"] = k, v
-        mask = None
-        if key_pad is not None:
-            mask = ~key_pad[:, None, None, :]  # (B, 1, 1, S): True = attend
-        if causal and x.size(1) > 1:
-            t_q, t_k = q.size(2), k.size(2)
-            tri = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).tril(t_k - t_q)
-            mask = tri if mask is None else mask & tri
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1), fam)
+    def _project(self, name: str, x: torch.Tensor, route: Optional[torch.Tensor]) -> torch.Tensor:
+        return getattr(self, name)(x, _token_families(route, x))  # (B, T, D), every token by its family
 
 
 class _VocabProjection(nn.Module):

@@ -50,14 +50,19 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
+    def _project(self, name: str, x: torch.Tensor, route: Optional[torch.Tensor]) -> torch.Tensor:
+        """Apply projection `name` (q_proj, k_proj, v_proj, out_proj) to x (B, T, D);
+        family-expert attention routes it by `route` instead."""
+        return getattr(self, name)(x)
+
     def forward(self, x: torch.Tensor, kv: Optional[torch.Tensor] = None,
                 key_pad: Optional[torch.Tensor] = None, causal: bool = False,
                 cache: Optional[Cache] = None, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, D). kv: encoder output for cross-attention (None: self-attention).
         key_pad: (B, S) True at padding keys. cache: dict updated in place when decoding."""
-        q = self._split(self.q_proj(x))
+        q = self._split(self._project("q_proj", x, route))
         if kv is None:  # self-attention
-            k, v = self._split(self.k_proj(x)), self._split(self.v_proj(x))
+            k, v = self._split(self._project("k_proj", x, route)), self._split(self._project("v_proj", x, route))
             if cache is not None:
                 if "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
@@ -65,8 +70,8 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         elif cache is not None and "ck" in cache:  # encoder keys are fixed while decoding
             k, v = cache["ck"], cache["cv"]
-        else:
-            k, v = self._split(self.k_proj(kv)), self._split(self.v_proj(kv))
+        else:  # encoder states (B, S, D), routed by the family of the sentence they belong to
+            k, v = self._split(self._project("k_proj", kv, route)), self._split(self._project("v_proj", kv, route))
             if cache is not None:
                 cache["ck"], cache["cv"] = k, v
         mask = None
@@ -79,7 +84,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self._project("out_proj", out.transpose(1, 2).reshape(b, t, -1), route)
 
 
 class FeedForward(nn.Module):

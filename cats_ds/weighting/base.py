@@ -54,6 +54,31 @@ class Weighting:
         self.last["meta/mean_cos"] = mean_pairwise_cosine(gram)
 
 
+class LanguageWeights(Weighting):
+    """A weight per language (init 1) that the loss uses between meta steps: the state
+    GradNorm and MGDA share."""
+
+    def __init__(self, languages: list[str], meta_every):
+        super().__init__(languages, meta_every)
+        self.w = torch.ones(len(languages), dtype=torch.float64)
+
+    def coefficients(self, langs, tokens):
+        return {l: float(self.w[l]) for l in langs}
+
+    def scalars(self):
+        out = dict(self.last)
+        out.update({f"weight/{l}": float(v) for l, v in zip(self.languages, self.w)})
+        return out
+
+    def state_dict(self):
+        return {"w": self.w.tolist(), "languages": self.languages}
+
+    def load_state_dict(self, state):
+        if state["languages"] != self.languages:
+            raise ValueError(f"{self.name} state is for languages {state['languages']}, not {self.languages}")
+        self.w = torch.tensor(state["w"], dtype=torch.float64)
+
+
 def mean_pairwise_cosine(gram: torch.Tensor) -> float:
     """Mean of cos(g_i, g_j) over i < j, from the Gram matrix alone (nan for K < 2)."""
     k = gram.size(0)

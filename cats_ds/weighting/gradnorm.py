@@ -12,21 +12,16 @@ from __future__ import annotations
 import torch
 
 from cats_ds.config import GradNormConfig
-from cats_ds.weighting.base import Weighting
+from cats_ds.weighting.base import LanguageWeights
 
 
-class GradNormWeighting(Weighting):
+class GradNormWeighting(LanguageWeights):
     name = "gradnorm"
 
     def __init__(self, languages: list[str], cfg: GradNormConfig, meta_every):
         super().__init__(languages, meta_every)
         self.cfg = cfg
-        n = len(languages)
-        self.w = torch.ones(n, dtype=torch.float64)
-        self.initial_loss = torch.full((n,), float("nan"), dtype=torch.float64)
-
-    def coefficients(self, langs, tokens):
-        return {l: float(self.w[l]) for l in langs}
+        self.initial_loss = torch.full((len(languages),), float("nan"), dtype=torch.float64)
 
     def update(self, step, langs, losses, gram, tokens):
         idx = torch.tensor(langs)
@@ -39,22 +34,15 @@ class GradNormWeighting(Weighting):
         ratio = losses / self.initial_loss[idx]
         target = gnorm.mean() * (ratio / ratio.mean()) ** self.cfg.asymmetry
         grad = torch.sign(gnorm - target) * norms  # d/dw_n sum |G_n - target_n|
-        new = (self.w.clone())
+        new = self.w.clone()
         new[idx] = (w - self.cfg.lr * grad).clamp(min=1e-6)
         self.w = new * (len(self.languages) / new.sum())
         self._record_gram(gram, self.w[idx])
         return self.coefficients(langs, tokens)
 
-    def scalars(self):
-        out = dict(self.last)
-        out.update({f"weight/{l}": float(v) for l, v in zip(self.languages, self.w)})
-        return out
-
     def state_dict(self):
-        return {"w": self.w.tolist(), "initial_loss": self.initial_loss.tolist(), "languages": self.languages}
+        return {**super().state_dict(), "initial_loss": self.initial_loss.tolist()}
 
     def load_state_dict(self, state):
-        if state["languages"] != self.languages:
-            raise ValueError(f"GradNorm state is for languages {state['languages']}, not {self.languages}")
-        self.w = torch.tensor(state["w"], dtype=torch.float64)
+        super().load_state_dict(state)
         self.initial_loss = torch.tensor(state["initial_loss"], dtype=torch.float64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cats_ds.config import MgdaConfig
-from cats_ds.weighting.base import Weighting
+from cats_ds.weighting.base import LanguageWeights
 
 
 def min_norm_simplex(gram: torch.Tensor, iters: int = 50, tol: float = 1e-10) -> torch.Tensor:
@@ -34,16 +34,12 @@ def min_norm_simplex(gram: torch.Tensor, iters: int = 50, tol: float = 1e-10) ->
     return lam
 
 
-class MgdaWeighting(Weighting):
+class MgdaWeighting(LanguageWeights):
     name = "mgda"
 
     def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every):
         super().__init__(languages, meta_every)
         self.cfg = cfg
-        self.w = torch.ones(len(languages), dtype=torch.float64)
-
-    def coefficients(self, langs, tokens):
-        return {l: float(self.w[l]) for l in langs}
 
     def update(self, step, langs, losses, gram, tokens):
         gram = gram.double().cpu()
@@ -51,16 +47,3 @@ class MgdaWeighting(Weighting):
         self.w[torch.tensor(langs)] = lam * len(langs)
         self._record_gram(gram, lam)
         return self.coefficients(langs, tokens)
-
-    def scalars(self):
-        out = dict(self.last)
-        out.update({f"weight/{l}": float(v) for l, v in zip(self.languages, self.w)})
-        return out
-
-    def state_dict(self):
-        return {"w": self.w.tolist(), "languages": self.languages}
-
-    def load_state_dict(self, state):
-        if state["languages"] != self.languages:
-            raise ValueError(f"MGDA state is for languages {state['languages']}, not {self.languages}")
-        self.w = torch.tensor(state["w"], dtype=torch.float64)

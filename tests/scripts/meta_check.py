@@ -60,11 +60,14 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, clip)
     opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
     opt.step()
-    got = dict(run.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(run.engine.module.parameters()),
+                                           enabled=run.engine.zero_optimization_stage() == 3):
+        got = {k: v.detach().float().clone() for k, v in run.engine.module.named_parameters()}
     diff, scale = 0.0, 0.0
     per_param = {}
     for name, p in ref.named_parameters():
-        per_param[name] = float((got[name].detach().float() - p.detach()).abs().max())
+        assert got[name].shape == p.shape, (name, got[name].shape, p.shape)
+        per_param[name] = float((got[name] - p.detach()).abs().max())
         diff = max(diff, per_param[name])
         scale = max(scale, float(p.detach().abs().max()))
     moved = max(float((p.detach() - q).abs().max()) for p, q in
