@@ -18,13 +18,14 @@
 # Budget: UPDATES optimizer updates per run (train.max_minutes is lifted, so the budget is
 # the update count), an analysis every ANALYZE_EVERY updates on ANALYSIS_SENTENCES dev
 # sentences per language (the config default is 64) with at most HESSIAN_ITERS
-# power-iteration steps. The recipe warms up for 500 updates; the claims about "after
-# warm-up" need UPDATES beyond that.
-# Measured on 2 shared CPU cores (gettext8 recipe, 7.6M parameters, ZeRO-2): ~7 s per update;
-# an analysis of 32 sentences took ~100 s with 10 Hessian-vector products per language
-# (most languages converge within 10-20), so the defaults (1000 updates, 10 analyses) take
-# ~2.5 h per run and ~13 h for the five; CATS meta steps add a little. A GPU node is the
-# place for budgets near the paper's.
+# power-iteration steps. The recipe warms up for 200 updates; the claims about "after
+# warm-up" need UPDATES well beyond that.
+# Measured on 2 shared CPU cores (gettext8 recipe, 4.65M parameters, ZeRO-2, 6000 tokens
+# per update): ~2.4k tokens/s, so ~13 min per 300 updates; an analysis of 32 sentences
+# per language with up to 20 Hessian-vector products per language took ~45-55 s. With
+# UPDATES=300 ANALYZE_EVERY=100 a run takes ~16 min and the five ~80 min; the defaults
+# (1000 updates, 10 analyses) ~50 min per run. A GPU node is the place for budgets near
+# the paper's.
 #
 # Re-running continues unfinished runs (train.resume=auto) and skips finished ones.
 # Output in $OUT/figures: lambda_max.png (Fig. 2 top), hilo_cos.png (Fig. 2 bottom),
