@@ -136,7 +136,7 @@ def bench_decode(args) -> dict:
             with torch.no_grad():
                 out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
-            hyp_tokens += sum(len(nbest[0]["tokens"]) for nbest in out)
+            hyp_tokens += sum(len(nbest[0].tokens) for nbest in out)
         dt = time.perf_counter() - t0
         rows.append([lang, n, n / dt, hyp_tokens / dt])
         total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
