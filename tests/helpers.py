@@ -82,3 +82,25 @@ def ds_config(stage: int, gas: int = 1, clip: float = 1.0, **extra) -> dict:
 
 TINY_MODEL = {"embed_dim": 32, "ffn_dim": 64, "encoder_layers": 2, "decoder_layers": 2, "heads": 4,
               "dropout": 0.0}
+
+
+def checkpoint_dev_loss(folder: Path) -> float:
+    """Mean over languages of the per-token dev loss of a checkpoint loaded for
+    inference, computed in one process: what train.py records as the valid loss."""
+    import torch
+
+    from cats_ds.checkpoint import load_for_inference
+    from cats_ds.data.manifest import load_split
+    from cats_ds.data.sampler import collate, eval_plans
+    from cats_ds.losses import per_language_sums
+
+    cfg, model, manifest, vocab, langs = load_for_inference(folder)
+    dev = load_split(cfg.data.dir, manifest, "dev", langs)
+    sums = torch.zeros(2, len(langs), dtype=torch.float64)
+    with torch.no_grad():
+        for plan in eval_plans(dev, langs, cfg.train.max_tokens, 0, 1):
+            b = collate(plan, dev, langs, [vocab.lang_ids[lang] for lang in langs])
+            loss, _, tok = per_language_sums(model(b.src, b.prev, b.langs), b.tgt, b.langs, len(langs),
+                                             cfg.train.label_smoothing)
+            sums += torch.stack([loss.double(), tok.double()])
+    return float((sums[0] / sums[1]).mean())

@@ -17,11 +17,9 @@ from cats_ds.checkpoint import MODEL_STATES, CheckpointError, gather_state_dict,
 from cats_ds.cli import evaluate_main
 from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.data.manifest import EOS, Manifest, Vocab, load_split
-from cats_ds.data.sampler import collate, eval_plans
 from cats_ds.evaluate import EvalError, corpus_scores, evaluate_checkpoint, group_of
-from cats_ds.losses import per_language_sums
 from cats_ds.model.transformer import build_model
-from helpers import TINY_MODEL, ds_config, launch, write_json
+from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, write_json
 
 GROUPS = ["eval.lo_max=100", "eval.hi_min=300"]  # cc (50) Lo, bb (150) Mid, aa (400) Hi
 
@@ -198,16 +196,7 @@ def test_a_trained_zero3_checkpoint_loads_exactly(tmp_path, tiny_recipe):
     ds = write_json(tmp_path / "z3.json", ds_config(3))
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", tiny_recipe("z3", train={"max_updates": 3})], 1)
     best = tmp_path / "z3" / "best"
-    cfg, model, manifest, vocab, languages = load_for_inference(best)
-    dev = load_split(cfg.data.dir, manifest, "dev", languages)
-    sums = torch.zeros(3, len(languages), dtype=torch.float64)
-    with torch.no_grad():
-        for plan in eval_plans(dev, languages, cfg.train.max_tokens, 0, 1):
-            b = collate(plan, dev, languages, [vocab.lang_ids[lang] for lang in languages])
-            out = per_language_sums(model(b.src, b.prev, b.langs), b.tgt, b.langs, len(languages),
-                                    cfg.train.label_smoothing)
-            sums += torch.stack([t.double() for t in out])
-    valid_loss = float(np.mean((sums[0] / sums[2]).tolist()))
+    valid_loss = checkpoint_dev_loss(best)
     assert valid_loss == pytest.approx(json.loads((best / "cats_ds.json").read_text())["valid_loss"], rel=1e-6)
     report = evaluate_checkpoint(best, limit=3, overrides=["eval.beam=2"])
     assert report["settings"]["step"] == 3 and all(r["n"] == 3 for r in report["languages"].values())

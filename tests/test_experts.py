@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY_MODEL, ds_config, launch, read_log, write_json
+from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, read_log, write_json
 
 from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.families import base_language, load_family_map, shipped_maps
@@ -382,19 +382,5 @@ def test_checkpoint_resume_and_inference_with_experts(tmp_path, tiny_recipe, fam
     main = torch.load(latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert not [k for k in main if "deepspeed_experts" in k]
 
-    from cats_ds.checkpoint import load_for_inference
-    from cats_ds.data.manifest import load_split
-    from cats_ds.data.sampler import collate, eval_plans
-    from cats_ds.losses import per_language_sums
-
-    cfg, model, manifest, vocab, langs = load_for_inference(latest)
-    dev = load_split(cfg.data.dir, manifest, "dev", langs)
-    sums = torch.zeros(2, len(langs), dtype=torch.float64)
-    with torch.no_grad():
-        for plan in eval_plans(dev, langs, cfg.train.max_tokens, 0, 1):
-            b = collate(plan, dev, langs, [vocab.lang_ids[lang] for lang in langs])
-            loss, _, tok = per_language_sums(model(b.src, b.prev, b.langs), b.tgt, b.langs, len(langs),
-                                             cfg.train.label_smoothing)
-            sums += torch.stack([loss.double(), tok.double()])
-    mean = float((sums[0] / sums[1]).mean())
+    mean = checkpoint_dev_loss(latest)
     assert mean == pytest.approx(read_log(tmp_path / "part", "valid")[-1]["mean_loss"], rel=1e-5)

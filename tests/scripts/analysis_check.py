@@ -14,7 +14,6 @@ partition touches."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -27,10 +26,10 @@ from cats_ds.analysis import analysis_step
 from cats_ds.analysis.analyze import analysis_plan
 from cats_ds.analysis.hessian import language_loss, top_eigenvalue
 from cats_ds.analysis.similarity import param_group
-from cats_ds.config import load_config
 from cats_ds.data.sampler import Plan, collate
 from cats_ds.model.transformer import build_model
-from cats_ds.train import setup, train_step
+from cats_ds.train import train_step
+from checkscript import setup_from_command_line
 
 
 def reference(run, model):
@@ -78,14 +77,7 @@ def train_losses(run, steps: int) -> list[float]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config")
-    ap.add_argument("--deepspeed_config")
-    ap.add_argument("--out")
-    ap.add_argument("--local_rank", type=int, default=-1)
-    args, overrides = ap.parse_known_args()
-    cfg = load_config(args.config, overrides)
-    run = setup(cfg, args.deepspeed_config)
+    args, cfg, run = setup_from_command_line()
     torch.manual_seed(cfg.train.seed * 1000 + run.rank)
 
     # pass 1: four plain updates, from a snapshot of the initial state

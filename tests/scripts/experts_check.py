@@ -14,19 +14,17 @@ Parameters are named with GLOBAL expert ids. Writes <out>.rank<r>.pt.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from cats_ds.config import load_config
 from cats_ds.data.manifest import PAD
 from cats_ds.data.sampler import Plan, target_tokens
 from cats_ds.losses import per_language_sums
 from cats_ds.model.experts import global_parameter_names
-from cats_ds.train import local_batch, scaled_loss, setup
+from cats_ds.train import local_batch, scaled_loss
+from checkscript import setup_from_command_line
 
 
 def snapshot(run, names) -> dict[str, torch.Tensor]:
@@ -59,16 +57,11 @@ def one_update(run, plan: Plan, names) -> tuple[dict, dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config")
-    ap.add_argument("--deepspeed_config")
-    ap.add_argument("--out")
-    ap.add_argument("--isolate", help="language of the single-language update")
-    ap.add_argument("--sentences", type=int, default=12, help="sentences per language in each update")
-    ap.add_argument("--local_rank", type=int, default=-1)
-    args, overrides = ap.parse_known_args()
-    cfg = load_config(args.config, overrides)
-    run = setup(cfg, args.deepspeed_config)
+    def add_arguments(ap):
+        ap.add_argument("--isolate", help="language of the single-language update")
+        ap.add_argument("--sentences", type=int, default=12, help="sentences per language in each update")
+
+    args, cfg, run = setup_from_command_line(add_arguments)
     names = global_parameter_names(run.engine.module)
 
     li = run.languages.index(args.isolate)

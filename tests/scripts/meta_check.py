@@ -6,29 +6,21 @@ parameter difference after the step."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from cats_ds.config import load_config
 from cats_ds.grads import reference_rows
 from cats_ds.model.transformer import build_model
-from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything, setup
+from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything
 from cats_ds.weighting.base import make_weighting
+from checkscript import setup_from_command_line
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config")
-    ap.add_argument("--deepspeed_config")
-    ap.add_argument("--out")
-    ap.add_argument("--local_rank", type=int, default=-1)
-    args, overrides = ap.parse_known_args()
-    cfg = load_config(args.config, overrides)
-    run = setup(cfg, args.deepspeed_config)
+    args, cfg, run = setup_from_command_line()
     ref = build_and_load(cfg, run)  # the same seed gives the engine's initial weights
     sampler_state = run.sampler.state_dict()
 
