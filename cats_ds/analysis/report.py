@@ -186,17 +186,29 @@ def claim_sharpness_temperature(runs: Sequence[RunData]) -> Claim:
                  f"({tinf.label}: {where(tinf, nb, lb)}; {t1.label}: {where(t1, na, la)})", b > a)
 
 
+def _run_and_baseline(runs: Sequence[RunData], name: str, paper: str, setting: str, baseline: str,
+                      is_treated) -> tuple[Optional[RunData], Optional[RunData], Optional[Claim]]:
+    """The first run that is_treated and its temperature baseline, or a 'not measured'
+    Claim saying which of the two is missing."""
+    run = _find(runs, is_treated)
+    if run is None:
+        return None, None, Claim(name, paper, f"not measured: no run with {setting}", None)
+    base = _baseline_for(runs, run)
+    if base is None:
+        return run, None, Claim(name, paper, f"not measured: no {baseline} with "
+                                f"{_t_name(_temperature(run))} to compare {run.label} with", None)
+    return run, base, None
+
+
 def claim_noaffine_gap(runs: Sequence[RunData]) -> Claim:
     paper = ("Removing LayerNorm's gain and bias (noaffine) narrows the generalization gap (valid - train "
              "loss) of low-resource languages.")
-    na = _find(runs, lambda r: r.config is not None and str(r.setting("model", "norm", "")).endswith("noaffine")
-               and r.setting("weighting", "method") == "temperature")
-    if na is None:
-        return Claim("noaffine_gap", paper, "not measured: no run with model.norm=*_noaffine", None)
-    base = _baseline_for(runs, na)
-    if base is None:
-        return Claim("noaffine_gap", paper, f"not measured: no affine-norm temperature run with "
-                     f"{_t_name(_temperature(na))} to compare {na.label} with", None)
+    na, base, missing = _run_and_baseline(
+        runs, "noaffine_gap", paper, "model.norm=*_noaffine", "affine-norm temperature run",
+        lambda r: r.config is not None and str(r.setting("model", "norm", "")).endswith("noaffine")
+        and r.setting("weighting", "method") == "temperature")
+    if missing is not None:
+        return missing
     lo, every = _langs(na, "Lo"), sorted({l for r in na.valid for l in r.get("langs", {})})
     lo_na, lo_base = generalization_gap(na, lo), generalization_gap(base, lo)
     all_na, all_base = generalization_gap(na, every), generalization_gap(base, every)
@@ -211,13 +223,10 @@ def claim_noaffine_gap(runs: Sequence[RunData]) -> Claim:
 
 def claim_cats_low_resource(runs: Sequence[RunData]) -> Claim:
     paper = "CATS improves low-resource languages: lower Lo validation loss than the same sampling without CATS."
-    cats = _find(runs, lambda r: r.setting("weighting", "method") == "cats")
-    if cats is None:
-        return Claim("cats_low_resource", paper, "not measured: no run with weighting.method=cats", None)
-    base = _baseline_for(runs, cats)
-    if base is None:
-        return Claim("cats_low_resource", paper, f"not measured: no temperature run with "
-                     f"{_t_name(_temperature(cats))} to compare {cats.label} with", None)
+    cats, base, missing = _run_and_baseline(runs, "cats_low_resource", paper, "weighting.method=cats",
+                                            "temperature run", lambda r: r.setting("weighting", "method") == "cats")
+    if missing is not None:
+        return missing
     a, b = final_valid(cats, "Lo"), final_valid(base, "Lo")
     if a is None or b is None:
         return Claim("cats_low_resource", paper, f"not measured: no Lo validation loss in {cats.label} or "
