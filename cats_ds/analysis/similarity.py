@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import is_expert_param
+from cats_ds.grads import is_expert_param, partial_gram
 
 if TYPE_CHECKING:
     from cats_ds.data.manifest import Manifest
@@ -141,9 +141,7 @@ def group_grams(rows: torch.Tensor, segments: Sequence[Segment], block: int = 1 
         raise RuntimeError(f"gradient rows have {rows.size(1)} columns but the layout covers {width}")
     out = torch.zeros(len(GROUPS), k, k, dtype=torch.float64, device=rows.device)
     for s in segments:
-        for a in range(s.start, s.start + s.length, block):
-            cols = rows[:, a:min(a + block, s.start + s.length)].double()  # (K, <=block)
-            out[s.group] += s.weight * (cols @ cols.T)
+        out[s.group] += s.weight * partial_gram(rows[:, s.start:s.start + s.length], block=block)
     return out
 
 
