@@ -5,14 +5,16 @@ placement, and parameters per rank with ep_size 1 and 2.
                                                           `add_arguments` + `bench_experts`)
 
 Throughput is measured on this one process with ep_size 1: forward + backward + Adam step
-of the real model (DeepSpeed's MOELayer dispatch/combine, capacity blocks, the padded
-out_embed layer), on fixed synthetic batches over the languages of a family map (default
+of the real model, on fixed synthetic batches over the languages of a family map (default
 ted8_related: 8 languages, 4 families), in two mixes: `balanced` cycles through the
-languages, so every family gets 1/E of the batch and the capacity blocks are full
-(E x capacity = tokens); `skewed` puts half the sentences in the first family and
-spreads the rest, so capacity is half the batch and every expert layer computes E/2 x
-the tokens (the cost of a batch dominated by one family). No all-to-all is timed: with ep_size > 1 each expert layer adds
-two all-to-alls of E x capacity x width values per forward (and two in backward).
+languages, so every family gets 1/E of the batch; `skewed` puts half the sentences in the
+first family and spreads the rest. Each expert placement runs with two dispatches
+(`--dispatch`): `local`, what ep_size 1 trains with (tokens sorted by family, each expert
+on its own rows), and `moelayer`, DeepSpeed's MOELayer dispatch/combine as ep_size > 1
+computes it (capacity blocks: E x capacity rows per expert layer, which is the token count
+in the balanced mix and E/2 x it in the skewed one; the out_embed input padded to V). No
+all-to-all is timed: with ep_size > 1 each expert layer adds two all-to-alls of E x
+capacity x width values per forward (and two in backward).
 
 Configurations run in interleaved rounds, so a change in machine load hits them alike.
 Each is reported by its best round (timeit's estimator: on a shared machine slower rounds
@@ -38,7 +40,7 @@ from cats_ds.config import Config, config_from_dict, load_config
 from cats_ds.families import load_family_map
 from cats_ds.grads import is_expert_param
 from cats_ds.model.build import model_from_config
-from cats_ds.model.experts import MODULES
+from cats_ds.model.experts import MODULES, FamilyMoE
 
 PLACEMENTS = {"dense": [], **{m: [m] for m in MODULES}, "all": list(MODULES)}
 """Benchmarked configurations: experts.modules of each."""
@@ -61,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (the best is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--mixes", default="balanced,skewed", help="batch mixes to time (see the module docstring)")
+    p.add_argument("--dispatch", default="local,moelayer", help="expert dispatches to time (module docstring)")
     p.add_argument("--seed", type=int, default=1)
     return p
 
@@ -105,20 +108,28 @@ def bench_experts(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in mixes if m not in batches]
     if unknown or not mixes:
         raise ValueError(f"--mixes: unknown mix {unknown[0] if unknown else '(none)'}; choices: balanced, skewed")
+    dispatches = [d for d in args.dispatch.split(",") if d]
+    if not dispatches or any(d not in ("local", "moelayer") for d in dispatches):
+        raise ValueError(f"--dispatch {args.dispatch!r}: a comma list of local, moelayer")
     tokens = n_sent * args.length
 
-    models = {}
-    for name, modules in PLACEMENTS.items():
+    models = {}  # configuration -> (model, optimizer, counts, modules, dispatch)
+    for placement, modules in PLACEMENTS.items():
         cfg = _config(args, modules, fmap.source)
-        torch.manual_seed(args.seed)
-        model = model_from_config(cfg, args.vocab, languages, ep_size=1).train()
         counts = {ep: (_counts(cfg, args.vocab, languages, ep) if (not modules or len(families) % ep == 0) else None)
                   for ep in (1, 2)}
-        models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-4), counts)
-    timed = {(mix, name): {"wall": [], "cpu": []} for mix in mixes for name in PLACEMENTS}
+        for dispatch in (dispatches if modules else ["-"]):
+            torch.manual_seed(args.seed)
+            model = model_from_config(cfg, args.vocab, languages, ep_size=1).train()
+            for m in model.modules():
+                if isinstance(m, FamilyMoE):
+                    m.local_dispatch = dispatch == "local"
+            name = placement if dispatch in ("-", dispatches[0]) else f"{placement}/{dispatch}"
+            models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-4), counts, placement, dispatch)
+    timed = {(mix, name): {"wall": [], "cpu": []} for mix in mixes for name in models}
 
     def step(name: str, mix: str) -> None:
-        model, opt, _ = models[name]
+        model, opt = models[name][:2]
         logits = model(src, prev, batches[mix])  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -138,8 +149,8 @@ def bench_experts(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for (mix, name), t in timed.items():
         dense = timed[(mix, "dense")]
-        counts = models[name][2]
-        rows.append({"mix": mix, "placement": name, "modules": PLACEMENTS[name],
+        _, _, counts, placement, dispatch = models[name]
+        rows.append({"mix": mix, "placement": placement, "dispatch": dispatch, "modules": PLACEMENTS[placement],
                      "tokens_per_s": max(t["wall"]), "ratio_to_dense": max(t["wall"]) / max(dense["wall"]),
                      "tokens_per_cpu_s": max(t["cpu"]), "cpu_ratio_to_dense": max(t["cpu"]) / max(dense["cpu"]),
                      "tokens_per_s_rounds": t["wall"], "tokens_per_cpu_s_rounds": t["cpu"],
@@ -152,7 +163,7 @@ def bench_experts(args: argparse.Namespace) -> dict[str, Any]:
               "side": args.side, "model": {k: getattr(model_cfg, k) for k in
                                            ("embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "heads")},
               "vocab": args.vocab, "tokens_per_step": tokens, "steps": args.steps, "rounds": args.rounds,
-              "mixes": mixes,
+              "mixes": mixes, "dispatches": dispatches,
               "results": rows}
     _print_table(result)
     if args.json:
@@ -164,12 +175,12 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"| experts benchmark: {result['num_families']} families ({Path(result['families']).stem}), "
           f"side {result['side']}, model {result['model']}, vocab {result['vocab']}, "
           f"{result['tokens_per_step']} tokens/step, {result['threads']} threads")
-    head = (f"{'mix':<9} {'placement':<10} {'tokens/s':>9} {'vs dense':>9} {'tok/cpu-s':>10} {'vs dense':>9} "
+    head = (f"{'mix':<9} {'placement':<10} {'dispatch':<9} {'tokens/s':>9} {'vs dense':>9} {'tok/cpu-s':>10} {'vs dense':>9} "
             f"{'params/rank ep1':>16} {'params/rank ep2':>16}")
     print(head)
     print("-" * len(head))
     for r in result["results"]:
         p1, p2 = r["params_per_rank"]["1"], r["params_per_rank"]["2"]
-        print(f"{r['mix']:<9} {r['placement']:<10} {r['tokens_per_s']:>9.0f} {r['ratio_to_dense']:>8.2f}x "
+        print(f"{r['mix']:<9} {r['placement']:<10} {r['dispatch']:<9} {r['tokens_per_s']:>9.0f} {r['ratio_to_dense']:>8.2f}x "
               f"{r['tokens_per_cpu_s']:>10.0f} {r['cpu_ratio_to_dense']:>8.2f}x "
               f"{p1:>16,} {('n/a' if p2 is None else f'{p2:,}'):>16}")

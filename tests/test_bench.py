@@ -1,5 +1,6 @@
-"""The single-process benchmark (beam-5 decoding) runs end to end and writes its JSON.
-Its numbers are not checked: timings are for the benchmark table, never for tests."""
+"""The single-process benchmarks (beam-5 decoding, expert placements) run end to end and
+write their JSON. Timings are not checked: they are for the benchmark table, never for
+tests; parameter counts are."""
 
 from __future__ import annotations
 
@@ -19,3 +20,22 @@ def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
     assert set(result["per_language"]) == {"aa", "bb", "cc"}
     assert result["sentences_per_s"] > 0 and result["hyp_tokens_per_s"] > 0
     assert "sentences/s" in capsys.readouterr().out
+
+
+def test_bench_experts_writes_json(tmp_path, capsys):
+    out = tmp_path / "experts.json"
+    main(["experts", "--embed-dim", "16", "--ffn-dim", "32", "--layers", "1", "--heads", "2", "--vocab", "60",
+          "--batch-tokens", "64", "--length", "8", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = {(r["mix"], r["placement"], r["dispatch"]): r for r in result["results"]}
+    placements = ["ffn", "attn", "out_embed", "all"]
+    assert set(rows) == {(mix, "dense", "-") for mix in ("balanced", "skewed")} | {
+        (mix, p, d) for mix in ("balanced", "skewed") for p in placements for d in ("local", "moelayer")}
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows[("balanced", "dense", "-")]["ratio_to_dense"] == 1.0
+    # ted8_related: 4 families; ep_size 2 keeps 2 of each expert layer's 4 experts per rank
+    for p in placements:
+        ep1, ep2 = (rows[("skewed", p, "local")]["expert_params_per_rank"][k] for k in ("1", "2"))
+        assert ep1 > 0 and ep1 == 2 * ep2
+    assert rows[("balanced", "dense", "-")]["expert_params_per_rank"]["1"] == 0
+    assert "moelayer" in capsys.readouterr().out

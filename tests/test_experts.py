@@ -176,6 +176,30 @@ def test_dense_equals_experts_with_identical_experts(families, modules):
         torch.testing.assert_close(summed[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("langs", [[0, 1, 0, 1, 1], [1, 1, 1, 1, 1]])  # both families; family x absent
+def test_local_dispatch_equals_moelayer(families, langs):
+    """ep_size 1 sorts tokens by family instead of MOELayer's capacity slots: same outputs,
+    same gradients, and every expert (an absent family's too) gets a gradient tensor."""
+    models = [build(tiny_cfg(families, modules=["all"], side="both")) for _ in range(2)]
+    with torch.no_grad():  # distinct experts, identical in both models
+        for name, p in models[0].named_parameters():
+            if EXPERT.search(name):
+                p.add_(0.05 * torch.randn_like(p))
+        models[1].load_state_dict(models[0].state_dict())
+    for m in models[1].modules():
+        if isinstance(m, FamilyMoE):
+            m.local_dispatch = False
+    src, prev, _ = batch()
+    outs = [m(src, prev, torch.tensor(langs)) for m in models]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for o in outs:
+        o.pow(2).mean().backward()
+    grads = [dict(m.named_parameters()) for m in models]
+    for name, p in grads[0].items():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[1][name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_experts_separate_families_and_decode_incrementally(families):
     model = build(tiny_cfg(families, modules=["all"], side="both")).eval()
     with torch.no_grad():  # make family y's experts differ from family x's

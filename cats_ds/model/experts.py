@@ -43,12 +43,16 @@ the global loss. Caveat: with ZeRO-0 and gradient clipping, DeepSpeed averages t
 per-rank norms (which differ when ep_size > 1) instead of summing squares, so the clipping
 factor is approximate there; ZeRO-1/2 compute the global norm.
 
-Costs to know: each expert runs on `capacity` slots per rank of its group, so an expert
-layer computes E x capacity >= tokens rows (families that are rare in a batch still cost
-a full slot block). MOELayer needs equal input and output widths, so the out_embed layer
-pads its D-wide input to V (its dispatch buffer and first all-to-all are V wide instead of
-D wide). With ep_size > 1 every rank of an expert-parallel group must run the same
-number of forwards (each is an all-to-all): a rank without data must still run one.
+Costs to know, with ep_size > 1 (MOELayer's all-to-all path): each expert runs on
+`capacity` slots per rank of its group, so an expert layer computes E x capacity >= tokens
+rows (families that are rare in a batch still cost a full slot block). MOELayer needs
+equal input and output widths, so the out_embed layer pads its D-wide input to V (its
+dispatch buffer and first all-to-all are V wide instead of D wide). Every rank of an
+expert-parallel group must run the same number of forwards (each is an all-to-all): a
+rank without data must still run one. With ep_size 1 there is nothing to exchange, and
+FamilyMoE sorts the tokens by family and runs each expert on its own rows instead
+(`FamilyMoE._grouped`): same parameters, same DeepSpeed groups, reduction and checkpoint
+files, same outputs and gradients (tests/test_experts.py), without those two costs.
 
 The number of families that hold the run's languages must be divisible by ep_size:
 padding with never-routed experts would cost memory, optimizer state and a full
@@ -154,6 +158,8 @@ class FamilyMoE(MoE):
 
     `expert` maps (..., width) -> (..., width) with width = max(in_features, out_features)
     (MOELayer keeps the width): inputs are zero-padded to it, outputs cut to out_features.
+    With ep_size 1 the layer dispatches locally (`_grouped`) and the expert gets its
+    unpadded (..., in_features) rows, so an expert must accept both widths.
     Each rank holds num_experts // ep_size copies of `expert` (its local experts).
 
     MoE.__init__ is not called because it always builds a learned TopKGate (whose random
@@ -174,6 +180,8 @@ class FamilyMoE(MoE):
         self.num_local_experts = num_experts // ep_size
         self.in_features, self.out_features = in_features, out_features
         self.width = max(in_features, out_features)
+        self.local_dispatch = True
+        """With ep_size 1, skip MOELayer's slot buffers (`_grouped`); False forces MOELayer."""
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(FamilyGate(num_experts), experts, self.expert_group_name, ep_size,
                                       self.num_local_experts)
@@ -191,11 +199,30 @@ class FamilyMoE(MoE):
             raise RuntimeError(f"expert layer with ep_size={self.ep_size} has no expert-parallel group: run it "
                                f"inside a DeepSpeed engine, or build the model with ep_size=1 on one process")
         lead = x.shape[:-1]
+        if self.ep_size == 1 and self.local_dispatch:
+            return self._grouped(x.reshape(-1, self.in_features), family.reshape(-1)).reshape(*lead, -1)
         h = x.reshape(-1, self.in_features)  # (S, in)
         if self.width > self.in_features:
             h = F.pad(h, (0, self.width - self.in_features))  # (S, width)
         out = self.deepspeed_moe(h, family.reshape(-1))  # (S, width)
         return out[:, :self.out_features].reshape(*lead, self.out_features)
+
+    def _grouped(self, h: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+        """ep_size 1: every expert is local, so the tokens are sorted by family and each
+        expert runs on exactly its own rows (h (S, in) unpadded -> (S, out_features)).
+        Per token this is MOELayer's computation (its gate weight is 1.0, an exact
+        product), without the E x capacity buffers or the padding to max(in, out).
+        Every expert runs, on zero rows if its family is absent, so each expert
+        parameter gets a gradient (zeros) on every step, as under MOELayer."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        family = family.long()
+        order = torch.argsort(family, stable=True)  # (S,) token indices, family by family
+        counts = torch.bincount(family, minlength=self.num_experts)
+        if counts.numel() > self.num_experts:
+            raise ValueError(f"family id {int(family.max())} out of range for {self.num_experts} experts")
+        pieces = h.index_select(0, order).split(counts.tolist())
+        out = torch.cat([expert(piece)[:, :self.out_features] for expert, piece in zip(experts, pieces)])
+        return out.new_empty(out.shape).index_copy(0, order, out)  # back to token order
 
 
 def _token_families(route: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
