@@ -48,6 +48,7 @@ if [ "$WHAT" = experts ] || [ "$WHAT" = all ]; then
   run x_noffn sampling.temperature=5 "experts.modules=[attn,out_embed]"
   run x_nooe sampling.temperature=5 "experts.modules=[ffn,attn]"
   run noaffine sampling.temperature=5 model.norm=layernorm_noaffine
-  python launch/compare.py "dense=$OUT/t5/eval" "All=$OUT/x_all/eval" "-Attn=$OUT/x_noattn/eval" \
-    "-FFN=$OUT/x_noffn/eval" "-OE=$OUT/x_nooe/eval" "noaffine=$OUT/noaffine/eval" --out "$OUT/bleu_experts.md"
+  # labels start with "-" (the paper's row names), so they follow "--"
+  python launch/compare.py --out "$OUT/bleu_experts.md" -- "dense=$OUT/t5/eval" "All=$OUT/x_all/eval" \
+    "-Attn=$OUT/x_noattn/eval" "-FFN=$OUT/x_noffn/eval" "-OE=$OUT/x_nooe/eval" "noaffine=$OUT/noaffine/eval"
 fi
