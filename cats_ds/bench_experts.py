@@ -40,7 +40,7 @@ from cats_ds.config import Config, config_from_dict, load_config
 from cats_ds.families import load_family_map
 from cats_ds.grads import is_expert_param
 from cats_ds.model.build import model_from_config
-from cats_ds.model.experts import MODULES, FamilyMoE
+from cats_ds.model.experts import MODULES, set_local_dispatch
 
 PLACEMENTS = {"dense": [], **{m: [m] for m in MODULES}, "all": list(MODULES)}
 """Benchmarked configurations: experts.modules of each."""
@@ -121,10 +121,8 @@ def bench_experts(args: argparse.Namespace) -> dict[str, Any]:
         for dispatch in (dispatches if modules else ["-"]):
             torch.manual_seed(args.seed)
             model = model_from_config(cfg, args.vocab, languages, ep_size=1).train()
-            for m in model.modules():
-                if isinstance(m, FamilyMoE):
-                    m.local_dispatch = dispatch == "local"
-            name = placement if dispatch in ("-", dispatches[0]) else f"{placement}/{dispatch}"
+            set_local_dispatch(model, dispatch == "local")
+            name = placement if dispatch == "-" else f"{placement}/{dispatch}"
             models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-4), counts, placement, dispatch)
     timed = {(mix, name): {"wall": [], "cpu": []} for mix in mixes for name in models}
 

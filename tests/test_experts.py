@@ -19,7 +19,7 @@ from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.families import base_language, load_family_map, shipped_maps
 from cats_ds.grads import is_expert_param
 from cats_ds.model.build import model_from_config
-from cats_ds.model.experts import TABLE1, FamilyGate, FamilyMoE, param_groups
+from cats_ds.model.experts import TABLE1, FamilyGate, FamilyMoE, param_groups, set_local_dispatch
 
 TRAIN = "launch/train.py"
 CHECK = "tests/scripts/experts_check.py"
@@ -186,9 +186,7 @@ def test_local_dispatch_equals_moelayer(families, langs):
             if EXPERT.search(name):
                 p.add_(0.05 * torch.randn_like(p))
         models[1].load_state_dict(models[0].state_dict())
-    for m in models[1].modules():
-        if isinstance(m, FamilyMoE):
-            m.local_dispatch = False
+    set_local_dispatch(models[1], False)
     src, prev, _ = batch()
     outs = [m(src, prev, torch.tensor(langs)) for m in models]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

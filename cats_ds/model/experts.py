@@ -225,6 +225,14 @@ class FamilyMoE(MoE):
         return out.new_empty(out.shape).index_copy(0, order, out)  # back to token order
 
 
+def set_local_dispatch(model: nn.Module, local: bool) -> None:
+    """Choose the ep_size-1 dispatch of every expert layer in `model`: local (sorted by
+    family, the default) or DeepSpeed's MOELayer (what ep_size > 1 computes)."""
+    for m in model.modules():
+        if isinstance(m, FamilyMoE):
+            m.local_dispatch = local
+
+
 def _token_families(route: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """route (B,) family per sentence -> (B, T) family per token of x (B, T, D)."""
     if route is None:
