@@ -57,6 +57,16 @@ class DataConfig:
     dropped (never moved to train), so no English sentence crosses splits."""
     min_pairs: int = 1
     """Languages with fewer training pairs than this are an error."""
+    translatable_eval: Optional[bool] = None
+    """Drop dev/test pairs whose target is not a translation test once placeholders,
+    markup, URLs/paths, options and numbers are removed (cats_ds/data/translatable.py).
+    None: for gettext only; true/false: for any corpus."""
+    translatable_min_letters: int = 4
+    """That rule: a target with fewer letters left is dropped."""
+    translatable_min_words: int = 2
+    """That rule: a target with fewer words left is dropped."""
+    translatable_train: bool = False
+    """Apply the rule to train as well (by default train keeps those pairs)."""
 
 
 @dataclass

@@ -219,3 +219,41 @@ def test_prepare_real_gettext_catalogs(tmp_path):
     assert sum("⁇" not in s for s in decoded) > 0.8 * len(decoded)
     train_en = {vocab.decode(x) for x in load_split(tmp_path, manifest, "train")["af"].src}
     assert not train_en & {vocab.decode(x) for x in load_split(tmp_path, manifest, "test")["cy"].src}
+
+
+def test_raw_dev_test_text_is_kept_with_checksums(prepared):
+    """dev/test text of exactly the pairs in the shards, in shard order, listed with its
+    sha256 in the manifest; no text for train."""
+    import hashlib
+
+    from cats_ds.data.manifest import load_texts, text_paths
+
+    raw, out, manifest = prepared
+    for split in ("dev", "test"):
+        for lang in ("de", "fr"):
+            src, tgt = load_texts(out, manifest, split, lang, manifest.pairs[split][lang])
+            assert src == (raw / f"{split}.en-{lang}.en").read_text(encoding="utf-8").splitlines()
+            assert tgt == (raw / f"{split}.en-{lang}.{lang}").read_text(encoding="utf-8").splitlines()
+        en, xx = text_paths(out, split, "cy")  # hash-carved from train: the carved pairs
+        assert len(xx.read_text(encoding="utf-8").splitlines()) == manifest.pairs[split]["cy"]
+        assert manifest.texts[xx.name] == hashlib.sha256(xx.read_bytes()).hexdigest()
+    assert not list(out.glob("train.*.txt"))
+    assert sorted(manifest.texts) == sorted(p.name for p in out.glob("*.txt"))
+
+
+def test_a_missing_or_changed_text_file(tmp_path):
+    from cats_ds.data.manifest import RawTextError, load_texts, text_paths
+
+    raw = make_corpus(tmp_path / "raw", {"de": 200})
+    out = tmp_path / "bin"
+    manifest = prepare(config(raw, out))
+    _, xx = text_paths(out, "test", "de")
+    xx.write_text(xx.read_text(encoding="utf-8").replace("e", "E"), encoding="utf-8")
+    with pytest.raises(RawTextError, match="test.en-de.de.txt: sha256 differs.*--force"):
+        load_texts(out, manifest, "test", "de", 25)
+    xx.unlink()
+    assert prepare(config(raw, out)).texts == manifest.texts  # a missing output file rebuilds
+    assert load_texts(out, manifest, "test", "de", 25)[1][0] == \
+        (raw / "test.en-de.de").read_text(encoding="utf-8").splitlines()[0]
+    with pytest.raises(RawTextError, match="24 pairs"):
+        load_texts(out, manifest, "test", "de", 24)

@@ -6,11 +6,15 @@ A prepared data folder holds:
   {split}.en-{lang}.en.{bin,idx}    source side: pieces + </s>
   {split}.en-{lang}.{lang}.{bin,idx} target side: pieces + </s> (the `<2xx>` tag is added
                                      at batch time as the first decoder input token)
+  {split}.en-{lang}.{side}.txt       dev/test only: the text of the same pairs, one per line in
+                                     shard order, as the reader returned it (before SentencePiece);
+                                     what `evaluate` scores against and copies for its baseline
 Token ids: pad 0, unk 1, bos 2, eos 3, then the language tags.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,8 @@ SPM_PREFIX = "spm"
 SPLITS = ("train", "dev", "test")
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 MANIFEST_VERSION = 1
+TEXT_SPLITS = ("dev", "test")
+"""Splits whose text `prepare` keeps next to the shards."""
 
 
 def lang_tag(lang: str) -> str:
@@ -34,6 +40,12 @@ def lang_tag(lang: str) -> str:
 def shard_prefix(data_dir: str | Path, split: str, lang: str, side: str) -> Path:
     """side is "en" (source) or the language code (target)."""
     return Path(data_dir) / f"{split}.en-{lang}.{side}"
+
+
+def text_paths(data_dir: str | Path, split: str, lang: str) -> tuple[Path, Path]:
+    """(English, target) text files of a dev/test split."""
+    en, xx = (shard_prefix(data_dir, split, lang, side) for side in ("en", lang))
+    return en.with_name(en.name + ".txt"), xx.with_name(xx.name + ".txt")
 
 
 @dataclass
@@ -51,6 +63,9 @@ class Manifest:
     """Hash of the sources' checksums and the prepare settings: equal means no-op re-run."""
     settings: dict = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    texts: dict[str, str] = field(default_factory=dict)
+    """File name -> sha256 of the kept dev/test text (`text_paths`); empty in folders
+    prepared before it was kept."""
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -137,3 +152,37 @@ def load_split(data_dir: str | Path, manifest: Manifest, split: str,
                              f"but {len(src)} source sentences")
         out[lang] = LangSplit(src, tgt)
     return out
+
+
+class RawTextError(Exception):
+    """A prepared folder lacks the dev/test text or it does not match the manifest."""
+
+
+def load_texts(data_dir: str | Path, manifest: Manifest, split: str, lang: str, n_pairs: int,
+               reprepare: str = "") -> tuple[list[str], list[str]]:
+    """(English, target) lines of a dev/test split's kept text, checked against the
+    manifest's sha256 and the shard's pair count. `reprepare` is the command that
+    rebuilds the folder, for the error message."""
+    how = reprepare or f"python launch/prepare.py --config <recipe> data.dir={data_dir}"
+    sides = []
+    for path in text_paths(data_dir, split, lang):
+        digest = manifest.texts.get(path.name)
+        if digest is None:
+            raise RawTextError(f"{data_dir} has no raw {split} text for en-{lang} ({path.name} is not in its "
+                               f"manifest): it was prepared by an older cats_ds that scored against SentencePiece "
+                               f"round trips. Re-prepare it (the changed prepare version rebuilds it):\n    {how}\n"
+                               f"then retrain: checkpoints of the old folder do not match the new one")
+        if not path.is_file():
+            raise RawTextError(f"{path} is missing (listed in {Path(data_dir) / MANIFEST}); re-prepare with "
+                               f"--force:\n    {how} --force")
+        raw = path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise RawTextError(f"{path}: sha256 differs from {Path(data_dir) / MANIFEST}: the file was changed "
+                               f"after prepare; re-prepare with --force:\n    {how} --force")
+        lines = raw.decode("utf-8").split("\n")  # \n only: U+2028 and friends occur inside sentences
+        if lines[-1] == "":
+            lines.pop()
+        if len(lines) != n_pairs:
+            raise RawTextError(f"{path}: {len(lines)} lines but the shards hold {n_pairs} pairs")
+        sides.append(lines)
+    return sides[0], sides[1]

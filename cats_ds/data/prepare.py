@@ -5,7 +5,12 @@ Three passes over the corpus, holding one language in memory at a time:
              any SentencePiece work;
   2. sample  SentencePiece training sentences from the train splits, temperature-sampled
              over languages, written to a temporary file; train the model;
-  3. encode  every split; pairs with a side over data.max_tokens_per_side dropped; shards.
+  3. encode  every split; pairs with a side over data.max_tokens_per_side dropped; shards,
+             and for dev/test also the text of the kept pairs (`manifest.text_paths`), the
+             references `evaluate` scores against, with their sha256 in the manifest.
+Dev/test of catalog corpora are first reduced to pairs that test translation
+(cats_ds/data/translatable.py, `data.translatable_*`); the summary table counts each
+rule's drops per language.
 manifest.json is written last and atomically: a folder with a manifest is complete. A
 rebuild deletes the old manifest first. Inputs are fingerprinted (sha256 of every raw
 file + the settings that change the output), so a re-run with the same inputs returns
@@ -31,19 +36,22 @@ from tqdm import tqdm
 
 from cats_ds.config import Config, DataConfig
 from cats_ds.data.indexed import token_dtype, write_shard
-from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, UNK, Manifest, lang_tag,
-                                   shard_prefix)
+from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, TEXT_SPLITS, UNK, Manifest,
+                                   lang_tag, shard_prefix, text_paths)
 from cats_ds.data.readers import CorpusError, Layout, Scan, locate, read_language, scan_corpus
+from cats_ds.data.translatable import RULES
 
-PREPARE_VERSION = 1
-"""Bump when reader filters or encoding change the output for the same inputs."""
+PREPARE_VERSION = 2
+"""Bump when reader filters or encoding change the output for the same inputs.
+2: raw dev/test text kept; the translatable dev/test filter."""
 SAMPLE_SEED = 1234
 """Seed of the SentencePiece training sample (independent of train.seed)."""
 ENCODE_BATCH = 4096
 """Sentences per SentencePiece encode call."""
 FINGERPRINT_KEYS = ("corpus", "languages", "pattern", "vocab_size", "vocab_temperature",
                     "vocab_sentences", "character_coverage", "max_chars", "max_tokens_per_side",
-                    "dev_fraction", "test_fraction", "dev_max", "min_pairs")
+                    "dev_fraction", "test_fraction", "dev_max", "min_pairs", "translatable_eval",
+                    "translatable_min_letters", "translatable_min_words", "translatable_train")
 """DataConfig fields that decide the output (data.dir and data.raw do not)."""
 
 
@@ -92,12 +100,15 @@ def _build(layout: Layout, data: DataConfig, out: Path, sources: list[dict], set
         dropped[lang] = Counter()
         for split in SPLITS:
             pairs[split][lang] = encode_split(sp, lang_data.splits.get(split, []), out, split, lang, dtype,
-                                              data.max_tokens_per_side, dropped[lang])
+                                              data.max_tokens_per_side, dropped[lang],
+                                              keep_text=split in TEXT_SPLITS)
     check_min_pairs(pairs["train"], data.min_pairs, f"after dropping pairs over "
                     f"data.max_tokens_per_side={data.max_tokens_per_side}")
+    texts = {path.name: sha256_file(path) for split in TEXT_SPLITS for lang in scan.languages
+             if pairs[split][lang] for path in text_paths(out, split, lang)}
     manifest = Manifest(languages=scan.languages, pairs=pairs, vocab_size=sp.get_piece_size(),
                         dtype=np.dtype(dtype).name, corpus=data.corpus, sources=sources,
-                        fingerprint=fp, settings=settings)
+                        fingerprint=fp, settings=settings, texts=texts)
     manifest.save(out)
     print_summary(manifest, scan, dropped)
     return manifest
@@ -142,7 +153,7 @@ def _output_files(out: Path, manifest: Manifest) -> list[Path]:
                 for side in ("en", lang):
                     prefix = shard_prefix(out, split, lang, side)
                     files += [prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")]
-    return files
+    return files + [out / name for name in manifest.texts]
 
 
 def _load_previous(out: Path) -> Optional[Manifest]:
@@ -276,18 +287,20 @@ class PackedSequences:
 
 
 def encode_split(sp: spm.SentencePieceProcessor, pairs: list[tuple[str, str]], out: Path, split: str,
-                 lang: str, dtype: np.dtype, max_tokens: int, dropped: Counter) -> int:
+                 lang: str, dtype: np.dtype, max_tokens: int, dropped: Counter, keep_text: bool = False) -> int:
     """Encode one language's split (pieces + </s> per side) and write its two shards;
     a pair with a side longer than max_tokens (</s> included) or empty is dropped.
-    Returns the number of pairs written (no shards for none)."""
+    keep_text: also write the kept pairs' text, line by line in shard order
+    (`text_paths`). Returns the number of pairs written (no files for none)."""
     src, tgt = PackedSequences(dtype), PackedSequences(dtype)
+    kept_text: list[tuple[str, str]] = []
     bar = tqdm(total=len(pairs), desc=f"encode {split} {lang}", unit="pair", leave=False, disable=None)
     for i in range(0, len(pairs), ENCODE_BATCH):
         batch = pairs[i:i + ENCODE_BATCH]
         en_ids = sp.encode([en for en, _ in batch], out_type=int, num_threads=_threads())
         xx_ids = sp.encode([xx for _, xx in batch], out_type=int, num_threads=_threads())
         keep_en, keep_xx = [], []
-        for e, x in zip(en_ids, xx_ids):
+        for e, x, pair in zip(en_ids, xx_ids, batch):
             if not e or not x:
                 dropped["empty after encoding"] += 1
             elif len(e) + 1 > max_tokens or len(x) + 1 > max_tokens:
@@ -295,6 +308,8 @@ def encode_split(sp: spm.SentencePieceProcessor, pairs: list[tuple[str, str]], o
             else:
                 keep_en.append(e + [EOS])
                 keep_xx.append(x + [EOS])
+                if keep_text:
+                    kept_text.append(pair)
         src.add(keep_en)
         tgt.add(keep_xx)
         bar.update(len(batch))
@@ -303,27 +318,44 @@ def encode_split(sp: spm.SentencePieceProcessor, pairs: list[tuple[str, str]], o
     if n:
         write_shard(shard_prefix(out, split, lang, "en"), src, dtype)
         write_shard(shard_prefix(out, split, lang, lang), tgt, dtype)
+        if keep_text:
+            for side, path in enumerate(text_paths(out, split, lang)):
+                path.write_text("".join(p[side] + "\n" for p in kept_text), encoding="utf-8")
     return n
 
 
 def print_summary(manifest: Manifest, scan: Scan, dropped: dict[str, Counter]) -> None:
     """Pairs per language and split; `filtered` by the reader (duplicates included),
-    `dropped` at encoding (too many tokens or empty)."""
+    `dropped` at encoding (too many tokens or empty), and one column per rule of the
+    translatable dev/test filter (cats_ds/data/translatable.py) when it is on."""
     width = max(8, *(len(lang) for lang in manifest.languages))
-    head = f"{'language':<{width}} {'train':>9} {'dev':>7} {'test':>7} {'filtered':>9} {'dropped':>8}"
+    on = manifest.settings["translatable_eval"]
+    rules = list(RULES) if (manifest.corpus == "gettext" if on is None else on) else []
+    rule_cols = [f"<{manifest.settings['translatable_min_' + r]} {r}" for r in rules]
+    head = (f"{'language':<{width}} {'train':>9} {'dev':>7} {'test':>7} {'filtered':>9} {'dropped':>8}"
+            + "".join(f" {c:>10}" for c in rule_cols))
     print(head)
     print("-" * len(head))
     totals = Counter()
+
+    def row_text(name: str, row: Counter) -> str:
+        return (f"{name:<{width}} {row['train']:>9} {row['dev']:>7} {row['test']:>7} {row['filtered']:>9} "
+                f"{row['dropped']:>8}" + "".join(f" {row[r]:>10}" for r in rules))
+
     for lang in manifest.languages:
-        row = {s: manifest.pairs[s][lang] for s in SPLITS}
+        row = Counter({s: manifest.pairs[s][lang] for s in SPLITS})
         row["filtered"] = sum(scan.dropped[lang].values())
         row["dropped"] = sum(dropped[lang].values())
+        row.update({r: scan.untranslatable.get(lang, Counter())[r] for r in rules})
         totals.update(row)
-        print(f"{lang:<{width}} {row['train']:>9} {row['dev']:>7} {row['test']:>7} "
-              f"{row['filtered']:>9} {row['dropped']:>8}")
+        print(row_text(lang, row))
     print("-" * len(head))
-    print(f"{'total':<{width}} {totals['train']:>9} {totals['dev']:>7} {totals['test']:>7} "
-          f"{totals['filtered']:>9} {totals['dropped']:>8}")
+    print(row_text("total", totals))
+    if rules:
+        splits = "dev/test and train" if manifest.settings.get("translatable_train") else "dev/test"
+        print(f"not a translation test ({splits}): " + ", ".join(
+            f"{sum(c[r] for c in scan.untranslatable.values())} with {col} left" for r, col in zip(rules, rule_cols))
+            + " once placeholders, markup, URLs/paths, options and numbers are removed")
     reasons = sum(scan.dropped.values(), Counter()) + sum(dropped.values(), Counter())
     if reasons:
         print("filtered/dropped by reason: " + ", ".join(f"{r} {n}" for r, n in reasons.most_common()))

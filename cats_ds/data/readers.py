@@ -92,6 +92,8 @@ class LanguageData:
     dropped: Counter = field(default_factory=Counter)
     """reason -> pairs filtered out (all splits together)."""
     warnings: list[str] = field(default_factory=list)
+    untranslatable: Counter = field(default_factory=Counter)
+    """translatable.RULES rule -> pairs it dropped (dev/test, and train if asked)."""
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Scan:
     """language -> split -> pairs."""
     dropped: dict[str, Counter]
     warnings: list[str]
+    untranslatable: dict[str, Counter] = field(default_factory=dict)
+    """language -> LanguageData.untranslatable."""
 
 
 # --------------------------------------------------------------------------- common
@@ -140,13 +144,14 @@ def split_position(english: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def hash_split(pairs: list[Pair], data: DataConfig, carve: Iterable[str] = ("dev", "test")
-               ) -> dict[str, list[Pair]]:
+def hash_split(pairs: list[Pair], data: DataConfig, carve: Iterable[str] = ("dev", "test"),
+               keep: Optional[Callable[[Pair], bool]] = None) -> dict[str, list[Pair]]:
     """Split by a hash of the English side: dev if u < dev_fraction, test if u <
     dev_fraction + test_fraction, else train. Only the splits in `carve` are taken out
-    of train (the others exist in files and their share stays in train). Each carved
-    split keeps its data.dev_max pairs of lowest u and drops the rest, so an English
-    sentence is never in two splits, in any language."""
+    of train (the others exist in files and their share stays in train). A carved pair
+    that `keep` rejects is dropped (never moved to train); then each carved split keeps
+    its data.dev_max pairs of lowest u and drops the rest, so an English sentence is
+    never in two splits, in any language."""
     carve = set(carve)
     out: dict[str, list[Pair]] = {"train": []}
     held: dict[str, list[tuple[float, int, Pair]]] = {s: [] for s in carve}
@@ -155,7 +160,8 @@ def hash_split(pairs: list[Pair], data: DataConfig, carve: Iterable[str] = ("dev
         split = ("dev" if u < data.dev_fraction
                  else "test" if u < data.dev_fraction + data.test_fraction else "train")
         if split in carve:
-            held[split].append((u, i, pair))
+            if keep is None or keep(pair):
+                held[split].append((u, i, pair))
         else:
             out["train"].append(pair)
     for split, items in held.items():
@@ -230,7 +236,8 @@ def placeholders(text: str) -> Counter:
     return keys
 
 
-def _strip_placeholders(text: str) -> str:
+def strip_placeholders(text: str) -> str:
+    """`text` with every placeholder `placeholders` counts (and ``%%``) replaced by a space."""
     text = _PRINTF.sub(" ", text.replace("%%", " "))
     return _BRACE.sub(" ", _QT.sub(" ", text))
 
@@ -293,8 +300,8 @@ def clean_entry(msgid: str, msgstr: str, max_chars: int) -> tuple[Optional[Pair]
         return None, "multi-line"
     if placeholders(en) != placeholders(xx):
         return None, "placeholders differ"
-    if not any(c.isalpha() for c in _strip_placeholders(en)) or \
-            not any(c.isalpha() for c in _strip_placeholders(xx)):
+    if not any(c.isalpha() for c in strip_placeholders(en)) or \
+            not any(c.isalpha() for c in strip_placeholders(xx)):
         return None, "no letters"
     if len(en) > max_chars or len(xx) > max_chars:
         return None, "over max_chars"
@@ -545,23 +552,51 @@ def locate(data: DataConfig) -> Layout:
 # --------------------------------------------------------------------------- reading
 
 
+def translatable_filter(data: DataConfig, corpus: str, counts: Counter) -> Optional[Callable[[Pair], bool]]:
+    """The dev/test filter of cats_ds/data/translatable.py if data.translatable_eval (None:
+    gettext only) asks for it: a predicate on pairs that counts each rule's drops in
+    `counts`."""
+    from cats_ds.data.translatable import untranslatable  # it imports this module
+
+    on = corpus == "gettext" if data.translatable_eval is None else data.translatable_eval
+    if not on:
+        return None
+
+    def keep(pair: Pair) -> bool:
+        rule = untranslatable(pair[1], data.translatable_min_letters, data.translatable_min_words)
+        if rule:
+            counts[rule] += 1
+        return not rule
+
+    return keep
+
+
 def read_language(layout: Layout, lang: str, data: DataConfig) -> LanguageData:
-    """One language's pairs per split, filtered (and hash-split where the layout says)."""
+    """One language's pairs per split, filtered (and hash-split where the layout says).
+    Dev/test (and train with data.translatable_train) go through `translatable_filter`;
+    its drops are counted per rule in LanguageData.untranslatable, not in `dropped`."""
     dropped: Counter = Counter()
+    untranslatable: Counter = Counter()
+    keep = translatable_filter(data, layout.corpus, untranslatable)
     warnings: list[str] = []
     if layout.catalogs:
         pairs = read_catalog_pairs(layout.catalogs[lang], data.max_chars, dropped, warnings)
-        splits = hash_split(pairs, data)
+        splits = hash_split(pairs, data, keep=keep)
     else:
         splits = {split: _drop_long(read_parallel(en, xx, dropped), data.max_chars, dropped)
                   for split, (en, xx) in layout.texts[lang].items()}
+        if keep is not None:
+            splits.update({split: [p for p in splits[split] if keep(p)]
+                           for split in ("dev", "test") if split in splits})
         missing = [s for s in ("dev", "test") if s not in splits]
         if layout.hash_split and missing and "train" in splits:
-            splits.update(hash_split(splits["train"], data, carve=missing))
+            splits.update(hash_split(splits["train"], data, carve=missing, keep=keep))
         if dropped["empty side"]:
             warnings.append(f"{lang}: dropped {dropped['empty side']} pairs with an empty side")
+    if keep is not None and data.translatable_train and "train" in splits:
+        splits["train"] = [p for p in splits["train"] if keep(p)]
     dropped += Counter()  # drop zero counts
-    return LanguageData(lang, splits, dropped, warnings)
+    return LanguageData(lang, splits, dropped, warnings, untranslatable)
 
 
 def scan_corpus(layout: Layout, data: DataConfig, progress: Optional[Callable] = None) -> Scan:
@@ -569,7 +604,7 @@ def scan_corpus(layout: Layout, data: DataConfig, progress: Optional[Callable] =
     language without training pairs is an error; a discovered one is skipped (warned).
     `progress` wraps the language list (e.g. tqdm)."""
     warnings = list(layout.warnings)
-    counts, dropped, langs = {}, {}, []
+    counts, dropped, untranslatable, langs = {}, {}, {}, []
     for lang in (progress or (lambda x: x))(layout.languages):
         ld = read_language(layout, lang, data)
         warnings += ld.warnings
@@ -582,6 +617,7 @@ def scan_corpus(layout: Layout, data: DataConfig, progress: Optional[Callable] =
         langs.append(lang)
         counts[lang] = {s: len(ld.splits.get(s, [])) for s in SPLITS}
         dropped[lang] = ld.dropped
+        untranslatable[lang] = ld.untranslatable
     if not langs:
         raise CorpusError(f"{layout.root}: no usable pairs in any language of the {layout.corpus} corpus")
-    return Scan(langs, counts, dropped, warnings)
+    return Scan(langs, counts, dropped, warnings, untranslatable)
