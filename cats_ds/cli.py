@@ -2,7 +2,7 @@
 
     cats-prepare  --config R.yaml [a.b=v ...]
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
-    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [a.b=v ...]
+    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [a.b=v ...]
     cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
 """
 
@@ -61,12 +61,16 @@ def train_main(argv: Optional[list[str]] = None) -> None:
 
 
 def evaluate_main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="cats-evaluate", description="Beam search + sacreBLEU per language")
+    p = argparse.ArgumentParser(prog="cats-evaluate", description="Beam search; BLEU, chrF++ and the copy "
+                                                                   "baseline per language")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
-    p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref files go")
+    p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref/src files go "
+                                                "(default: <save_dir>/eval/<checkpoint name>-<split>)")
     p.add_argument("--languages", default=None, help="comma-separated subset of languages")
+    p.add_argument("--samples", type=int, default=0, help="also print N sample translations "
+                                                          "(source / reference / hypothesis)")
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
     args = p.parse_args(argv)
     from cats_ds.evaluate import EvalError, evaluate_checkpoint
@@ -74,7 +78,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
     try:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
                             languages=args.languages.split(",") if args.languages else None,
-                            overrides=args.overrides)
+                            overrides=args.overrides, samples=args.samples)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -1,19 +1,28 @@
-"""Evaluate a checkpoint: beam search per language, sacreBLEU + chrF, Lo/Mid/Hi/All table.
+"""Evaluate a checkpoint: beam search per language, BLEU + chrF++ against the raw
+references, a copy baseline, Lo/Mid/Hi/All table.
 
     python launch/evaluate.py --checkpoint runs/gettext8/best --split test --limit 200 eval.beam=1
 
-One CPU process, no DeepSpeed engine. Writes to `<checkpoint>/eval-<split>/` (or --out):
-  bleu.json            per language: bleu, chrf, signature, n, group, train_pairs;
-                       Lo/Mid/Hi/All averages; the decoding settings
+One CPU process, no DeepSpeed engine. Writes to `<save_dir>/eval/<checkpoint name>-<split>/`
+(e.g. runs/gettext8/eval/best-test/; or --out), outside the checkpoint folders that
+training rotates (a re-saved best/ or latest/ replaces its whole folder):
+  bleu.json            per language: bleu, chrf (chrF++), copy_bleu, copy_chrf, the BLEU
+                       signature and tokenizer, n, group, train_pairs; Lo/Mid/Hi/All
+                       averages; the decoding settings and the chrF++ signature
   bleu.md              the table printed at the end
   hyp.en-xx.txt        one detokenized hypothesis per line, in test-set order
   ref.en-xx.txt        the references they were scored against
+  src.en-xx.txt        the English sources (the copy baseline's hypotheses)
 
-References are the DECODED target shards (Vocab.decode of the binarized target side):
-prepare keeps no raw text, so a reference is the SentencePiece round trip of the raw
-sentence. That equals the raw text up to SentencePiece's normalization (NFKC, spaces)
-and pieces outside the vocabulary (unk, decoded as ' ⁇ '), so scores are comparable
-between our systems but not exactly to scores against the original raw references.
+References are the RAW dev/test text `prepare` keeps next to the shards (checked against
+the manifest's sha256), not SentencePiece round trips of it: a character outside the
+vocabulary or one SentencePiece normalizes (NFKC) costs the model points, as it should.
+Hypotheses are detokenized (SentencePiece decode). chrF++ is sacreBLEU's
+`CHRF(word_order=2)`; BLEU uses the per-language tokenizer of eval.tokenize(_lang).
+
+The copy baseline scores the English source as the hypothesis: a model that does not
+beat it on a language has not learned to translate that language (software catalogs
+share many tokens across languages: placeholders, names, options).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from tqdm import tqdm
 from cats_ds import search
 from cats_ds.checkpoint import CheckpointError, load_for_inference, read_meta
 from cats_ds.config import Config, EvalConfig, config_from_dict, merge_overrides, parse_override
-from cats_ds.data.manifest import LangSplit, load_split
+from cats_ds.data.manifest import LangSplit, RawTextError, load_split, load_texts
 from cats_ds.data.sampler import chunk_by_budget, pad_stack
 from cats_ds.model.transformer import Transformer
 
@@ -50,10 +59,19 @@ class LangResult:
     group: str
     bleu: float
     chrf: float
+    """chrF++ (sacreBLEU CHRF(word_order=2))."""
+    copy_bleu: float
+    """BLEU of the copy baseline (hypothesis = the English source)."""
+    copy_chrf: float
+    """chrF++ of the copy baseline."""
     signature: str
     """sacreBLEU BLEU signature (names the tokenizer)."""
+    tokenize: str
+    """The BLEU tokenizer."""
     n: int
     """Sentences scored."""
+
+    METRICS = ("bleu", "chrf", "copy_bleu", "copy_chrf")
 
 
 # --------------------------------------------------------------------------- settings
@@ -99,41 +117,96 @@ class Scores(NamedTuple):
     chrf_signature: str
 
 
+def metrics(tokenize: str) -> tuple[BLEU, CHRF]:
+    """The two metrics every table reports: BLEU with `tokenize`, and chrF++."""
+    return BLEU(tokenize=tokenize), CHRF(word_order=2)
+
+
 def corpus_scores(hyps: list[str], refs: list[str], tokenize: str) -> Scores:
-    """Corpus BLEU (sacreBLEU tokenizer `tokenize`) and chrF of detokenized hypotheses
+    """Corpus BLEU (sacreBLEU tokenizer `tokenize`) and chrF++ of detokenized hypotheses
     against one reference each, with the sacreBLEU signatures that pin the settings."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
-    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    bleu, chrf = metrics(tokenize)
     b, c = bleu.corpus_score(hyps, [refs]).score, chrf.corpus_score(hyps, [refs]).score
     return Scores(b, c, str(bleu.get_signature()), str(chrf.get_signature()))
 
 
 def averages(results: list[LangResult]) -> dict[str, Optional[dict]]:
-    """Mean per-language BLEU and chrF of each group and of all; None for an empty group."""
+    """Mean per-language scores (`LangResult.METRICS`) of each group and of all; None for
+    an empty group."""
     out: dict[str, Optional[dict]] = {}
     for name in GROUPS + ("All",):
         members = [r for r in results if name == "All" or r.group == name]
         out[name] = None if not members else {
-            "bleu": float(np.mean([r.bleu for r in members])),
-            "chrf": float(np.mean([r.chrf for r in members])),
+            **{m: float(np.mean([getattr(r, m) for r in members])) for m in LangResult.METRICS},
             "languages": [r.lang for r in members]}
     return out
 
 
 def format_table(results: list[LangResult], avg: dict[str, Optional[dict]], title: str) -> str:
-    """Markdown: one row per language, then the group averages ('-' for empty groups)."""
-    lines = [f"### {title}", "", "| language | train pairs | group | BLEU | chrF | sentences |",
-             "|---|---:|---|---:|---:|---:|"]
-    lines += [f"| en-{r.lang} | {r.train_pairs} | {r.group} | {r.bleu:.2f} | {r.chrf:.2f} | {r.n} |"
-              for r in results]
-    lines += ["", "| group | languages | BLEU | chrF |", "|---|---:|---:|---:|"]
+    """Markdown: one row per language, then the group averages ('-' for empty groups);
+    the copy baseline's BLEU and chrF++ next to the model's."""
+    lines = [f"### {title}", "",
+             "| language | train pairs | group | sentences | BLEU | chrF++ | copy BLEU | copy chrF++ |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| en-{r.lang} | {r.train_pairs} | {r.group} | {r.n} | {r.bleu:.2f} | {r.chrf:.2f} | "
+              f"{r.copy_bleu:.2f} | {r.copy_chrf:.2f} |" for r in results]
+    lines += ["", "| group | languages | BLEU | chrF++ | copy BLEU | copy chrF++ |", "|---|---:|---:|---:|---:|---:|"]
     for name, a in avg.items():
         if a is None:
-            lines.append(f"| {name} | 0 | - | - |")
+            lines.append(f"| {name} | 0 | - | - | - | - |")
         else:
-            lines.append(f"| {name} | {len(a['languages'])} | {a['bleu']:.2f} | {a['chrf']:.2f} |")
+            lines.append(f"| {name} | {len(a['languages'])} | {a['bleu']:.2f} | {a['chrf']:.2f} | "
+                         f"{a['copy_bleu']:.2f} | {a['copy_chrf']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def default_out_dir(checkpoint: str | Path, split: str) -> Path:
+    """`<save_dir>/eval/<checkpoint name>-<split>`: beside the checkpoint, not inside it
+    (training replaces best/ and latest/ whole when it saves them again)."""
+    ckpt = Path(checkpoint).resolve()
+    return ckpt.parent / "eval" / f"{ckpt.name}-{split}"
+
+
+def prepare_command(data) -> str:
+    """The `prepare` command line that rebuilds a checkpoint's data folder: every data.*
+    setting that differs from its default, as an override."""
+    from cats_ds.config import DataConfig
+
+    default = DataConfig()
+    args = []
+    for key, value in vars(data).items():
+        if value != getattr(default, key):
+            text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else \
+                ("null" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
+            args.append(f"data.{key}={text}")
+    return "python launch/prepare.py " + " ".join(args)
+
+
+def sample_lines(out_dir: str | Path, languages: list[str], k: int = 5) -> str:
+    """k sample translations (source / reference / hypothesis) from an evaluation folder:
+    languages in turn, sentences evenly spread over each language's file."""
+    out_dir = Path(out_dir)
+    files = {lang: [read_lines(out_dir / f"{kind}.en-{lang}.txt") for kind in ("src", "ref", "hyp")]
+             for lang in languages}
+    picks: dict[str, int] = {}
+    for i in range(k):
+        lang = languages[i % len(languages)]
+        picks[lang] = picks.get(lang, 0) + 1
+    text = []
+    for lang, count in picks.items():
+        src, ref, hyp = files[lang]
+        for j in sorted({(2 * m + 1) * len(src) // (2 * count) for m in range(count)}):
+            text += [f"en-{lang} #{j}", f"  source:     {src[j]}", f"  reference:  {ref[j]}",
+                     f"  hypothesis: {hyp[j]}"]
+    return "\n".join(text) + "\n"
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a file written by `evaluate_checkpoint` (split on \\n only)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 # --------------------------------------------------------------------------- decoding
@@ -167,10 +240,11 @@ def decode_language(model: Transformer, data: LangSplit, n: int, tag_id: int, la
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Optional[int] = None,
                         out_dir: Optional[str | Path] = None, languages: Optional[list[str]] = None,
-                        overrides: Optional[list[str]] = None, device: str = "cpu") -> dict:
+                        overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0) -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
-    score it, print and write the results (see the module docstring); returns what
-    bleu.json holds. `limit`: the first N sentences of each language."""
+    score it against the raw references, print and write the results (see the module
+    docstring); returns what bleu.json holds. `limit`: the first N sentences of each
+    language. `samples`: also print that many sample translations."""
     check_override_sections(list(overrides or []))  # before any loading: fail fast
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
@@ -195,8 +269,13 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     langs = [lang for lang in langs if lang in splits]
     if not langs:
         raise EvalError(f"no {split} data in {cfg.data.dir} for any requested language")
+    try:  # all of them before decoding anything
+        texts = {lang: load_texts(cfg.data.dir, manifest, split, lang, len(splits[lang]),
+                                  reprepare=prepare_command(cfg.data)) for lang in langs}
+    except RawTextError as e:
+        raise EvalError(str(e)) from None
 
-    out = Path(out_dir) if out_dir is not None else ckpt / f"eval-{split}"
+    out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
     out.mkdir(parents=True, exist_ok=True)
     print(f"| evaluating {ckpt} (step {meta.get('step')}) on {split}: {len(langs)} languages, beam {ecfg.beam}, "
           f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
@@ -211,65 +290,40 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
         hyp_ids = decode_language(model, data, n, vocab.lang_ids[lang], ckpt_langs.index(lang), ecfg,
                                   desc=f"en-{lang}")
         hyps = [vocab.decode(ids) for ids in hyp_ids]
-        refs = [vocab.decode(data.tgt[i]) for i in range(n)]
+        srcs, refs = texts[lang][0][:n], texts[lang][1][:n]
         scores = corpus_scores(hyps, refs, tokenizers[lang])
+        copy = corpus_scores(srcs, refs, tokenizers[lang])
         pairs = manifest.train_pairs(lang)
         results.append(LangResult(lang, pairs, group_of(pairs, ecfg.lo_max, ecfg.hi_min), scores.bleu,
-                                  scores.chrf, scores.bleu_signature, n))
+                                  scores.chrf, copy.bleu, copy.chrf, scores.bleu_signature, tokenizers[lang], n))
         chrf_signature = scores.chrf_signature
-        (out / f"hyp.en-{lang}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        (out / f"ref.en-{lang}.txt").write_text("".join(r + "\n" for r in refs), encoding="utf-8")
+        for kind, lines in (("hyp", hyps), ("ref", refs), ("src", srcs)):
+            (out / f"{kind}.en-{lang}.txt").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         print(f"| en-{lang}: {n} sentences in {time.time() - t0:.1f}s, BLEU {scores.bleu:.2f}, "
-              f"chrF {scores.chrf:.2f}")
+              f"chrF++ {scores.chrf:.2f} (copy: {copy.bleu:.2f}, {copy.chrf:.2f})")
 
     avg = averages(results)
-    for tok in sorted(set(tokenizers[r.lang] for r in results)):
-        sig = next(r.signature for r in results if tokenizers[r.lang] == tok)
+    for tok in sorted(set(r.tokenize for r in results)):
+        sig = next(r.signature for r in results if r.tokenize == tok)
         print(f"| BLEU signature ({tok}): {sig}")
-    print(f"| chrF signature: {chrf_signature}")
+    print(f"| chrF++ signature: {chrf_signature}")
     table = format_table(results, avg, f"{ckpt} ({split}, step {meta.get('step')}, beam {ecfg.beam})")
     print(table)
+    if samples:
+        print(f"| {samples} sample translations ({split}):")
+        print(sample_lines(out, langs, samples))
 
     report = {
-        "languages": {r.lang: {"bleu": r.bleu, "chrf": r.chrf, "signature": r.signature, "n": r.n,
-                               "group": r.group, "train_pairs": r.train_pairs} for r in results},
+        "languages": {r.lang: {"bleu": r.bleu, "chrf": r.chrf, "copy_bleu": r.copy_bleu, "copy_chrf": r.copy_chrf,
+                               "signature": r.signature, "tokenize": r.tokenize, "n": r.n, "group": r.group,
+                               "train_pairs": r.train_pairs} for r in results},
         "averages": avg,
         "settings": {"checkpoint": str(ckpt), "step": meta.get("step"), "split": split, "limit": limit,
                      "beam": ecfg.beam, "lenpen": ecfg.lenpen, "max_len_a": ecfg.max_len_a,
                      "max_len_b": ecfg.max_len_b, "lo_max": ecfg.lo_max, "hi_min": ecfg.hi_min,
-                     "chrf_signature": chrf_signature},
+                     "chrf_signature": chrf_signature, "references": "raw text"},
     }
     (out / "bleu.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "bleu.md").write_text(table, encoding="utf-8")
-    print(f"| wrote {out / 'bleu.json'}, {out / 'bleu.md'} and hyp/ref files")
+    print(f"| wrote {out / 'bleu.json'}, {out / 'bleu.md'} and hyp/ref/src files")
     return report
-
-
-# --------------------------------------------------------------------------- comparing runs
-
-
-def compare_reports(reports: dict[str, dict]) -> str:
-    """Markdown table of several bleu.json reports side by side: one row per language
-    (BLEU), then the Lo/Mid/Hi/All averages; columns are the runs, in the order given."""
-    labels = list(reports)
-    first = reports[labels[0]]
-    langs = list(first["languages"])
-    for label, rep in reports.items():
-        if list(rep["languages"]) != langs or rep["settings"]["split"] != first["settings"]["split"]:
-            raise EvalError(f"run '{label}' was evaluated on {list(rep['languages'])} "
-                            f"({rep['settings']['split']}), not on {langs} ({first['settings']['split']})")
-    head = "| language | pairs | group | " + " | ".join(labels) + " |"
-    lines = [head, "|---|---:|---|" + "---:|" * len(labels)]
-    for lang in langs:
-        info = first["languages"][lang]
-        cells = [f"{reports[l]['languages'][lang]['bleu']:.2f}" for l in labels]
-        lines.append(f"| en-{lang} | {info['train_pairs']} | {info['group']} | " + " | ".join(cells) + " |")
-    for group in GROUPS + ("All",):
-        if first["averages"].get(group) is None:
-            continue
-        cells = [f"**{reports[l]['averages'][group]['bleu']:.2f}**" for l in labels]
-        lines.append(f"| **{group}** | | | " + " | ".join(cells) + " |")
-    s = first["settings"]
-    note = (f"BLEU on {s['split']} (first {s['limit']} sentences per language), beam {s['beam']}, "
-            f"length penalty {s['lenpen']}; steps: " + ", ".join(f"{l} {reports[l]['settings']['step']}" for l in labels))
-    return "\n".join(lines) + "\n\n" + note + "\n"

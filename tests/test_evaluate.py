@@ -19,7 +19,7 @@ from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.data.manifest import EOS, Manifest, Vocab, load_split
 from cats_ds.evaluate import EvalError, corpus_scores, evaluate_checkpoint, group_of
 from cats_ds.model.transformer import build_model
-from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, write_json
+from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, make_plain_corpus, write_json
 
 GROUPS = ["eval.lo_max=100", "eval.hi_min=300"]  # cc (50) Lo, bb (150) Mid, aa (400) Hi
 
@@ -63,26 +63,26 @@ def test_load_for_inference_restores_the_weights(tmp_path, tiny_data):
 def test_evaluate_writes_every_file(ckpt, tiny_data):
     report = evaluate_checkpoint(ckpt, split="test", limit=5,
                                  overrides=["eval.beam=2", "eval.batch_tokens=24", *GROUPS])
-    out = ckpt / "eval-test"  # the default place
-    manifest = Manifest.load(tiny_data)
-    vocab = Vocab(tiny_data, manifest.languages)
-    test = load_split(tiny_data, manifest, "test")
+    out = ckpt.parent / "eval" / "best-test"  # the default place: beside best/, not inside it
+    raw = tiny_data.parent / "raw"
     for lang in ("aa", "bb", "cc"):
         hyps, refs = lines(out / f"hyp.en-{lang}.txt"), lines(out / f"ref.en-{lang}.txt")
         assert len(hyps) == len(refs) == 5
-        assert refs == [vocab.decode(test[lang].tgt[i]) for i in range(5)]  # decoded target shard
+        assert refs == lines(raw / f"test.en-{lang}.{lang}")[:5]  # the raw text
+        assert lines(out / f"src.en-{lang}.txt") == lines(raw / f"test.en-{lang}.en")[:5]
         r = report["languages"][lang]
         assert r["n"] == 5 and 0.0 <= r["bleu"] <= 100.0 and 0.0 <= r["chrf"] <= 100.0
-        assert "tok:13a" in r["signature"]
+        assert "tok:13a" in r["signature"] and r["tokenize"] == "13a"
     assert {lang: r["group"] for lang, r in report["languages"].items()} == {"aa": "Hi", "bb": "Mid", "cc": "Lo"}
     assert {lang: r["train_pairs"] for lang, r in report["languages"].items()} == {"aa": 400, "bb": 150, "cc": 50}
     assert report["settings"] | {"checkpoint": None} == {
         "checkpoint": None, "step": 7, "split": "test", "limit": 5, "beam": 2, "lenpen": 1.0,
-        "max_len_a": 1.2, "max_len_b": 10, "lo_max": 100, "hi_min": 300,
+        "max_len_a": 1.2, "max_len_b": 10, "lo_max": 100, "hi_min": 300, "references": "raw text",
         "chrf_signature": report["settings"]["chrf_signature"]}
+    assert "nw:2" in report["settings"]["chrf_signature"]  # chrF++
     assert json.loads((out / "bleu.json").read_text()) == report
     table = (out / "bleu.md").read_text()
-    assert "| en-bb | 150 | Mid |" in table and "| All | 3 |" in table
+    assert "| en-bb | 150 | Mid | 5 |" in table and "| All | 3 |" in table
 
 
 def test_a_perfect_system_scores_100_in_test_set_order(ckpt, tiny_data, monkeypatch, tmp_path):
@@ -114,7 +114,7 @@ def test_a_perfect_system_scores_100_in_test_set_order(ckpt, tiny_data, monkeypa
     assert report["averages"]["Lo"]["languages"] == ["aa", "bb", "cc"]
     assert report["averages"]["Mid"] is None and report["averages"]["Hi"] is None
     table = (out / "bleu.md").read_text()
-    assert "| Mid | 0 | - | - |" in table and "| Hi | 0 | - | - |" in table
+    assert "| Mid | 0 | - | - | - | - |" in table and "| Hi | 0 | - | - | - | - |" in table
 
 
 def test_scorer_and_groups():
@@ -122,6 +122,7 @@ def test_scorer_and_groups():
     perfect = corpus_scores(refs, refs, "13a")
     assert perfect.bleu == pytest.approx(100.0) and perfect.chrf == pytest.approx(100.0)
     assert "tok:13a" in perfect.bleu_signature and "nc:6" in perfect.chrf_signature
+    assert "nw:2" in perfect.chrf_signature
     assert corpus_scores(["the red cat", "a dog"], refs, "13a").bleu < 50.0
     assert [group_of(n, 100, 1000) for n in (0, 99, 100, 999, 1000, 10 ** 6)] == \
            ["Lo", "Lo", "Mid", "Mid", "Hi", "Hi"]
@@ -131,7 +132,7 @@ def test_language_subset_and_unknown_language(ckpt, tmp_path):
     report = evaluate_checkpoint(ckpt, limit=2, out_dir=tmp_path / "o", languages=["cc"],
                                  overrides=["eval.beam=1"])
     assert list(report["languages"]) == ["cc"] and sorted(p.name for p in (tmp_path / "o").iterdir()) == \
-           ["bleu.json", "bleu.md", "hyp.en-cc.txt", "ref.en-cc.txt"]
+           ["bleu.json", "bleu.md", "hyp.en-cc.txt", "ref.en-cc.txt", "src.en-cc.txt"]
     with pytest.raises(EvalError, match="unknown language 'zz'.*aa, bb, cc"):
         evaluate_checkpoint(ckpt, limit=2, out_dir=tmp_path / "o", languages=["zz"])
 
@@ -200,3 +201,119 @@ def test_a_trained_zero3_checkpoint_loads_exactly(tmp_path, tiny_recipe):
     assert valid_loss == pytest.approx(json.loads((best / "cats_ds.json").read_text())["valid_loss"], rel=1e-6)
     report = evaluate_checkpoint(best, limit=3, overrides=["eval.beam=2"])
     assert report["settings"]["step"] == 3 and all(r["n"] == 3 for r in report["languages"].values())
+
+
+def oracle_from(table: dict):
+    """search.generate replaced by a lookup (tag id, source ids) -> output ids."""
+
+    def generate(model, src, tags, langs, **kw):
+        rows = [tuple(s[s.ne(0)].tolist()) for s in src]
+        return [[search.Hypothesis(list(table[(int(t), r)]), 0.0, 0.0, [])] for t, r in zip(tags, rows)]
+
+    return generate
+
+
+def test_raw_references_are_scored_not_sentencepiece_round_trips(tmp_path, monkeypatch):
+    """A test reference with a character the vocabulary lacks: its SentencePiece round trip
+    has ' ⁇ ' instead. A system that outputs exactly the round trip must not score 100."""
+    from cats_ds.config import config_from_dict
+    from cats_ds.data.prepare import prepare
+
+    raw = make_plain_corpus(tmp_path / "raw", {"aa": 200}, test=6)
+    path = raw / "test.en-aa.aa"
+    refs = lines(path)
+    refs[2] = refs[2] + " ☃"  # in no training sentence: not in the vocabulary
+    path.write_text("".join(r + "\n" for r in refs), encoding="utf-8")
+    data = tmp_path / "bin"
+    prepare(config_from_dict({"data": {"dir": str(data), "corpus": "plain", "raw": str(raw), "vocab_size": 60,
+                                       "character_coverage": 1.0}}))
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "best", data)
+    manifest = Manifest.load(data)
+    vocab = Vocab(data, manifest.languages)
+    test = load_split(data, manifest, "test")["aa"]
+    round_trip = [vocab.decode(test.tgt[i]) for i in range(6)]
+    assert round_trip[2] != refs[2] and "⁇" in round_trip[2]
+    assert [r for i, r in enumerate(round_trip) if i != 2] == [r for i, r in enumerate(refs) if i != 2]
+    monkeypatch.setattr(search, "generate", oracle_from(
+        {(vocab.lang_ids["aa"], tuple(test.src[i].tolist())): test.tgt[i].tolist() for i in range(6)}))
+    report = evaluate_checkpoint(ckpt, out_dir=tmp_path / "o")
+    assert lines(tmp_path / "o" / "ref.en-aa.txt") == refs  # the raw text, with the snowman
+    assert lines(tmp_path / "o" / "hyp.en-aa.txt") == round_trip
+    expected = corpus_scores(round_trip, refs, "13a")
+    assert report["languages"]["aa"]["bleu"] == pytest.approx(expected.bleu) and expected.bleu < 99.0
+    assert report["languages"]["aa"]["chrf"] == pytest.approx(expected.chrf) and expected.chrf < 99.5
+
+
+def test_copy_baseline_scores_the_source(ckpt, tiny_data, monkeypatch, tmp_path):
+    """A 'model' that copies its input scores exactly the copy baseline; the baseline is
+    the English source against the raw reference, in the table and the averages."""
+    manifest = Manifest.load(tiny_data)
+    vocab = Vocab(tiny_data, manifest.languages)
+    test = load_split(tiny_data, manifest, "test")
+    copy = {(vocab.lang_ids[lang], tuple(test[lang].src[i].tolist())): test[lang].src[i].tolist()
+            for lang in test for i in range(len(test[lang]))}
+    monkeypatch.setattr(search, "generate", oracle_from(copy))
+    report = evaluate_checkpoint(ckpt, limit=12, out_dir=tmp_path / "o", overrides=GROUPS)
+    raw = tiny_data.parent / "raw"
+    for lang, r in report["languages"].items():
+        src, ref = lines(raw / f"test.en-{lang}.en")[:12], lines(raw / f"test.en-{lang}.{lang}")[:12]
+        expected = corpus_scores(src, ref, "13a")
+        assert r["copy_bleu"] == pytest.approx(expected.bleu) and r["copy_chrf"] == pytest.approx(expected.chrf)
+        assert r["bleu"] == pytest.approx(r["copy_bleu"]) and r["chrf"] == pytest.approx(r["copy_chrf"])
+        assert 0.0 < r["copy_chrf"] < 60.0  # made-up words share some letters with English, not many
+    for group in ("Lo", "Mid", "Hi", "All"):
+        avg = report["averages"][group]
+        members = [report["languages"][lang] for lang in avg["languages"]]
+        assert avg["copy_chrf"] == pytest.approx(np.mean([m["copy_chrf"] for m in members]))
+    table = (tmp_path / "o" / "bleu.md").read_text()
+    assert "copy BLEU | copy chrF++ |" in table
+    cc = report["languages"]["cc"]
+    assert f"| en-cc | 50 | Lo | 12 | {cc['bleu']:.2f} | {cc['chrf']:.2f} | {cc['copy_bleu']:.2f} | " \
+           f"{cc['copy_chrf']:.2f} |" in table
+
+
+def test_old_data_folder_without_raw_text_says_how_to_reprepare(tmp_path, tiny_data):
+    import shutil
+
+    data = tmp_path / "old"
+    shutil.copytree(tiny_data, data)
+    data_cfg = {"dir": str(data), "corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
+                "vocab_temperature": 1.0}  # as conftest prepared it
+    cfg = config_from_dict({"data": data_cfg, "model": dict(TINY_MODEL)})
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "best", data, config=cfg.to_dict())
+    raw = json.loads((data / "manifest.json").read_text())
+    raw.pop("texts")  # what an older prepare wrote
+    (data / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EvalError, match="(?s)no raw test text for en-aa.*older cats_ds.*Re-prepare") as e:
+        evaluate_checkpoint(ckpt, limit=2)
+    assert f"python launch/prepare.py data.dir={data} data.corpus=plain data.raw={tiny_data.parent / 'raw'} " \
+           f"data.vocab_size=100 data.vocab_temperature=1.0" in str(e.value)
+    assert not (tmp_path / "run" / "eval").exists()  # failed before decoding or writing
+
+
+def test_default_output_survives_a_checkpoint_resave(ckpt, tiny_data, tmp_path):
+    """train.save_checkpoint swaps a new best/ in whole; the evaluation must not live in it."""
+    import shutil
+
+    evaluate_checkpoint(ckpt, limit=2, overrides=["eval.beam=1"])
+    out = tmp_path / "run" / "eval" / "best-test"
+    assert (out / "bleu.json").is_file() and not list(ckpt.rglob("bleu.json"))
+    shutil.rmtree(ckpt)  # what the swap does to the old folder, then the new one moves in
+    make_checkpoint(ckpt, tiny_data)
+    assert (out / "bleu.json").is_file()
+
+
+def test_samples_print_source_reference_hypothesis(ckpt, tmp_path, capsys):
+    evaluate_checkpoint(ckpt, limit=8, out_dir=tmp_path / "o", overrides=["eval.beam=1"], samples=5)
+    printed = capsys.readouterr().out
+    assert "| 5 sample translations (test):" in printed
+    blocks = printed.split("| 5 sample translations (test):")[1].split("| wrote")[0].strip().split("\n")
+    heads = [b for b in blocks if b.startswith("en-")]
+    assert [h.split()[0] for h in heads] == ["en-aa", "en-aa", "en-bb", "en-bb", "en-cc"]
+    for head in heads:
+        lang, j = head.split()[0][3:], int(head.split("#")[1])
+        i = blocks.index(head)
+        for kind, label in (("src", "source:"), ("ref", "reference:"), ("hyp", "hypothesis:")):
+            got = blocks[i + 1 + ("src", "ref", "hyp").index(kind)].split(None, 1)
+            want = lines(tmp_path / "o" / f"{kind}.en-{lang}.txt")[j]
+            assert got[0] == label and got[1:] == ([want] if want else [])
