@@ -133,29 +133,31 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
 
 
 def compare_main(argv: Optional[list[str]] = None) -> None:
-    """Print (and optionally write) a side-by-side BLEU table of several evaluations."""
+    """Print (and optionally write) chrF++ and BLEU tables of several labels (seeds each),
+    with paired-bootstrap marks against a baseline label (cats_ds/compare.py)."""
     import json
     from pathlib import Path
 
-    p = argparse.ArgumentParser(prog="cats-compare", description="BLEU of several runs side by side")
-    p.add_argument("runs", nargs="+", help="LABEL=path/to/bleu.json (or its folder)")
-    p.add_argument("--out", default=None, help="also write the markdown table here")
+    p = argparse.ArgumentParser(prog="cats-compare", description="chrF++ and BLEU of several runs side by side: "
+                                "mean ± sd over seeds, significance against a baseline label")
+    p.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]",
+                   help="an evaluate folder (or its bleu.json) per seed; repeat a label or list its seeds "
+                        "comma-separated; labels starting with '-' go after '--'")
+    p.add_argument("--baseline", default=None, help="label the others are tested against (paired bootstrap)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the marks")
+    p.add_argument("--out", default=None, help="also write the markdown here, and the numbers to <out>.json")
     args = p.parse_args(argv)
-    from cats_ds.evaluate import EvalError, compare_reports
+    from cats_ds.compare import compare_paths, format_comparison
+    from cats_ds.evaluate import EvalError
 
-    reports = {}
-    for item in args.runs:
-        label, sep, path = item.partition("=")
-        if not sep or not label:
-            _fail(f"'{item}': expected LABEL=path/to/bleu.json")
-        f = Path(path) / "bleu.json" if Path(path).is_dir() else Path(path)
-        if not f.is_file():
-            _fail(f"{label}: no evaluation at {f}")
-        reports[label] = json.loads(f.read_text(encoding="utf-8"))
     try:
-        table = compare_reports(reports)
+        result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha)
     except EvalError as e:
         _fail(str(e))
+    table = format_comparison(result)
     print(table)
     if args.out:
-        Path(args.out).write_text(table, encoding="utf-8")
+        out = Path(args.out)
+        out.write_text(table, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -1,7 +1,10 @@
-"""BLEU of several evaluated runs side by side (per language, Lo/Mid/Hi/All).
+"""chrF++ and BLEU of several evaluated runs side by side (per language, Lo/Mid/Hi/All):
+mean ± sd over seeds, the copy baseline, and paired-bootstrap marks against a baseline
+label (details: cats_ds/compare.py).
 
-    python launch/compare.py T1=runs/exp/t1/eval T5=runs/exp/t5/eval CATS=runs/exp/cats/eval \
-        --out runs/exp/bleu.md
+    python launch/compare.py --baseline T5 --out runs/exp/weighting.md \
+        T5=runs/exp/t5-s1/eval/best-test,runs/exp/t5-s2/eval/best-test \
+        CATS=runs/exp/cats-s1/eval/best-test,runs/exp/cats-s2/eval/best-test
 """
 
 from cats_ds.cli import compare_main
