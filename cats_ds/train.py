@@ -241,6 +241,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_dropout(seed: int, rank: int) -> None:
+    """Each rank's dropout stream, once the weights are built: a function of train.seed
+    and the rank (the sampler is seeded by train.seed too; tests/test_seeds.py)."""
+    torch.manual_seed(seed * 1000 + rank)
+
+
 # --------------------------------------------------------------------------- one update
 
 
@@ -597,7 +603,7 @@ def fit(run: Run) -> None:
 
 def train(cfg: Config, ds_config_path: str) -> Run:
     run = setup(cfg, ds_config_path)
-    torch.manual_seed(cfg.train.seed * 1000 + run.rank)  # dropout stream per rank
+    seed_dropout(cfg.train.seed, run.rank)
     run.t_start = time.time()
     resume(run)
     run.t_start = run.t_log = time.time()
