@@ -198,6 +198,13 @@ def format_comparison(result: dict) -> str:
             head = f"en-{unit}" if unit in result["languages"] else f"**{unit}**"
             lines.append(f"| {head} | {row['copy']:.2f} | " + " | ".join(_cell(row[l]) for l in labels) + " |")
         lines.append("")
+    for label in labels:
+        for unit in [*result["groups"]]:
+            row = result["metrics"]["chrf"][unit]
+            if row[label]["mean"] <= row["copy"]:
+                lines.append(f"warning: {label} does not beat the copy baseline on {unit} (chrF++ "
+                             f"{row[label]['mean']:.2f} vs {row['copy']:.2f}): it has not learned to translate "
+                             f"there, so differences say little about the method")
     if result["baseline"] is not None:
         lines.append(f"Mean ± sd over seeds; `*`: differs from {result['baseline']} at p < {result['alpha']} "
                      f"(paired bootstrap, {result['resamples']} resamples of test sentences, seeds averaged per "

@@ -1,54 +1,86 @@
 #!/usr/bin/env bash
-# The gettext8 comparisons behind the closing notes: every run trains the same number of
-# updates (UPDATES) from the gettext8 recipe on NPROC CPU ranks, is evaluated on the test
-# split (beam 5, first EVAL_LIMIT sentences per language), and the BLEU tables are put
-# side by side.
+# The gettext8 comparisons, by the evaluation protocol in README ("Evaluation protocol"):
+# every arm trains UPDATES updates from the gettext8 recipe on NPROC CPU ranks, once per
+# seed (train.seed = 1..SEEDS, save dir $OUT/<arm>-s<seed>), is evaluated on the test
+# split (beam 5, raw references, chrF++ and BLEU, copy baseline; first EVAL_LIMIT
+# sentences per language), and compare.py puts the arms side by side with mean ± sd over
+# seeds and paired-bootstrap marks against the baseline arm.
 #
-#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, CATS (loss term on/off)
-#   bash launch/gettext8_experiments.sh experts     # dense, Table 1 rows, LayerNorm w/o gain+bias
+#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, CATS (loss term on/off); baseline T5
+#   bash launch/gettext8_experiments.sh experts     # dense, Table 1 rows, LayerNorm w/o gain+bias; baseline dense
 #   bash launch/gettext8_experiments.sh all
+#   DRY_RUN=1 SEEDS=3 bash launch/gettext8_experiments.sh experts    # print the commands only
 #
-# Env: UPDATES (300), NPROC (2), EVAL_LIMIT (500), OUT (runs/exp), DS_CONFIG. Finished runs
-# are skipped (train.resume=auto stops at once) and re-evaluated only if their eval is missing.
+# Env: SEEDS (2), UPDATES (300), NPROC (2), EVAL_LIMIT (500), OUT (runs/exp), DS_CONFIG,
+# DRY_RUN (0). UPDATES=300 is a smoke budget: at 300 updates gettext8 models mostly copy
+# (README); compare.py warns when an arm does not beat the copy baseline, and conclusions
+# need a budget where none does. Resumable: a run whose latest checkpoint has reached
+# UPDATES is skipped, an unfinished one continues (train.resume=auto), and a run is
+# re-evaluated only when its best checkpoint is newer than its evaluation; so a long
+# comparison can be split over several sittings (stop it any time, run it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
+SEEDS=${SEEDS:-2}
 UPDATES=${UPDATES:-300}
 NPROC=${NPROC:-2}
 EVAL_LIMIT=${EVAL_LIMIT:-500}
 OUT=${OUT:-runs/exp}
 DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_zero2.json}
+DRY_RUN=${DRY_RUN:-0}
 RECIPE=launch/recipes/gettext8.yaml
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+case "$WHAT" in weighting|experts|all) ;; *) echo "error: unknown set '$WHAT' (weighting, experts or all)" >&2; exit 2;; esac
+if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: SEEDS=$SEEDS must be a positive integer" >&2; exit 2; fi
 
-python launch/prepare.py --config "$RECIPE"
-
-run() {  # name, overrides...
-  local name=$1; shift
-  echo "| $name: $*"
-  deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RECIPE" \
-    train.save_dir="$OUT/$name" train.max_updates="$UPDATES" train.max_minutes=null train.valid_every=100 "$@"
-  [ -f "$OUT/$name/eval/bleu.json" ] || \
-    python launch/evaluate.py --checkpoint "$OUT/$name/best" --split test --limit "$EVAL_LIMIT" --out "$OUT/$name/eval"
+do_cmd() {  # print, and run unless DRY_RUN=1
+  echo "+ $*"
+  [ "$DRY_RUN" = 1 ] || "$@"
 }
 
+finished() {  # save_dir: its latest checkpoint has reached UPDATES
+  [ -f "$1/latest/cats_ds.json" ] && python -c "import json, sys; \
+sys.exit(json.load(open('$1/latest/cats_ds.json'))['step'] < $UPDATES)"
+}
+
+run() {  # arm, overrides...: train and evaluate every seed; sets DIRS to the evaluation folders
+  local arm=$1; shift
+  DIRS=""
+  for seed in $(seq 1 "$SEEDS"); do
+    local dir="$OUT/$arm-s$seed"
+    if finished "$dir"; then
+      echo "| $arm seed $seed: finished ($dir)"
+    else
+      do_cmd deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RECIPE" \
+        train.save_dir="$dir" train.seed="$seed" train.resume=auto train.max_updates="$UPDATES" \
+        train.max_minutes=null train.valid_every=100 "$@"
+    fi
+    local eval_dir="$dir/eval/best-test"  # evaluate's default place for $dir/best
+    if [ ! -f "$eval_dir/bleu.json" ] || [ "$dir/best/cats_ds.json" -nt "$eval_dir/bleu.json" ]; then
+      do_cmd python launch/evaluate.py --checkpoint "$dir/best" --split test --limit "$EVAL_LIMIT"
+    fi
+    DIRS="${DIRS:+$DIRS,}$eval_dir"
+  done
+}
+
+do_cmd python launch/prepare.py --config "$RECIPE"
 if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
-  run t1 sampling.temperature=1
-  run t5 sampling.temperature=5
-  run tinf sampling.temperature=inf
-  run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true
-  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false cats.lr_alpha=0.01
-  python launch/compare.py "T1=$OUT/t1/eval" "T5=$OUT/t5/eval" "Tinf=$OUT/tinf/eval" \
-    "CATS=$OUT/cats/eval" "CATS-noloss=$OUT/cats_noloss/eval" --out "$OUT/bleu_weighting.md"
+  run t1 sampling.temperature=1; T1=$DIRS
+  run t5 sampling.temperature=5; T5=$DIRS
+  run tinf sampling.temperature=inf; TINF=$DIRS
+  run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
+  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false cats.lr_alpha=0.01; NOLOSS=$DIRS
+  do_cmd python launch/compare.py --baseline T5 --out "$OUT/weighting.md" \
+    "T1=$T1" "T5=$T5" "Tinf=$TINF" "CATS=$CATS" "CATS-noloss=$NOLOSS"
 fi
 if [ "$WHAT" = experts ] || [ "$WHAT" = all ]; then
-  run t5 sampling.temperature=5
-  run x_all sampling.temperature=5 "experts.modules=[ffn,attn,out_embed]"
-  run x_noattn sampling.temperature=5 "experts.modules=[ffn,out_embed]"
-  run x_noffn sampling.temperature=5 "experts.modules=[attn,out_embed]"
-  run x_nooe sampling.temperature=5 "experts.modules=[ffn,attn]"
-  run noaffine sampling.temperature=5 model.norm=layernorm_noaffine
+  run t5 sampling.temperature=5; DENSE=$DIRS
+  run x_all sampling.temperature=5 "experts.modules=[ffn,attn,out_embed]"; ALL=$DIRS
+  run x_noattn sampling.temperature=5 "experts.modules=[ffn,out_embed]"; NOATTN=$DIRS
+  run x_noffn sampling.temperature=5 "experts.modules=[attn,out_embed]"; NOFFN=$DIRS
+  run x_nooe sampling.temperature=5 "experts.modules=[ffn,attn]"; NOOE=$DIRS
+  run noaffine sampling.temperature=5 model.norm=layernorm_noaffine; NOAFFINE=$DIRS
   # labels start with "-" (the paper's row names), so they follow "--"
-  python launch/compare.py --out "$OUT/bleu_experts.md" -- "dense=$OUT/t5/eval" "All=$OUT/x_all/eval" \
-    "-Attn=$OUT/x_noattn/eval" "-FFN=$OUT/x_noffn/eval" "-OE=$OUT/x_nooe/eval" "noaffine=$OUT/noaffine/eval"
+  do_cmd python launch/compare.py --baseline dense --out "$OUT/experts.md" -- "dense=$DENSE" "All=$ALL" \
+    "-Attn=$NOATTN" "-FFN=$NOFFN" "-OE=$NOOE" "noaffine=$NOAFFINE"
 fi

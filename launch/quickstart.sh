@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The default job, end to end, on a fresh machine (a CPU is enough):
 #   venv + install -> gettext8 corpus from this machine's GNU gettext catalogs -> prepare
-#   -> train about 10 minutes on 2 CPU ranks (DeepSpeed ZeRO-2, gloo) -> beam-5 test BLEU.
+#   -> train about 10 minutes on 2 CPU ranks (DeepSpeed ZeRO-2, gloo) -> beam-5 test chrF++ and
+#   BLEU against the raw references, next to the copy baseline (the English source as the
+#   translation), plus five sample translations.
 #
 #   bash launch/quickstart.sh
 #
@@ -61,6 +63,7 @@ echo "== 4/5 train ~$MINUTES minutes on $NPROC ranks -> $RUN"
 deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config ds_configs/cpu_zero2.json \
   --config "$RECIPE" "${DATA_ARGS[@]}" "train.save_dir=$RUN" "train.max_minutes=$MINUTES"
 
-echo "== 5/5 evaluate $RUN/best on test (first $EVAL_LIMIT sentences per language)"
-python launch/evaluate.py --checkpoint "$RUN/best" --split test --limit "$EVAL_LIMIT"
+echo "== 5/5 evaluate $RUN/best on test (first $EVAL_LIMIT sentences per language; model vs copy baseline)"
+python launch/evaluate.py --checkpoint "$RUN/best" --split test --limit "$EVAL_LIMIT" --samples 5
+echo "Results: $RUN/eval/best-test (bleu.json, bleu.md, hyp/ref/src files)"
 echo "TensorBoard: tensorboard --logdir $RUN/tensorboard"

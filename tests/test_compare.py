@@ -80,6 +80,9 @@ def test_mean_sd_over_seeds_and_copy_column(runs):
                                                    for r in reports]))
     assert result["metrics"]["chrf"]["bb"]["copy"] == reports[0]["languages"]["bb"]["copy_chrf"]
     assert "significant" not in entry and "no --baseline" in format_comparison(result)
+    assert "warning" not in format_comparison(result)
+    result["metrics"]["chrf"]["Lo"]["copy"] = 99.0
+    assert "warning: base does not beat the copy baseline on Lo (chrF++ " in format_comparison(result)
     one = compare_paths(["base=" + runs["base"][0]])
     assert one["metrics"]["chrf"]["aa"]["base"]["sd"] is None
     assert f"| en-aa | {reports[0]['languages']['aa']['copy_chrf']:.2f} | {per_seed[0]:.2f} |" in \

@@ -1,0 +1,86 @@
+"""The launch scripts parse, and gettext8_experiments.sh plans the protocol's commands
+(DRY_RUN=1: printed, not run): seeds, resume and skip, evaluation, compare with marks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "launch").glob("*.sh")))
+def test_scripts_parse(script):
+    done = subprocess.run(["bash", "-n", f"launch/{script}"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def dry_run(tmp_path: Path, what: str, **env) -> list[str]:
+    full = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), **env)
+    done = subprocess.run(["bash", "launch/gettext8_experiments.sh", what], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_experiments_dry_run_trains_every_seed_and_compares_with_a_baseline(tmp_path):
+    lines = dry_run(tmp_path, "weighting", SEEDS="3", UPDATES="50")
+    trains = [l for l in lines if l.startswith("+ deepspeed")]
+    assert len(trains) == 5 * 3
+    for arm in ("t1", "t5", "tinf", "cats", "cats_noloss"):
+        for seed in (1, 2, 3):
+            cmd = next(l for l in trains if f"train.save_dir={tmp_path}/{arm}-s{seed} " in l)
+            assert f"train.seed={seed} " in cmd and "train.resume=auto" in cmd and "train.max_updates=50 " in cmd
+    evals = [l for l in lines if l.startswith("+ python launch/evaluate.py")]
+    assert len(evals) == 15 and f"--checkpoint {tmp_path}/cats-s2/best --split test" in "\n".join(evals)
+    compare = [l for l in lines if l.startswith("+ python launch/compare.py")]
+    assert len(compare) == 1 and "--baseline T5" in compare[0]
+    seeds = ",".join(f"{tmp_path}/t5-s{s}/eval/best-test" for s in (1, 2, 3))
+    assert f" T5={seeds} " in compare[0] + " "
+
+
+def test_experiments_skip_finished_runs_and_fresh_evaluations(tmp_path):
+    """t5-s1 finished and evaluated after its best checkpoint: nothing to do; t5-s2
+    stopped at step 40 of 100: resumed, then evaluated; x_all-s1 finished, best newer
+    than its evaluation: re-evaluated only."""
+    def checkpoint(run: str, step: int, mtime: float) -> None:
+        for name in ("best", "latest"):
+            (tmp_path / run / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / run / name / "cats_ds.json").write_text(json.dumps({"step": step}))
+            os.utime(tmp_path / run / name / "cats_ds.json", (mtime, mtime))
+
+    def evaluation(run: str, mtime: float) -> None:
+        (tmp_path / run / "eval" / "best-test").mkdir(parents=True)
+        (tmp_path / run / "eval" / "best-test" / "bleu.json").write_text("{}")
+        os.utime(tmp_path / run / "eval" / "best-test" / "bleu.json", (mtime, mtime))
+
+    now = time.time()
+    checkpoint("t5-s1", 100, now - 100)
+    evaluation("t5-s1", now - 50)
+    checkpoint("t5-s2", 40, now - 100)
+    evaluation("x_all-s1", now - 100)
+    checkpoint("x_all-s1", 100, now - 50)
+    lines = dry_run(tmp_path, "experts", SEEDS="2", UPDATES="100")
+    text = "\n".join(lines)
+    assert f"| t5 seed 1: finished ({tmp_path}/t5-s1)" in lines
+    assert f"train.save_dir={tmp_path}/t5-s1 " not in text and f"--checkpoint {tmp_path}/t5-s1/best" not in text
+    assert f"train.save_dir={tmp_path}/t5-s2 train.seed=2 train.resume=auto" in text
+    assert f"--checkpoint {tmp_path}/t5-s2/best" in text
+    assert f"train.save_dir={tmp_path}/x_all-s1 " not in text and f"--checkpoint {tmp_path}/x_all-s1/best" in text
+    assert "--baseline dense" in text and " -- dense=" in text and " -Attn=" in text
+
+
+def test_experiments_reject_bad_settings(tmp_path):
+    full = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), SEEDS="0")
+    done = subprocess.run(["bash", "launch/gettext8_experiments.sh", "experts"], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "SEEDS=0 must be a positive integer" in done.stderr
+    full["SEEDS"] = "2"
+    done = subprocess.run(["bash", "launch/gettext8_experiments.sh", "expert"], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown set 'expert'" in done.stderr
