@@ -29,6 +29,8 @@ whitespace is stripped; a pair with an empty side is dropped and counted in a wa
 pairs with a side over data.max_chars characters are dropped (in every split). Where a
 corpus has no dev/test of its own, only gettext and plain carve them from train with
 `hash_split`; OPUS-100, TED8 and WMT languages without them simply have none (warned).
+Dev/test pairs that do not test translation (cats_ds/data/translatable.py) are dropped for
+gettext by default and for any corpus with data.translatable_eval=true (`translatable_filter`).
 """
 
 from __future__ import annotations
