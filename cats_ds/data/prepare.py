@@ -39,7 +39,7 @@ from cats_ds.data.indexed import token_dtype, write_shard
 from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, TEXT_SPLITS, UNK, Manifest,
                                    lang_tag, shard_prefix, text_paths)
 from cats_ds.data.readers import CorpusError, Layout, Scan, locate, read_language, scan_corpus
-from cats_ds.data.translatable import RULES
+from cats_ds.data.translatable import RULES, applies
 
 PREPARE_VERSION = 2
 """Bump when reader filters or encoding change the output for the same inputs.
@@ -329,8 +329,7 @@ def print_summary(manifest: Manifest, scan: Scan, dropped: dict[str, Counter]) -
     `dropped` at encoding (too many tokens or empty), and one column per rule of the
     translatable dev/test filter (cats_ds/data/translatable.py) when it is on."""
     width = max(8, *(len(lang) for lang in manifest.languages))
-    on = manifest.settings["translatable_eval"]
-    rules = list(RULES) if (manifest.corpus == "gettext" if on is None else on) else []
+    rules = list(RULES) if applies(manifest.corpus, manifest.settings["translatable_eval"]) else []
     rule_cols = [f"<{manifest.settings['translatable_min_' + r]} {r}" for r in rules]
     head = (f"{'language':<{width}} {'train':>9} {'dev':>7} {'test':>7} {'filtered':>9} {'dropped':>8}"
             + "".join(f" {c:>10}" for c in rule_cols))

@@ -558,10 +558,9 @@ def translatable_filter(data: DataConfig, corpus: str, counts: Counter) -> Optio
     """The dev/test filter of cats_ds/data/translatable.py if data.translatable_eval (None:
     gettext only) asks for it: a predicate on pairs that counts each rule's drops in
     `counts`."""
-    from cats_ds.data.translatable import untranslatable  # it imports this module
+    from cats_ds.data.translatable import applies, untranslatable  # it imports this module
 
-    on = corpus == "gettext" if data.translatable_eval is None else data.translatable_eval
-    if not on:
+    if not applies(corpus, data.translatable_eval):
         return None
 
     def keep(pair: Pair) -> bool:

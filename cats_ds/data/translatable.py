@@ -46,6 +46,11 @@ _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _UNSPACED = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
 
 
+def applies(corpus: str, translatable_eval) -> bool:
+    """Whether the rule filters this corpus: data.translatable_eval, None meaning gettext only."""
+    return corpus == "gettext" if translatable_eval is None else bool(translatable_eval)
+
+
 def residue(text: str) -> str:
     """`text` with placeholders, markup, URLs/paths, options and numbers replaced by spaces."""
     text = strip_placeholders(text)
