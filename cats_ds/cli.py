@@ -53,10 +53,11 @@ def train_main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         _fail(str(e))
     from cats_ds.train import TrainError, train
+    from cats_ds.weighting.base import WeightingError
 
     try:
         train(cfg, args.deepspeed_config)
-    except (TrainError, ConfigError) as e:
+    except (TrainError, ConfigError, WeightingError) as e:
         _fail(str(e))
 
 

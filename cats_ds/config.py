@@ -104,8 +104,15 @@ class SamplingConfig:
     temperature: float = 5.0
     """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform."""
     langs_per_batch: int = 4
-    """K: language slots per batch, each drawn from p_l with replacement (so every
-    language's expected share of tokens is exactly p_l); a batch holds <= K languages."""
+    """K: language slots per micro-batch, each filled with one chunk of
+    max_tokens * world / K tokens."""
+    distinct: Optional[bool] = None
+    """true: the K slots hold K DISTINCT languages, drawn by successive sampling without
+    replacement (first by p_l, then by p_l renormalized over the languages not yet drawn),
+    so a language's token share is its inclusion probability / K, flatter than p_l;
+    false: K independent draws from p_l (token share exactly p_l, often fewer than K
+    languages); null (default): true for the Gram-based methods (cats, gradnorm, mgda),
+    false for temperature."""
 
 
 @dataclass
@@ -116,14 +123,37 @@ class WeightingConfig:
 
 @dataclass
 class CatsConfig:
+    update: Literal["mirror", "lagrangian"] = "mirror"
+    """How alpha moves at a meta step (DESIGN.md, "CATS, precisely"). mirror: exponentiated-
+    gradient steps on dimensionless loss/curvature scores, in-batch languages keep their
+    mass, relative curvature budget kappa, exact floor alpha_min. lagrangian: the paper's
+    Eq. 6 read literally (SGD on alpha, ascent on the multipliers, absolute budget)."""
+    weight_by: Literal["tokens", "language"] = "tokens"
+    """Loss coefficient of language n between meta steps. tokens: c_n = alpha_n * tokens_n /
+    tokens (alpha = 1 is exactly the temperature baseline at the run's T); language:
+    c_n = alpha_n (each in-batch language's mean loss weighted by alpha alone). Also used by
+    gradnorm and mgda for their weights."""
     loss_term: bool = True
-    """Include the per-language loss L_n in dL/dalpha (the paper's first term)."""
+    """Include the per-language loss in the alpha step (the paper's first term)."""
     lr_alpha: float = 0.1
-    """SGD step on alpha."""
+    """Step on alpha: the exponentiated-gradient rate (mirror) or the SGD step (lagrangian)."""
     lr_lambda: float = 0.01
     """Projected gradient-ascent step on the Lagrange multipliers."""
-    eps: float = 0.1
-    """Margin: curvature budget for alpha^T G alpha and the floor on each alpha."""
+    kappa: float = 0.9
+    """mirror: curvature budget relative to equal weights, f <= kappa * f0 with f0 the
+    curvature of the meta batch at equal weights of the same mass; in (0, 1]."""
+    loss_ema: float = 0.9
+    """mirror: decay of the per-language loss EMA the loss score uses (updated when the
+    language is in a meta batch); in [0, 1)."""
+    budget: float = 0.1
+    """lagrangian: absolute curvature budget for alpha_B^T G alpha_B (the paper's eps in the
+    lambda_c term)."""
+    alpha_min: float = 0.1
+    """Floor on every alpha (the paper's eps in the lambda_n term): exact for mirror, by
+    multipliers for lagrangian; in [0, 1)."""
+    meta_temperature: Optional[float] = None
+    """Draw the meta steps' batches at this language temperature (inf = uniform) instead
+    of sampling.temperature; the meta step also trains on that batch. null: the run's T."""
     meta_every: list[list[Optional[int]]] = field(default_factory=lambda: [[None, 10]])
     """Schedule [[until_step, M], ...]: meta step every M updates until until_step
     (None = forever)."""
@@ -143,8 +173,9 @@ class GradNormConfig:
 
 @dataclass
 class MgdaConfig:
-    iters: int = 50
-    """Frank-Wolfe iterations for the min-norm point."""
+    iters: int = 200
+    """Frank-Wolfe iterations for the min-norm point when a meta batch holds more than 8
+    languages (up to 8 it is solved exactly)."""
 
 
 @dataclass
@@ -268,6 +299,18 @@ class Config:
         for i, entry in enumerate(self.cats.meta_every):
             if len(entry) != 2 or entry[1] is None or entry[1] < 1:
                 raise ConfigError(f"cats.meta_every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
+        c = self.cats
+        for key, value, ok, allowed in (
+                ("cats.kappa", c.kappa, 0 < c.kappa <= 1, "in (0, 1]"),
+                ("cats.loss_ema", c.loss_ema, 0 <= c.loss_ema < 1, "in [0, 1)"),
+                ("cats.alpha_min", c.alpha_min, 0 <= c.alpha_min < 1, "in [0, 1) (sum alpha = N)"),
+                ("cats.lr_alpha", c.lr_alpha, math.isfinite(c.lr_alpha) and c.lr_alpha >= 0, "finite and >= 0"),
+                ("cats.lr_lambda", c.lr_lambda, math.isfinite(c.lr_lambda) and c.lr_lambda >= 0, "finite and >= 0"),
+                ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0"),
+                ("cats.meta_temperature", c.meta_temperature, c.meta_temperature is None or c.meta_temperature > 0,
+                 "> 0 (inf for uniform) or null")):
+            if not ok:
+                raise ConfigError(f"{key} must be {allowed}, got {value}")
         if self.train.resume not in ("auto", "none") and not self.train.resume:
             raise ConfigError("train.resume must be auto, none or a checkpoint path")
         if self.experts.ep_size < 1:
@@ -338,12 +381,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+REMOVED = {
+    "cats.eps": "cats.eps (one value for two constraints) was split: the curvature budget is "
+                "cats.kappa (relative, for cats.update=mirror, the default) or cats.budget (absolute, "
+                "for cats.update=lagrangian), and the floor on every alpha is cats.alpha_min",
+}
+"""Keys that no longer exist -> what replaces them (an error, never silently ignored)."""
+
+
 def _build(cls, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
+        if key in REMOVED:
+            raise ConfigError(REMOVED[key])
         if k not in names:
             raise ConfigError(f"unknown config key '{key}'" + _closest(k, names))
         tp = hints[k]
@@ -398,6 +451,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         return config_from_dict(merge_overrides(tree, overrides or []))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+GRAM_METHODS = ("cats", "gradnorm", "mgda")
+"""Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
+
+
+def distinct_languages(cfg: Config) -> bool:
+    """sampling.distinct with its default resolved (on for the Gram-based methods)."""
+    if cfg.sampling.distinct is None:
+        return cfg.weighting.method in GRAM_METHODS
+    return cfg.sampling.distinct
 
 
 def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:

@@ -184,10 +184,31 @@ def gram_and_losses(grads: PartitionGrads, rows: torch.Tensor, loss_sums: torch.
     return gram, losses
 
 
+def plan_mix(plan, splits: dict, languages: list[str], weight_by: str) -> dict[int, float]:
+    """mix_n of one micro-step plan (weighting/base.py): tokens_n / tokens, or 1 per language."""
+    from cats_ds.data.sampler import target_tokens
+
+    tokens = target_tokens(plan, splits, languages)
+    if weight_by == "language":
+        return {li: 1.0 for li in tokens}
+    total = sum(tokens.values())
+    return {li: t / total for li, t in tokens.items()}
+
+
+def plan_shares(plans, splits: dict, languages: list[str], weight_by: str) -> dict[int, float]:
+    """S_n = (1/gas) sum_m mix_n^(m) over an update's micro-step plans."""
+    shares: dict[int, float] = {}
+    for plan in plans:
+        for li, m in plan_mix(plan, splits, languages, weight_by).items():
+            shares[li] = shares.get(li, 0.0) + m / len(plans)
+    return shares
+
+
 def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[str], tag_ids: list[int],
-                   smoothing: float, gas: int):
+                   smoothing: float, gas: int, weight_by: str = "tokens"):
     """The single-process reference the partitioned path must equal (tests, benchmark):
-    g_n = (1/gas) sum_m grad L_n^(m) on the GLOBAL batch of each micro-step plan, by plain
+    g_n = sum_m mix_n^(m) grad L_n^(m) / (gas S_n) on the GLOBAL batch of each micro-step
+    plan (the average over the micro-steps that contain n, see plan_shares), by plain
     autograd on a full copy of the model. Returns (langs, rows (K, |theta|) float64,
     mean losses (K,) float64)."""
     from cats_ds.data.sampler import Plan, collate, target_tokens
@@ -196,15 +217,17 @@ def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[
     params = [p for p in model.parameters() if p.requires_grad]
     grads: dict[int, torch.Tensor] = {}
     sums: dict[int, list[float]] = {}
+    shares = plan_shares(plans, splits, languages, weight_by)
     for plan in plans:
         tokens = target_tokens(plan, splits, languages)
+        mix = plan_mix(plan, splits, languages, weight_by)
         for li, sents in zip(plan.langs, plan.sents):
             batch = collate(Plan([li], [sents]), splits, languages, tag_ids)
             logits = model(batch.src, batch.prev, batch.langs)
             loss_sum, _, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
             g = torch.autograd.grad(loss_sum[li] / tokens[li], params, allow_unused=True)
             flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
-            flat = flat.double() / gas
+            flat = flat.double() * (mix[li] / (gas * shares[li]))
             grads[li] = flat if li not in grads else grads[li] + flat
             acc = sums.setdefault(li, [0.0, 0.0])
             acc[0] += float(loss_sum[li])

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from cats_ds.analysis import analysis_step
-from cats_ds.config import Config, config_from_dict
+from cats_ds.config import GRAM_METHODS, Config, config_from_dict, distinct_languages
 from cats_ds.data.manifest import Manifest, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
-                                  target_tokens)
+                                  target_tokens, temperature_probs)
 from cats_ds.grads import PartitionGrads, gram_and_losses, is_expert_param
 from cats_ds.losses import per_language_sums
 from cats_ds.model.build import model_from_config
@@ -94,6 +94,15 @@ def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
         raise TrainError(f"train.update_tokens={want} but train.max_tokens={cfg.train.max_tokens} x "
                          f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = "
                          f"{cfg.train.max_tokens * gas * world_size}")
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if cfg.weighting.method in GRAM_METHODS and offload.get("device", "none") not in (None, "none"):
+        # DeepSpeed's offload path computes the clipping norms during each backward and, from
+        # the second micro-step on, accumulates into a CPU buffer that PartitionGrads never
+        # reads or writes: the Gram and the update would be silently wrong
+        raise TrainError(f"{path}: zero_optimization.offload_optimizer.device={offload.get('device')!r} is not "
+                         f"supported with weighting.method={cfg.weighting.method} (its per-language gradients are "
+                         f"read from and written to the GPU gradient partition, which optimizer offload bypasses); "
+                         f"use a config without offload_optimizer, or weighting.method=temperature")
     if cfg.train.tensorboard and "tensorboard" not in ds:
         ds["tensorboard"] = {"enabled": True, "output_path": str(Path(cfg.train.save_dir) / "tensorboard"),
                              "job_name": ""}
@@ -197,10 +206,10 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
         model=model, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     sampler = LanguageSampler(train_splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
-                              cfg.train.max_tokens, world, cfg.train.seed)
+                              cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg))
     run = Run(cfg=cfg, engine=engine, model=model, manifest=manifest, vocab=vocab, languages=languages,
               train_splits=train_splits, dev_splits=dev_splits, sampler=sampler,
-              weighting=make_weighting(cfg, languages), device=torch.device(get_accelerator().device_name()),
+              weighting=make_weighting(cfg, languages, len(vocab)), device=torch.device(get_accelerator().device_name()),
               rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
               tag_ids=[vocab.lang_ids[l] for l in languages])
     run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
@@ -291,8 +300,13 @@ def forward_plan(run: Run, plan: Plan, splits: dict):
     return loss_sum, nll_sum, tok, any_live
 
 
-def next_plans(run: Run) -> list[Plan]:
-    plans = [run.sampler.next_plan() for _ in range(run.gas)]
+def next_plans(run: Run, meta: bool = False) -> list[Plan]:
+    """The gas micro-batch plans of one update; a meta step's are drawn at
+    cats.meta_temperature when that is set."""
+    probs = None
+    if meta and run.cfg.cats.meta_temperature is not None:
+        probs = temperature_probs(run.sampler.sizes, run.cfg.cats.meta_temperature)
+    plans = [run.sampler.next_plan(probs) for _ in range(run.gas)]
     for plan in plans:
         count_slots(run, plan)
     return plans
@@ -313,21 +327,26 @@ def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
 
 def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool):
     """One forward+backward per language of each micro-batch plan, each captured from
-    this rank's gradient partition (cats_ds/grads.py). Returns (langs, rows (K, n_local),
-    local loss sums (K,), local target tokens (K,), global tokens per language)."""
+    this rank's gradient partition (cats_ds/grads.py). Micro-step m contributes
+    mix_n^(m) grad L_n^(m) / gas (mix: weighting.mix; DeepSpeed divides by gas); the sum
+    over m is S_n g_n with S_n = sum_m mix_n^(m) / gas, so g_n is language n's gradient
+    averaged over the micro-steps that contain it and sum_n S_n g_n is the plain update at
+    weight 1. Returns (langs, rows g_n (K, n_local), local loss sums (K,), local target
+    tokens (K,), shares {n: S_n})."""
     rows: dict[int, torch.Tensor] = {}
     n = len(run.languages)
     loss_sums = torch.zeros(n, dtype=torch.float64)
     toks = torch.zeros(n, dtype=torch.float64)
-    global_tokens: dict[int, int] = {}
+    shares: dict[int, float] = {}
     for plan in plans:
         tokens = target_tokens(plan, splits, run.languages)
-        for li, cnt in tokens.items():
-            global_tokens[li] = global_tokens.get(li, 0) + cnt
+        mix = run.weighting.mix(plan.langs, tokens)
+        for li, m in mix.items():
+            shares[li] = shares.get(li, 0.0) + m / run.gas
         for li, sents in zip(plan.langs, plan.sents):
             run.engine.set_gradient_accumulation_boundary(True)
             loss_sum, nll_sum, tok, live = forward_plan(run, Plan([li], [sents]), splits)
-            run.engine.backward(scaled_loss(run, loss_sum, {li: 1.0}, tokens))
+            run.engine.backward(scaled_loss(run, loss_sum, {li: mix[li]}, tokens))
             g = run.grads.capture()
             rows[li] = g if li not in rows else rows[li] + g
             if live:
@@ -337,31 +356,44 @@ def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool)
                     accumulate(run, loss_sum.detach(), nll_sum, tok)
     langs = sorted(rows)
     idx = torch.tensor(langs)
-    return langs, torch.stack([rows[l] for l in langs]), loss_sums[idx], toks[idx], global_tokens
+    return langs, torch.stack([rows[l] / shares[l] for l in langs]), loss_sums[idx], toks[idx], shares
 
 
 def meta_update(run: Run) -> None:
     """A meta step: per-language gradients -> G -> weighting.update -> sum_n c_n g_n
     written into the partition -> engine.step(). Meta batches are the training batches
     (the paper's Algorithm 1) unless cats.meta_data=dev."""
-    plans = next_plans(run)
+    plans = next_plans(run, meta=True)
     if run.cfg.cats.meta_data == "dev":
         # dev gradients only steer the weights; the update is a plain one on the train plans
         meta_plans = [run.dev_sampler.plan_for(p.langs) for p in plans]
-        langs, rows, loss_sums, toks, tokens = per_language_gradients(run, meta_plans, run.dev_splits, log=False)
+        langs, rows, loss_sums, toks, shares = per_language_gradients(run, meta_plans, run.dev_splits, log=False)
         gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-        run.weighting.update(run.step, langs, losses, gram, tokens)
+        weighting_update(run, langs, losses, gram, shares)
         del rows
         plain_update(run, plans)
         return
-    langs, rows, loss_sums, toks, tokens = per_language_gradients(run, plans, run.train_splits, log=True)
+    langs, rows, loss_sums, toks, shares = per_language_gradients(run, plans, run.train_splits, log=True)
     gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-    coeffs = run.weighting.update(run.step, langs, losses, gram, tokens)
+    coeffs = weighting_update(run, langs, losses, gram, shares)
     combo = torch.tensor([coeffs[l] for l in langs], dtype=rows.dtype) @ rows  # (n_local,)
     run.grads.write_back(combo)
     for m in range(run.gas):
         run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
         run.engine.step()
+
+
+def weighting_update(run: Run, langs, losses, gram, shares) -> dict[int, float]:
+    """weighting.update, or weighting.skip when G or the losses are not finite (fp16
+    overflow, e.g. at step 0's initial loss scale): the weights stay, the training step
+    goes ahead and DeepSpeed's loss scaler handles the overflow. G and the losses come
+    out of one all_reduce, so every rank holds the same values and takes the same branch
+    (a non-finite partial on any rank makes the sum non-finite on all)."""
+    if not (torch.isfinite(gram).all() and torch.isfinite(losses).all()):
+        print0(f"| step {run.step}: non-finite Gram matrix or losses; the {run.weighting.name} weights are not "
+               f"updated at this meta step")
+        return run.weighting.skip(run.step, langs, shares)
+    return run.weighting.update(run.step, langs, losses, gram, shares)
 
 
 def train_step(run: Run) -> None:

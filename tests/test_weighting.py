@@ -1,25 +1,40 @@
-"""Task-weighting methods on problems small enough to check by hand."""
+"""Task-weighting methods on problems small enough to check by hand, and the null and
+sharp-task tests of CATS on synthetic loss / Gram streams."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from cats_ds.config import CatsConfig, GradNormConfig, MgdaConfig
-from cats_ds.weighting.base import mean_pairwise_cosine
-from cats_ds.weighting.cats import CatsWeighting
+from cats_ds.data.sampler import draw_languages, temperature_probs
+from cats_ds.weighting.base import TemperatureWeighting, WeightingError, mean_pairwise_cosine
+from cats_ds.weighting.cats import CatsWeighting, floor_project
 from cats_ds.weighting.gradnorm import GradNormWeighting
-from cats_ds.weighting.mgda import MgdaWeighting, min_norm_simplex
+from cats_ds.weighting.mgda import MgdaWeighting, min_norm_exact, min_norm_simplex
 
 D = 4
+GETTEXT8 = {"de": 37435, "es": 39923, "it": 34572, "uk": 50319, "af": 3471, "cy": 3439, "is": 2455, "kk": 3082}
+"""gettext8's training pairs per language (launch/recipes/gettext8.yaml, README)."""
+
+
+def cats(languages, **kw) -> CatsWeighting:
+    return CatsWeighting(languages, CatsConfig(meta_every=[[None, 1]], **kw))
+
+
+# --------------------------------------------------------------------------- the sharp-task toy
 
 
 def quadratic_run(weighting, steps=3000, eta=0.05, seed=0):
-    """3 quadratic tasks L_n = 1/2 (theta - t_n)^T H_n (theta - t_n); task 0 is 10x sharper.
-    Each step samples K=2 of the 3 tasks (so the combined gradient never vanishes), feeds
-    their losses and Gram matrix to the weighting and steps theta by sum_n c_n g_n.
-    Returns the mean curvature proxy |sum_n c_n g_n|^2 over the last 500 steps."""
+    """3 quadratic tasks L_n = 1/2 (theta - t_n)^T H_n (theta - t_n), H_n = h_n I; task 0 is
+    10x sharper. Each step samples K=2 of the 3 tasks (so the combined gradient never
+    vanishes), feeds their losses and Gram matrix to the weighting (equal token shares)
+    and steps theta by the returned sum_n c_n g_n (equal weights: c_n = 1/2).
+    Returns the mean of alpha_B^T G alpha_B over the last 500 steps."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     h = torch.tensor([[2.0] * D, [0.2] * D, [0.2] * D], dtype=torch.float64)
@@ -31,112 +46,354 @@ def quadratic_run(weighting, steps=3000, eta=0.05, seed=0):
         g = h[batch] * (theta - target[batch])
         losses = 0.5 * (h[batch] * (theta - target[batch]) ** 2).sum(1)
         gram = g @ g.T
-        c = {b: 1.0 for b in batch} if weighting is None else weighting.update(t, batch, losses, gram, {})
-        a = torch.tensor([c[b] for b in batch], dtype=torch.float64)
+        shares = {b: 0.5 for b in batch}
+        if weighting is None:
+            c = shares
+            a = torch.ones(2, dtype=torch.float64)
+        else:
+            c = weighting.update(t, batch, losses, gram, shares)
+            a = torch.tensor([weighting.weight(b) for b in batch], dtype=torch.float64)
         proxy.append(float(a @ gram @ a))
-        theta = theta - eta * (a @ g)
+        theta = theta - eta * (torch.tensor([c[b] for b in batch], dtype=torch.float64) @ g)
     return float(np.mean(proxy[-500:]))
 
 
-@pytest.mark.parametrize("loss_term,lr", [(False, 0.05), (True, 0.01)])
-def test_cats_turns_down_the_sharp_task(loss_term, lr):
-    eps = 0.05
-    cats = CatsWeighting(["sharp", "flat1", "flat2"],
-                         CatsConfig(loss_term=loss_term, lr_alpha=lr, lr_lambda=lr, eps=eps, meta_every=[[None, 1]]))
-    floor, lambda_c = [], []
-    orig = cats.update
-
-    def tracked(*a, **k):
-        out = orig(*a, **k)
-        floor.append(float(cats.alpha.min()))
-        lambda_c.append(cats.lambda_c)
-        return out
-
-    cats.update = tracked
-    proxy_cats = quadratic_run(cats)
-    proxy_equal = quadratic_run(None)
-    alpha = cats.alpha
-    assert alpha[0] < 0.2 and alpha[0] < alpha[1] and alpha[0] < alpha[2]  # the sharp task is turned down
-    assert proxy_cats < 0.5 * proxy_equal                                  # a flatter trajectory
-    assert abs(float(alpha.sum()) - 3.0) < 0.05                            # sum alpha -> N
-    assert min(floor) > eps - 0.3 and float(alpha.min()) > eps - 0.05      # the floor, up to the ascent lag
-    assert max(lambda_c) > 0 and (cats.lambda_n >= 0).all()  # the curvature constraint was active
+@pytest.mark.parametrize("settings", [
+    {},                                    # the default: mirror, loss term on, kappa 0.9
+    {"loss_term": False, "kappa": 0.5},    # the curvature term alone
+], ids=["default", "curvature-only"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mirror_turns_down_the_sharp_task(settings, seed):
+    w = cats(["sharp", "flat1", "flat2"], **settings)
+    proxy_cats = quadratic_run(w, seed=seed)
+    proxy_equal = quadratic_run(None, seed=seed)
+    alpha = w.alpha
+    print(f"alpha {alpha.numpy().round(3)}  alpha^T G alpha {proxy_cats:.4f} vs equal weights {proxy_equal:.4f}")
+    assert alpha[0] < 0.5 and alpha[0] <= min(alpha[1], alpha[2]) + 1e-12  # the sharp task is turned down
+    assert proxy_cats < 0.8 * proxy_equal                                  # a flatter trajectory
+    assert float(alpha.sum()) == pytest.approx(3.0, abs=1e-12)             # sum alpha = N exactly
+    assert float(alpha.min()) >= 0.1 - 1e-12                               # the floor, exactly
 
 
-def test_cats_update_rule_by_hand():
+def test_lagrangian_turns_down_the_sharp_task():
+    w = cats(["sharp", "flat1", "flat2"], update="lagrangian", loss_term=False, lr_alpha=0.01, lr_lambda=0.01,
+             budget=0.05, alpha_min=0.2)  # at 2x these steps alpha_sharp turns negative (a WeightingError)
+    proxy_cats, proxy_equal = quadratic_run(w), quadratic_run(None)
+    alpha = w.alpha
+    assert alpha[0] < alpha[1] and alpha[0] < alpha[2] and proxy_cats < proxy_equal
+    assert abs(float(alpha.sum()) - 3.0) < 0.15  # held by the signed lambda_s, up to the ascent lag (2.90 here)
+    assert w.lambda_c > 0 and (w.lambda_n >= 0).all()
+
+
+# --------------------------------------------------------------------------- the null test
+
+
+def null_stream(update: str, steps: int = 300, seed: int = 0, **settings):
+    """gettext8's 8 languages, statistically identical (same loss distribution, same
+    gradient statistics: g_n = u + z_n, mean pairwise cosine ~0.5, |g_n|^2 ~ 1), sampled at
+    gettext8's T=1 rates with K=4 distinct languages per meta batch; per-language mean loss
+    5 +- 0.15 (3%, about the noise of a ~750-token batch mean). Returns (weighting, steps
+    completed, error text or None)."""
+    langs = list(GETTEXT8)
+    p = temperature_probs(list(GETTEXT8.values()), 1.0)
+    rng = np.random.default_rng(seed)
+    w = cats(langs, update=update, **settings)
+    dim = 64
+    u = rng.normal(size=dim)
+    for step in range(steps):
+        batch = sorted(draw_languages(rng, p, 4, distinct=True))
+        g = (u + rng.normal(size=(len(batch), dim))) / math.sqrt(2 * dim)
+        losses = torch.tensor(5.0 + 0.15 * rng.normal(size=len(batch)))
+        tokens = rng.integers(500, 1000, size=len(batch))
+        shares = {b: float(t / tokens.sum()) for b, t in zip(batch, tokens)}
+        try:
+            w.update(step, batch, losses, torch.tensor(g @ g.T), shares)
+        except WeightingError as e:
+            return w, step, str(e)
+    return w, steps, None
+
+
+def test_null_default_update_keeps_alpha_at_one():
+    """Identical languages sampled at unequal rates (de/es/it/uk ~12x af/cy/is/kk): after
+    300 meta steps every alpha of the default update is within 0.1 of 1 and sum alpha = N."""
+    for seed in range(3):
+        w, done, err = null_stream("mirror", seed=seed)
+        assert err is None and done == 300
+        alpha = w.alpha.numpy()
+        print(f"seed {seed}: mirror alpha {dict(zip(GETTEXT8, alpha.round(3)))}, lambda_c {w.lambda_c:.3f}")
+        assert np.abs(alpha - 1).max() < 0.1
+        assert abs(alpha.sum() - 8) < 1e-9
+        hi, lo = alpha[:4].mean(), alpha[4:].mean()
+        assert abs(hi - lo) < 0.05  # no systematic Hi/Lo split
+
+
+def test_null_literal_update_drift_is_reported():
+    """The literal update on the same stream, at the old gettext8 recipe's settings: its
+    drift is printed (pytest -s), not asserted away. The assertions only check that the
+    drift is measured and that the run either completes or stops with the range error."""
+    w, done, err = null_stream("lagrangian", budget=1.0, lr_alpha=0.003, lr_lambda=0.001, alpha_min=0.1)
+    alpha = w.alpha.numpy()
+    hi, lo = alpha[:4].mean(), alpha[4:].mean()
+    print(f"literal update after {done} meta steps: alpha {dict(zip(GETTEXT8, alpha.round(3)))}; Hi mean {hi:.3f}, "
+          f"Lo mean {lo:.3f}, sum {alpha.sum():.4f}, lambda_c {w.lambda_c:.3g}, lambda_s {w.lambda_s:.3g}"
+          + (f"; stopped: {err}" if err else ""))
+    assert done == 300 or "out of range" in err
+    assert np.isfinite(alpha).all()
+
+
+# --------------------------------------------------------------------------- update rules by hand
+
+
+def test_lagrangian_update_rule_by_hand():
     """One meta step, every term of dL/dalpha checked against the formula."""
-    cfg = CatsConfig(loss_term=True, lr_alpha=0.1, lr_lambda=0.5, eps=0.1, meta_every=[[None, 1]])
-    cats = CatsWeighting(["a", "b", "c"], cfg)
-    cats.lambda_c, cats.lambda_s = 0.2, 0.3
-    cats.lambda_n = torch.tensor([0.0, 0.0, 0.4], dtype=torch.float64)
+    w = cats(["a", "b", "c"], update="lagrangian", loss_term=True, lr_alpha=0.1, lr_lambda=0.5, budget=0.1,
+             alpha_min=0.2)
+    w.lambda_c, w.lambda_s = 0.2, 0.3
+    w.lambda_n = torch.tensor([0.0, 0.0, 0.4], dtype=torch.float64)
     gram = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     losses = torch.tensor([1.5, 0.7], dtype=torch.float64)
-    out = cats.update(0, [0, 2], losses, gram, {})
-    # alpha = 1: G alpha_B = [2.5, 1.5]; sum alpha - N = 0
-    grad = np.array([1.5 + 2 * 0.2 * 2.5, 0.0, 0.7 + 2 * 0.2 * 1.5 - 0.4])
+    out = w.update(0, [0, 2], losses, gram, {0: 0.25, 2: 0.75})
+    # alpha = 1: G alpha_B = [2.5, 1.5]; lambda_s enters every language linearly
+    grad = np.array([1.5 + 2 * 0.2 * 2.5 + 0.3, 0.3, 0.7 + 2 * 0.2 * 1.5 + 0.3 - 0.4])
     want = 1.0 - 0.1 * grad
-    assert np.allclose(cats.alpha.numpy(), want)
-    assert out == {0: pytest.approx(want[0]), 2: pytest.approx(want[2])}
+    assert np.allclose(w.alpha.numpy(), want)
+    assert out == {0: pytest.approx(want[0] * 0.25), 2: pytest.approx(want[2] * 0.75)}
     a_b = want[[0, 2]]
     curv = a_b @ gram.numpy() @ a_b
-    assert cats.lambda_c == pytest.approx(max(0.0, 0.2 + 0.5 * (curv - 0.1)))
-    assert cats.lambda_s == pytest.approx(0.3 + 0.5 * (want.sum() - 3) ** 2)
-    assert np.allclose(cats.lambda_n.numpy(), np.maximum(0, [0, 0, 0.4] + 0.5 * (0.1 - want)))
+    assert w.lambda_c == pytest.approx(max(0.0, 0.2 + 0.5 * (curv - 0.1)))
+    assert w.lambda_s == pytest.approx(0.3 + 0.5 * (want.sum() - 3))  # signed, linear in the violation
+    assert np.allclose(w.lambda_n.numpy(), np.maximum(0, [0, 0, 0.4] + 0.5 * (0.2 - want)))
     # the curvature term is |sum alpha g|^2 = alpha^T G alpha, not sum alpha^2 |g|^2
-    assert cats.last["meta/curvature"] == pytest.approx(curv)
+    assert w.last["meta/curvature"] == pytest.approx(curv)
 
 
-def test_cats_state_roundtrip_and_divergence_error():
-    cats = CatsWeighting(["a", "b"], CatsConfig(meta_every=[[None, 1]]))
-    cats.update(0, [0, 1], torch.tensor([1.0, 2.0]), torch.eye(2, dtype=torch.float64), {})
-    other = CatsWeighting(["a", "b"], CatsConfig(meta_every=[[None, 1]]))
-    other.load_state_dict(cats.state_dict())
-    assert torch.equal(other.alpha, cats.alpha) and other.lambda_c == cats.lambda_c
+def test_mirror_update_rule_by_hand():
+    w = cats(["a", "b", "c"], lr_alpha=0.5, lr_lambda=0.2, kappa=0.8, loss_ema=0.5, alpha_min=0.1)
+    w.alpha = torch.tensor([1.2, 1.0, 0.8], dtype=torch.float64)
+    w.lambda_c = 0.3
+    w.loss_avg = torch.tensor([2.0, float("nan"), 3.0], dtype=torch.float64)
+    gram = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    losses = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    w.update(0, [0, 2], losses, gram, {0: 0.5, 2: 0.5})
+    a = np.array([1.2, 0.8])
+    g = gram.numpy()
+    m = a.sum()
+    lbar = np.array([0.5 * 2.0 + 0.5 * 1.0, 0.5 * 3.0 + 0.5 * 2.0])
+    f, f0 = a @ g @ a, (m / 2) ** 2 * g.sum()
+    d = (m * lbar / (a @ lbar) - 1) + 0.3 * (m * (g @ a) / f - 1)
+    new = a * np.exp(-0.5 * d)
+    new *= m / new.sum()
+    assert np.allclose(w.alpha.numpy(), [new[0], 1.0, new[1]])
+    assert np.allclose(w.loss_avg.numpy()[[0, 2]], lbar)
+    ratio = new @ g @ new / f0
+    assert w.lambda_c == pytest.approx(max(0.0, 0.3 + 0.2 * (ratio - 0.8)))
+    assert w.last["cats/curvature_ratio"] == pytest.approx(ratio)
+
+
+def test_floor_projection_is_exact():
+    a = torch.tensor([5.0, 0.01, 0.02, 2.0], dtype=torch.float64)
+    out = floor_project(a, 4.0, 0.3)
+    assert float(out.sum()) == pytest.approx(4.0, abs=1e-12)
+    assert torch.allclose(out[1:3], torch.tensor([0.3, 0.3], dtype=torch.float64))
+    assert float(out[0] / out[3]) == pytest.approx(2.5)  # the free ones keep their ratio
+    # a cascade: scaling the rest up can push another below the floor
+    out = floor_project(torch.tensor([10.0, 0.5, 0.4, 0.001], dtype=torch.float64), 2.0, 0.45)
+    assert float(out.sum()) == pytest.approx(2.0) and float(out.min()) >= 0.45 - 1e-12
+
+
+def test_weight_by_tokens_at_alpha_one_is_temperature():
+    w, t = cats(["a", "b", "c"]), TemperatureWeighting(["a", "b", "c"])
+    tokens = {0: 37, 2: 113}
+    assert w.coefficients([0, 2], tokens) == t.coefficients([0, 2], tokens) == {0: 37 / 150, 2: 113 / 150}
+    w.alpha = torch.tensor([2.0, 0.5, 0.5], dtype=torch.float64)
+    assert w.coefficients([0, 2], tokens) == pytest.approx({0: 2 * 37 / 150, 2: 0.5 * 113 / 150})
+    per_lang = cats(["a", "b", "c"], weight_by="language")
+    per_lang.alpha = w.alpha
+    assert per_lang.coefficients([0, 2], tokens) == {0: 2.0, 2: 0.5}
+
+
+def test_blow_up_stops_at_the_first_bad_alpha():
+    """issue 15: lr_alpha=1e6 must stop at once with a message naming the keys, never
+    apply the alpha, never raise OverflowError."""
+    w = cats(["a", "b", "c"], update="lagrangian", lr_alpha=1e6)
+    gram = torch.eye(2, dtype=torch.float64)
+    with pytest.raises(WeightingError, match=r"step 0: alpha/a would be .*cats.lr_alpha=1000000.0.*cats.update=mirror"):
+        w.update(0, [0, 1], torch.tensor([2.0, 1.0]), gram, {0: 0.5, 1: 0.5})
+    assert torch.equal(w.alpha, torch.ones(3, dtype=torch.float64)) and w.meta_steps == 0
+    # huge but finite Gram entries: alpha^T G alpha would overflow a Python float
+    w = cats(["a", "b"], update="lagrangian", lr_alpha=1.0, lr_lambda=1.0)
+    big = torch.full((2, 2), 1e300, dtype=torch.float64)
+    with pytest.raises(WeightingError, match="out of range"):
+        for step in range(20):
+            w.update(step, [0, 1], torch.tensor([1.0, 1.0]), big, {0: 0.5, 1: 0.5})
+    assert torch.isfinite(w.alpha).all() and (w.alpha >= 0).all()
+    # the mirror update stays in range at any step size (log-space steps, exact floor)
+    w = cats(["a", "b", "c"], lr_alpha=1e6, lr_lambda=1e6)
+    for step in range(5):
+        w.update(step, [0, 1, 2], torch.tensor([2.0, 1.0, 3.0]), torch.eye(3, dtype=torch.float64) + 0.5,
+                 {0: 0.3, 1: 0.3, 2: 0.4})
+    assert float(w.alpha.sum()) == pytest.approx(3.0) and float(w.alpha.min()) >= 0.1 - 1e-12
+
+
+def test_skip_leaves_the_weights():
+    w = cats(["a", "b", "c"])
+    w.update(0, [0, 1], torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 0.2], [0.2, 3.0]], dtype=torch.float64),
+             {0: 0.5, 1: 0.5})
+    state = w.state_dict()
+    out = w.skip(1, [0, 2], {0: 0.4, 2: 0.6})
+    assert out == {0: pytest.approx(float(w.alpha[0]) * 0.4), 2: pytest.approx(float(w.alpha[2]) * 0.6)}
+    assert w.state_dict()["alpha"] == state["alpha"] and w.scalars()["meta/skipped"] == 1.0
+
+
+def test_cats_state_roundtrip():
+    w = cats(["a", "b"])
+    w.update(0, [0, 1], torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 0.1], [0.1, 2.0]], dtype=torch.float64),
+             {0: 0.5, 1: 0.5})
+    other = cats(["a", "b"])
+    other.load_state_dict(w.state_dict())
+    assert torch.equal(other.alpha, w.alpha) and other.lambda_c == w.lambda_c
+    assert torch.equal(other.loss_avg, w.loss_avg)
     with pytest.raises(ValueError, match="languages"):
-        CatsWeighting(["a", "x"], CatsConfig()).load_state_dict(cats.state_dict())
-    with pytest.raises(FloatingPointError, match="cats.lr_alpha"):
-        cats.update(1, [0, 1], torch.tensor([1.0, float("inf")]), torch.eye(2, dtype=torch.float64), {})
+        cats(["a", "x"]).load_state_dict(w.state_dict())
+    with pytest.raises(ValueError, match="cats.update=lagrangian"):
+        cats(["a", "b"], update="lagrangian").load_state_dict(w.state_dict())
 
 
 def test_meta_schedule():
-    cats = CatsWeighting(["a"], CatsConfig(meta_every=[[4, 1], [10, 3], [None, 5]]))
-    assert [s for s in range(20) if cats.is_meta_step(s)] == [0, 1, 2, 3, 6, 9, 10, 15]
+    w = CatsWeighting(["a"], CatsConfig(meta_every=[[4, 1], [10, 3], [None, 5]]))
+    assert [s for s in range(20) if w.is_meta_step(s)] == [0, 1, 2, 3, 6, 9, 10, 15]
+
+
+# --------------------------------------------------------------------------- GradNorm
 
 
 def test_gradnorm_by_hand():
     gn = GradNormWeighting(["a", "b"], GradNormConfig(asymmetry=1.5, lr=0.1), [[None, 1]])
     gram = torch.diag(torch.tensor([9.0, 1.0], dtype=torch.float64))  # |g| = 3, 1
     # first step: loss ratios 1 -> target = mean(w|g|) = 2; sign(G - target) = (+, -)
-    gn.update(0, [0, 1], torch.tensor([2.0, 1.0], dtype=torch.float64), gram, {})
+    gn.update(0, [0, 1], torch.tensor([2.0, 1.0], dtype=torch.float64), gram, {0: 0.5, 1: 0.5})
     w1 = np.array([1 - 0.1 * 3, 1 + 0.1 * 1]) * 2 / 1.8
     assert np.allclose(gn.w.numpy(), w1)
     # second step: task a halved its loss -> r = (0.5, 1) / 0.75, target = mean * r^1.5
-    out = gn.update(1, [0, 1], torch.tensor([1.0, 1.0], dtype=torch.float64), gram, {})
+    out = gn.update(1, [0, 1], torch.tensor([1.0, 1.0], dtype=torch.float64), gram, {0: 0.25, 1: 0.75})
     gnorm = w1 * [3, 1]
     target = gnorm.mean() * (np.array([0.5, 1.0]) / 0.75) ** 1.5
     assert np.all(np.sign(gnorm - target) == [1, -1])
     w2 = (w1 - 0.1 * np.array([3, -1])) * 2 / (w1 - 0.1 * np.array([3, -1])).sum()
-    assert np.allclose(gn.w.numpy(), w2) and out[0] == pytest.approx(w2[0])
+    assert np.allclose(gn.w.numpy(), w2) and out[0] == pytest.approx(w2[0] * 0.25)
 
 
-def test_mgda_min_norm_by_hand():
+def test_gradnorm_initial_loss_is_the_step0_loss():
+    gn = GradNormWeighting(["a", "b", "c"], GradNormConfig(), [[None, 1]], vocab_size=1000)
+    gram = torch.eye(2, dtype=torch.float64)
+    gn.update(0, [0, 2], torch.tensor([6.5, 7.25], dtype=torch.float64), gram, {0: 0.5, 2: 0.5})
+    assert gn.initial_loss.tolist() == [6.5, math.log(1000), 7.25]
+    # language b is first seen later, with a much lower loss: L_b(0) stays log V
+    gn.update(1, [1, 2], torch.tensor([2.0, 5.0], dtype=torch.float64), gram, {1: 0.5, 2: 0.5})
+    assert gn.initial_loss.tolist() == [6.5, math.log(1000), 7.25]
+    with pytest.raises(ValueError, match="vocabulary size"):
+        GradNormWeighting(["a", "b"], GradNormConfig(), [[None, 1]]).update(
+            0, [0], torch.tensor([1.0]), torch.eye(1, dtype=torch.float64), {0: 1.0})
+
+
+# --------------------------------------------------------------------------- MGDA
+
+
+def reference_min_norm(gram: np.ndarray, iters: int = 20000) -> np.ndarray:
+    """An independent solver: accelerated projected gradient (FISTA) on the simplex."""
+
+    def project(v):  # Euclidean projection onto the simplex (sort-based)
+        u = np.sort(v)[::-1]
+        css = np.cumsum(u)
+        rho = np.nonzero(u * np.arange(1, len(v) + 1) > css - 1)[0][-1]
+        return np.maximum(v - (css[rho] - 1) / (rho + 1), 0)
+
+    k = len(gram)
+    step = 1.0 / (2 * np.linalg.eigvalsh(gram).max())
+    x = y = np.full(k, 1.0 / k)
+    t = 1.0
+    for _ in range(iters):
+        x_new = project(y - step * 2 * gram @ y)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = x_new + (t - 1) / t_new * (x_new - x)
+        x, t = x_new, t_new
+    return x
+
+
+@pytest.mark.parametrize("k,dim", [(2, 5), (3, 2), (4, 16), (6, 3), (8, 32), (8, 5)])
+def test_mgda_exact_on_random_grams(k, dim):
+    rng = np.random.default_rng(k * 100 + dim)
+    for _ in range(5):
+        g = rng.normal(size=(k, dim)) + rng.normal(size=dim)  # correlated, as gradients are
+        gram = g @ g.T
+        lam = min_norm_exact(torch.tensor(gram)).numpy()
+        ref = reference_min_norm(gram)
+        val, ref_val = lam @ gram @ lam, ref @ gram @ ref
+        assert val <= ref_val * (1 + 1e-6) + 1e-12 and val >= ref_val * (1 - 1e-6) - 1e-12
+        # the min-norm POINT is unique even when lambda is not (k > dim)
+        assert np.abs(lam @ g - ref @ g).max() < 1e-6 * max(1.0, np.abs(ref @ g).max()) + 1e-5 * (k > dim)
+        if k <= dim:  # G positive definite: lambda itself is unique
+            assert np.abs(lam - ref).max() < 1e-6
+        # KKT certificate: (G lam)_j >= lam^T G lam everywhere, equality on the support
+        grad = gram @ lam
+        assert (lam >= 0).all() and abs(lam.sum() - 1) < 1e-12
+        assert (grad >= val - 1e-9 * max(1, abs(val))).all()
+        assert np.abs(grad[lam > 1e-9] - val).max() < 1e-8 * max(1, abs(val))
+
+
+def test_mgda_by_hand():
     # g1 = (2, 0), g2 = (0, 1): min_l |l g1 + (1-l) g2|^2 = 4 l^2 + (1-l)^2 -> l = 0.2
-    lam = min_norm_simplex(torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64), iters=200)
-    assert np.allclose(lam.numpy(), [0.2, 0.8], atol=1e-6)
-    # g1 = (1, 0), g2 = (0, 1), g3 = (1, 1): the hull's min-norm point is (1/2, 1/2)
+    assert np.allclose(min_norm_exact(torch.tensor([[4.0, 0.0], [0.0, 1.0]])).numpy(), [0.2, 0.8], atol=1e-12)
+    # g1 = (1, 0), g2 = (0, 1), g3 = (1, 1): the min-norm point is (1/2, 1/2), lambda_3 = 0
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
-    lam = min_norm_simplex(g @ g.T, iters=500)
-    assert np.allclose((lam @ g).numpy(), [0.5, 0.5], atol=5e-3) and lam[2] < 5e-3  # Frank-Wolfe: O(1/t)
+    assert np.allclose(min_norm_exact(g @ g.T).numpy(), [0.5, 0.5, 0.0], atol=1e-12)
+    lam = min_norm_simplex(g @ g.T, iters=500)  # Frank-Wolfe (K > 8) converges only as O(1/t)
+    assert np.allclose((lam @ g).numpy(), [0.5, 0.5], atol=5e-3)
     # one gradient inside the others' hull: all weight on it
     g = torch.tensor([[1.0, 0.0], [3.0, 0.5]], dtype=torch.float64)
-    assert np.allclose(min_norm_simplex(g @ g.T).numpy(), [1.0, 0.0], atol=1e-9)
-    mg = MgdaWeighting(["a", "b", "c"], MgdaConfig(iters=200), [[None, 1]])
-    out = mg.update(0, [0, 2], None, torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64), {})
-    assert out[0] == pytest.approx(0.4, abs=1e-5) and out[2] == pytest.approx(1.6, abs=1e-5)
-    assert mg.coefficients([1], {}) == {1: 1.0}
+    assert np.allclose(min_norm_exact(g @ g.T).numpy(), [1.0, 0.0], atol=1e-12)
+
+
+def test_mgda_weights_keep_their_mass():
+    """The update is the min-norm direction at the batch's total share; between meta steps
+    the in-batch languages split their own mass by lambda (sum w = N, no factor K)."""
+    mg = MgdaWeighting(["a", "b", "c", "d"], MgdaConfig(), [[None, 1]])
+    out = mg.update(0, [0, 2], None, torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64), {0: 0.3, 2: 0.7})
+    assert out == {0: pytest.approx(0.2), 2: pytest.approx(0.8)}
+    assert np.allclose(mg.w.numpy(), [0.4, 1.0, 1.6, 1.0])
+    assert mg.coefficients([1, 2], {1: 10, 2: 30}) == pytest.approx({1: 0.25, 2: 1.6 * 0.75})
+    # a 3-language batch next: same total mass 4, no K-dependent scale
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    mg.update(1, [0, 1, 3], None, g @ g.T, {0: 0.3, 1: 0.3, 3: 0.4})
+    assert float(mg.w.sum()) == pytest.approx(4.0)
+    assert np.allclose(mg.w.numpy(), [1.2, 1.2, 1.6, 0.0])
 
 
 def test_mean_pairwise_cosine():
     g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
     want = np.mean([0.0, 1 / np.sqrt(2), 1 / np.sqrt(2)])
     assert mean_pairwise_cosine(g @ g.T) == pytest.approx(want)
+
+
+def test_distinct_draw_follows_successive_sampling():
+    """K distinct languages; each language's inclusion rate equals the exact inclusion
+    probability of successive sampling (enumerated over ordered draws), not K p_l."""
+    p = np.array([0.6, 0.25, 0.1, 0.05])
+    exact = np.zeros(4)
+    for order in itertools.permutations(range(4), 2):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i] / left
+            left -= p[i]
+        exact[list(order)] += prob
+    rng = np.random.default_rng(0)
+    counts = np.zeros(4)
+    n = 20000
+    for _ in range(n):
+        drawn = draw_languages(rng, p, 2, distinct=True)
+        assert len(set(drawn)) == 2
+        counts[drawn] += 1
+    assert np.abs(counts / n - exact).max() < 0.01
+    assert abs(exact[0] - 2 * p[0]) > 0.2  # the law is not K p_l
+    # more slots than languages with data: every language once
+    assert sorted(draw_languages(rng, np.array([0.5, 0.5, 0.0]), 4, distinct=True)) == [0, 1]

@@ -33,6 +33,29 @@ def temperature_probs(sizes: list[int], temperature: float) -> np.ndarray:
     return w / w.sum()
 
 
+def draw_languages(rng: np.random.Generator, probs: np.ndarray, k: int, distinct: bool) -> list[int]:
+    """The languages of a micro-batch's K slots.
+
+    distinct=False: K independent draws from p (repeats allowed; a language's expected
+    share of slots, hence of tokens, is exactly p_l).
+    distinct=True: successive sampling without replacement: slot 1 from p, each next slot
+    from p renormalized over the languages not drawn yet, until min(K, #languages with
+    p_l > 0) are drawn. The inclusion probability pi_l (the chance that l is in the batch)
+    is then not K p_l: large-p languages are capped at pi_l <= 1 and the rest are lifted
+    (e.g. 2 of 3 languages with p = (0.8, 0.1, 0.1): pi = (0.978, 0.511, 0.511), not
+    (1.6, 0.2, 0.2)); each drawn language fills one slot of max_tokens * world / K tokens,
+    so its expected token share is pi_l / K, flatter than p_l."""
+    if not distinct:
+        return rng.choice(len(probs), size=k, replace=True, p=probs).tolist()
+    p = np.asarray(probs, dtype=np.float64).copy()
+    out = []
+    for _ in range(min(k, int((p > 0).sum()))):
+        li = int(rng.choice(len(p), p=p / p.sum()))
+        out.append(li)
+        p[li] = 0.0
+    return out
+
+
 def chunk_by_budget(order: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
     """Split sentence ids `order` (ascending by cost) into consecutive chunks whose
     padded cost (count * longest) stays within budget; a sentence over budget is alone."""
@@ -67,7 +90,8 @@ class Plan:
 
 class LanguageSampler:
     def __init__(self, splits: dict[str, LangSplit], languages: list[str], temperature: float,
-                 langs_per_batch: int, max_tokens: int, world_size: int, seed: int, allow_missing: bool = False):
+                 langs_per_batch: int, max_tokens: int, world_size: int, seed: int, allow_missing: bool = False,
+                 distinct: bool = False):
         missing = [l for l in languages if l not in splits]
         if missing and not allow_missing:
             raise ValueError(f"no training data for language(s) {', '.join(missing)}")
@@ -77,6 +101,7 @@ class LanguageSampler:
                      for l in languages]
         self.probs = temperature_probs(self.sizes, temperature)
         self.k = langs_per_batch
+        self.distinct = distinct
         self.slot_budget = max(1, max_tokens * world_size // langs_per_batch)
         self.seed = seed
         self.micro_step = 0
@@ -109,12 +134,14 @@ class LanguageSampler:
         have = [li for li in langs if self.sizes[li] > 0]
         return Plan(have, [self._take(li) for li in have])
 
-    def next_plan(self) -> Plan:
+    def next_plan(self, probs: Optional[np.ndarray] = None) -> Plan:
+        """The next micro-batch; `probs` overrides the language probabilities of this one
+        draw (meta batches at cats.meta_temperature)."""
         rng = np.random.default_rng([self.seed, 2, self.micro_step])
         self.micro_step += 1
-        slots = rng.choice(len(self.languages), size=self.k, replace=True, p=self.probs)
+        slots = draw_languages(rng, self.probs if probs is None else probs, self.k, self.distinct)
         taken: dict[int, list[np.ndarray]] = {}
-        for li in slots.tolist():
+        for li in slots:
             taken.setdefault(li, []).append(self._take(li))
         langs = sorted(taken)
         sents = []

@@ -1,11 +1,18 @@
 """The one interface every task-weighting method implements.
 
-The training loop calls it at one named point. Every update it asks `coefficients` for
-the per-language loss weights c_n of the combined loss sum_n c_n L_n (one backward).
+The training loop calls it at one named point. Every micro-batch it asks `coefficients`
+for the per-language loss weights c_n of the combined loss sum_n c_n L_n (one backward):
+c_n = w_n * mix_n, with w_n the method's weight (CATS: alpha_n; 1 for temperature) and
+mix_n the sampled mix (`cats.weight_by`: tokens_n / tokens, or 1 per language).
+
 On a meta step (`is_meta_step`) it instead runs one backward per language, builds the
-K x K Gram matrix G of the per-language gradients (on ZeRO partitions, cats_ds/grads.py)
-and calls `update(step, langs, losses, G)`, whose returned coefficients combine the
-per-language gradients into the update, before `engine.step()`.
+K x K Gram matrix G of the per-language gradients g_n (on ZeRO partitions,
+cats_ds/grads.py) and calls `update(step, langs, losses, G, shares)`, whose returned
+coefficients combine the g_n into the update, before `engine.step()`. g_n is the gradient
+of language n's loss averaged over the micro-steps that contain it (weighted by mix_n
+there), and shares[n] = S_n = (1/gas) sum_m mix_n^(m), so that sum_n S_n g_n is exactly
+the update a plain step with w = 1 would make. If G or the losses are not finite (fp16
+overflow), the loop calls `skip` instead: the weights stay, the update still happens.
 """
 
 from __future__ import annotations
@@ -17,27 +24,57 @@ import torch
 from cats_ds.config import meta_interval
 
 
+class WeightingError(FloatingPointError):
+    """A meta step would put a weight outside its valid range (non-finite, negative, or
+    above N): training stops there, before the weight is used; the message says which
+    keys to change."""
+
+
 class Weighting:
     name = "base"
 
-    def __init__(self, languages: list[str], meta_every: Optional[list] = None):
+    def __init__(self, languages: list[str], meta_every: Optional[list] = None, weight_by: str = "tokens"):
+        if weight_by not in ("tokens", "language"):
+            raise ValueError(f"cats.weight_by: {weight_by!r} is not one of 'tokens', 'language'")
         self.languages = languages
         self.meta_every = meta_every
+        self.weight_by = weight_by
         self.last: dict[str, float] = {}
+        self.skipped = 0
 
     def is_meta_step(self, step: int) -> bool:
         """Whether update `step` (0-based) needs per-language gradients and their Gram."""
         return self.meta_every is not None and step % meta_interval(self.meta_every, step) == 0
 
+    def mix(self, langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
+        """mix_n of one micro-batch: tokens_n / tokens (weight_by tokens) or 1 (language)."""
+        if self.weight_by == "language":
+            return {l: 1.0 for l in langs}
+        return token_share(langs, tokens)
+
+    def weight(self, lang: int) -> float:
+        """w_n: the method's own weight of language n (1 unless a subclass keeps one)."""
+        return 1.0
+
     def coefficients(self, langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
-        """c_n of sum_n c_n L_n for the languages of this batch (L_n: mean token loss)."""
-        raise NotImplementedError
+        """c_n = w_n * mix_n of sum_n c_n L_n for the languages of this micro-batch
+        (L_n: the language's mean token loss in it)."""
+        return {l: self.weight(l) * m for l, m in self.mix(langs, tokens).items()}
 
     def update(self, step: int, langs: list[int], losses: torch.Tensor, gram: torch.Tensor,
-               tokens: dict[int, int]) -> dict[int, float]:
-        """Meta step: losses[i] = L_{langs[i]}, G[i, j] = <g_langs[i], g_langs[j]> (float64).
-        Returns the c_n that combine the per-language gradients into this update."""
+               shares: dict[int, float]) -> dict[int, float]:
+        """Meta step: losses[i] = L_{langs[i]}, G[i, j] = <g_langs[i], g_langs[j]> (float64),
+        shares[n] = S_n (module docstring). Returns the c_n that combine the g_n into this
+        update (w_n * S_n unless the method says otherwise)."""
         raise NotImplementedError
+
+    def skip(self, step: int, langs: list[int], shares: dict[int, float]) -> dict[int, float]:
+        """A meta step whose G or losses are not finite: leave the weights as they are and
+        combine the g_n with the current ones (DeepSpeed's loss scaler then skips or takes
+        the optimizer step as it would without the meta step)."""
+        self.skipped += 1
+        self.last["meta/skipped"] = float(self.skipped)
+        return {l: self.weight(l) * shares[l] for l in langs}
 
     def scalars(self) -> dict[str, float]:
         """TensorBoard scalars of the current state (alpha/xx, ...) and of the last meta step."""
@@ -58,12 +95,12 @@ class LanguageWeights(Weighting):
     """A weight per language (init 1) that the loss uses between meta steps: the state
     GradNorm and MGDA share."""
 
-    def __init__(self, languages: list[str], meta_every):
-        super().__init__(languages, meta_every)
+    def __init__(self, languages: list[str], meta_every, weight_by: str = "tokens"):
+        super().__init__(languages, meta_every, weight_by)
         self.w = torch.ones(len(languages), dtype=torch.float64)
 
-    def coefficients(self, langs, tokens):
-        return {l: float(self.w[l]) for l in langs}
+    def weight(self, lang):
+        return float(self.w[lang])
 
     def scalars(self):
         out = dict(self.last)
@@ -101,20 +138,19 @@ class TemperatureWeighting(Weighting):
 
     name = "temperature"
 
-    def coefficients(self, langs, tokens):
-        return token_share(langs, tokens)
 
-
-def make_weighting(cfg, languages: list[str]) -> Weighting:
-    """cfg.weighting.method -> instance. A plain dict, no registry."""
+def make_weighting(cfg, languages: list[str], vocab_size: Optional[int] = None) -> Weighting:
+    """cfg.weighting.method -> instance. A plain dict, no registry. vocab_size: GradNorm's
+    L_n(0) = log V for languages not in the first meta batch."""
     from cats_ds.weighting.cats import CatsWeighting
     from cats_ds.weighting.gradnorm import GradNormWeighting
     from cats_ds.weighting.mgda import MgdaWeighting
 
+    c = cfg.cats
     builders = {
         "temperature": lambda: TemperatureWeighting(languages),
-        "cats": lambda: CatsWeighting(languages, cfg.cats),
-        "gradnorm": lambda: GradNormWeighting(languages, cfg.gradnorm, cfg.cats.meta_every),
-        "mgda": lambda: MgdaWeighting(languages, cfg.mgda, cfg.cats.meta_every),
+        "cats": lambda: CatsWeighting(languages, c),
+        "gradnorm": lambda: GradNormWeighting(languages, cfg.gradnorm, c.meta_every, vocab_size, c.weight_by),
+        "mgda": lambda: MgdaWeighting(languages, cfg.mgda, c.meta_every, c.weight_by),
     }
     return builders[cfg.weighting.method]()

@@ -1,19 +1,33 @@
 """MGDA (the paper's Eq. 5): the min-norm point of the convex hull of the per-language
-gradients, min_{lambda in simplex} lambda^T G lambda, by Frank-Wolfe on G alone.
+gradients, min_{lambda in simplex} lambda^T G lambda, from G alone.
 
-The update uses K * lambda_n (so the uniform point gives weights 1, like alpha's
-scale); between meta steps each language keeps its last weight (init 1).
+Solved exactly for K <= 8 languages (every support: the equality-constrained QP on a
+support is one small linear solve; the best candidate with lambda >= 0 is the optimum),
+by Frank-Wolfe with exact line search (mgda.iters) above.
+
+At a meta step the update is the min-norm direction itself, sum_B lambda_n S g_n with
+S = sum_B S_n the batch's total share (1 with cats.weight_by=tokens), so its size is that
+of a plain step. Between meta steps each language's weight w_n (init 1, coefficient
+w_n * mix_n) holds the last meta step's lambda, redistributing the in-batch languages'
+own mass: w_B <- (sum_B w_n) lambda. So sum w = N always and a weight is never scaled by
+the number of languages of the batch that set it (the old K * lambda gave K-dependent,
+stale weights: 2 lambda after a 2-language batch, 4 lambda after a 4-language one).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from cats_ds.config import MgdaConfig
 from cats_ds.weighting.base import LanguageWeights
 
+EXACT_MAX = 8
+"""Largest K solved exactly (2^8 - 1 = 255 supports, each a <= 9 x 9 solve)."""
 
-def min_norm_simplex(gram: torch.Tensor, iters: int = 50, tol: float = 1e-10) -> torch.Tensor:
+
+def min_norm_simplex(gram: torch.Tensor, iters: int = 200, tol: float = 1e-12) -> torch.Tensor:
     """Frank-Wolfe with exact line search for min_{lambda in simplex} lambda^T G lambda."""
     k = gram.size(0)
     lam = torch.full((k,), 1.0 / k, dtype=gram.dtype)
@@ -34,16 +48,54 @@ def min_norm_simplex(gram: torch.Tensor, iters: int = 50, tol: float = 1e-10) ->
     return lam
 
 
+def min_norm_exact(gram: torch.Tensor) -> torch.Tensor:
+    """The exact min-norm point for small K: on each support S, min lambda_S^T G_S lambda_S
+    subject to 1^T lambda_S = 1 is the KKT system [[G_S, 1], [1^T, 0]] [lambda; -nu] = [0; 1];
+    a singular system (affinely dependent gradients) is skipped, as some smaller support
+    reaches the same point. Among candidates with lambda >= 0 the smallest objective wins."""
+    g = gram.double()
+    k = g.size(0)
+    best, best_val = None, float("inf")
+    scale = max(float(g.diagonal().abs().max()), 1e-300)
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            s = list(support)
+            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            kkt[:size, :size] = g[s][:, s] / scale
+            kkt[:size, size] = 1.0
+            kkt[size, :size] = 1.0
+            rhs = torch.zeros(size + 1, dtype=torch.float64)
+            rhs[size] = 1.0
+            try:
+                sol = torch.linalg.solve(kkt, rhs)
+            except RuntimeError:  # singular
+                continue
+            lam_s = sol[:size]
+            if not torch.isfinite(lam_s).all() or float(lam_s.min()) < -1e-12:
+                continue
+            lam = torch.zeros(k, dtype=torch.float64)
+            lam[s] = lam_s.clamp(min=0)
+            lam /= lam.sum()
+            val = float(lam @ g @ lam)
+            if val < best_val:
+                best, best_val = lam, val
+    if best is None:  # numerically every support failed: fall back on the iterative solver
+        return min_norm_simplex(g, 1000)
+    return best
+
+
 class MgdaWeighting(LanguageWeights):
     name = "mgda"
 
-    def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every):
-        super().__init__(languages, meta_every)
+    def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every, weight_by: str = "tokens"):
+        super().__init__(languages, meta_every, weight_by)
         self.cfg = cfg
 
-    def update(self, step, langs, losses, gram, tokens):
+    def update(self, step, langs, losses, gram, shares):
         gram = gram.double().cpu()
-        lam = min_norm_simplex(gram, self.cfg.iters)
-        self.w[torch.tensor(langs)] = lam * len(langs)
+        lam = min_norm_exact(gram) if len(langs) <= EXACT_MAX else min_norm_simplex(gram, self.cfg.iters)
+        idx = torch.tensor(langs)
+        self.w[idx] = float(self.w[idx].sum()) * lam
         self._record_gram(gram, lam)
-        return self.coefficients(langs, tokens)
+        total = sum(shares[l] for l in langs)
+        return {l: float(lam[i]) * total for i, l in enumerate(langs)}

@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import reference_rows
+from cats_ds.grads import plan_shares, reference_rows
 from cats_ds.model.transformer import build_model
 from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything
 from cats_ds.weighting.base import make_weighting
@@ -29,7 +29,7 @@ def main():
     langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
     gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
     ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
-                                                     cfg.train.label_smoothing, run.gas)
+                                                     cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
     ref_gram = ref_rows @ ref_rows.T
     run.engine.optimizer.zero_grad()
     for p in run.engine.module.parameters():
@@ -39,8 +39,9 @@ def main():
     run.sampler.load_state_dict(sampler_state)
     lr = run.engine.get_lr()[0]
     meta_update(run)
-    ref_weighting = make_weighting(cfg, run.languages)
-    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_gram, {})
+    ref_weighting = make_weighting(cfg, run.languages, len(run.vocab))
+    shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
+    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_gram, shares)
     combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
     params = [p for p in ref.parameters() if p.requires_grad]
     offset = 0
