@@ -40,3 +40,26 @@ def test_bad_values_name_the_key():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
+
+
+def test_cats_eps_names_its_replacements(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("cats:\n  eps: 1.0\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: cats.eps .*cats.kappa .*cats.budget .*cats.alpha_min"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match="cats.alpha_min"):
+        load_config(None, ["cats.eps=0.1"])
+
+
+def test_cats_values_are_checked():
+    for override, message in [("cats.kappa=1.5", r"cats.kappa must be in \(0, 1\]"),
+                              ("cats.alpha_min=1", r"cats.alpha_min must be in \[0, 1\)"),
+                              ("cats.loss_ema=1", r"cats.loss_ema must be in \[0, 1\)"),
+                              ("cats.lr_alpha=-0.1", "cats.lr_alpha must be finite and >= 0"),
+                              ("cats.meta_temperature=0", "cats.meta_temperature must be > 0"),
+                              ("cats.update=sgd", r"cats.update: 'sgd' is not one of 'mirror', 'lagrangian'"),
+                              ("cats.weight_by=sentences", "cats.weight_by")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    cfg = load_config(None, [])
+    assert (cfg.cats.update, cfg.cats.weight_by, cfg.sampling.distinct) == ("mirror", "tokens", None)

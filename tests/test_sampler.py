@@ -102,3 +102,17 @@ def test_missing_language(splits):
     manifest, data = splits
     with pytest.raises(ValueError, match="no training data for language"):
         LanguageSampler(data, manifest.languages + ["zz"], 5.0, 2, 128, 1, seed=0)
+
+
+def test_distinct_languages_and_meta_probabilities(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    s = LanguageSampler(data, langs, 1.0, 2, max_tokens=256, world_size=1, seed=4, distinct=True)
+    plans = [s.next_plan() for _ in range(200)]
+    assert all(len(p.langs) == 2 for p in plans)  # K distinct languages, every micro-batch
+    low = langs.index(min(langs, key=lambda l: len(data[l])))
+    only = np.zeros(len(langs))
+    only[low] = 1.0
+    assert all(s.next_plan(only).langs == [low] for _ in range(5))  # meta batches at their own probabilities
+    s2 = LanguageSampler(data, langs, 1.0, 2, max_tokens=256, world_size=1, seed=4, distinct=False)
+    assert any(len(s2.next_plan().langs) == 1 for _ in range(200))  # with replacement: repeats happen
