@@ -397,3 +397,37 @@ def test_distinct_draw_follows_successive_sampling():
     assert abs(exact[0] - 2 * p[0]) > 0.2  # the law is not K p_l
     # more slots than languages with data: every language once
     assert sorted(draw_languages(rng, np.array([0.5, 0.5, 0.0]), 4, distinct=True)) == [0, 1]
+
+
+def test_weighting_png_from_a_train_log(tmp_path):
+    """The alpha trajectories PNG: `cats-analyze --run DIR --out X` on a train_log.jsonl
+    written by a CATS run (here: the null stream's states, logged as train.py logs them)."""
+    import json
+
+    from cats_ds.analysis.figures import write_figures
+    from cats_ds.analysis.records import load_run, weighting_series
+    from cats_ds.cli import analyze_main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    langs = list(GETTEXT8)
+    p = temperature_probs(list(GETTEXT8.values()), 1.0)
+    rng = np.random.default_rng(0)
+    w = cats(langs)
+    with open(run_dir / "train_log.jsonl", "w") as f:
+        for step in range(1, 41):
+            batch = sorted(draw_languages(rng, p, 4, distinct=True))
+            g = rng.normal(size=(4, 8)) + 1
+            w.update(step, batch, torch.tensor(5 + rng.normal(size=4)), torch.tensor(g @ g.T), {b: 0.25 for b in batch})
+            f.write(json.dumps({"kind": "train", "step": step, "loss": 5.0, "loss_lang": {}, "weighting": w.scalars()})
+                    + "\n")
+    run = load_run(run_dir)
+    series = weighting_series(run)
+    assert set(series["weights"]) == set(langs) and len(series["sum"]["sum"][0]) == 40
+    assert series["sum"]["sum"][1][-1] == pytest.approx(8.0) and len(series["curvature_ratio"]["curvature_ratio"][0]) == 40
+    analyze_main(["--run", str(run_dir), "--out", str(tmp_path / "figs")])
+    png = (tmp_path / "figs" / "weighting.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    run.resource = {l: ("Hi" if i < 4 else "Lo") for i, l in enumerate(langs)}  # as a checkpoint's manifest gives
+    paths = write_figures([run, run], None, tmp_path / "coloured")
+    assert paths["weighting"].read_bytes().startswith(b"\x89PNG")

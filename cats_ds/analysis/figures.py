@@ -9,6 +9,9 @@
                           (direction) and gamma (magnitude) at one analysis step
     loss_curves.png       Figures 3 and 6: train (solid) and valid (dashed) loss per
                           resource group over steps, one line colour per run
+    weighting.png         CATS / GradNorm / MGDA runs: alpha (or w) per language over
+                          updates (Hi blue, Mid green, Lo red), sum alpha, lambda_c and
+                          the curvature ratio f / f0; one row per run
 
 matplotlib is an optional dependency (`pip install 'cats_ds[plot]'`); it is imported
 only here, through its object API (no pyplot state, no display needed).
@@ -23,14 +26,15 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from cats_ds.analysis.records import RunData, lambda_series, loss_by_resource, pair_type_series
+from cats_ds.analysis.records import RunData, lambda_series, loss_by_resource, pair_type_series, weighting_series
 from cats_ds.analysis.similarity import ALL, GROUPS, PAIR_TYPES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FIGURES = {"lambda_max": "lambda_max.png", "hilo_cos": "hilo_cos.png",
-           "group_similarity": "group_similarity.png", "loss_curves": "loss_curves.png"}
+           "group_similarity": "group_similarity.png", "loss_curves": "loss_curves.png",
+           "weighting": "weighting.png"}
 STYLE = {"Hi": "-", "Mid": "-.", "Lo": "--"}
 
 
@@ -143,6 +147,43 @@ def loss_curves_figure(runs: Sequence[RunData]) -> "Figure":
     return fig
 
 
+RESOURCE_COLORS = {"Hi": "Blues", "Mid": "Greens", "Lo": "Reds", None: "Greys"}
+
+
+def weighting_figure(runs: Sequence[RunData]) -> "Figure":
+    """One row per run: weights per language (Hi blues, Mid greens, Lo reds; shades tell
+    languages apart), their sum, lambda_c, and f / f0 where logged."""
+    from matplotlib import colormaps
+
+    panels = ["weights", "sum", "lambda_c", "curvature_ratio"]
+    titles = {"weights": "alpha per language", "sum": "sum alpha", "lambda_c": "lambda_c",
+              "curvature_ratio": "curvature f / f0"}
+    fig = _figure(3.4 * len(panels) + 1.4, 3.0 * len(runs))
+    axes = fig.subplots(len(runs), len(panels), squeeze=False)
+    for row, run in zip(axes, runs):
+        series = weighting_series(run)
+        by_group: dict = {}
+        for lang in series["weights"]:
+            by_group.setdefault(run.resource.get(lang), []).append(lang)
+        for group, langs in by_group.items():
+            cmap = colormaps[RESOURCE_COLORS.get(group, "Greys")]
+            for i, lang in enumerate(langs):
+                shade = 0.45 + 0.5 * (i / max(len(langs) - 1, 1))
+                label = f"{lang} ({group})" if group else lang
+                row[0].plot(*series["weights"][lang], "-" if group != "Lo" else "--", color=cmap(shade), label=label)
+        row[0].axhline(1.0, color="k", lw=0.6, ls=":")  # alpha = 1: the temperature baseline
+        for ax, name in zip(row[1:], panels[1:]):
+            for steps, values in series[name].values():
+                ax.plot(steps, values, "-", color="k")
+        for ax, name in zip(row, panels):
+            ax.set_title(f"{run.label}: {titles[name]}" if name == "weights" else titles[name])
+            ax.set_xlabel("update")
+            ax.grid(alpha=0.3)
+        if series["weights"]:
+            row[0].legend(fontsize="x-small", ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.22))
+    return fig
+
+
 def write_figures(runs: Sequence[RunData], record: Optional[dict], out: str | Path, writer=None,
                   step: int = 0) -> dict[str, Path]:
     """Draw every figure there is data for into `out`; returns {figure name: PNG path}.
@@ -163,6 +204,9 @@ def write_figures(runs: Sequence[RunData], record: Optional[dict], out: str | Pa
         figures["group_similarity"] = group_similarity_figure(record)
     if any(r.train or r.valid for r in runs):
         figures["loss_curves"] = loss_curves_figure([r for r in runs if r.train or r.valid])
+    weighted = [r for r in runs if weighting_series(r)["weights"]]
+    if weighted:
+        figures["weighting"] = weighting_figure(weighted)
     paths = {}
     for name, fig in figures.items():
         paths[name] = out / FIGURES[name]

@@ -174,3 +174,29 @@ def loss_by_resource(run: RunData) -> dict[str, dict[str, Series]]:
                 curves["valid"][1].append(v)
         out[name] = curves
     return out
+
+
+def weighting_series(run: RunData) -> dict[str, dict[str, Series]]:
+    """The weighting state logged with each train record (train_log.jsonl "weighting"):
+    {"weights": {lang: series of alpha (CATS) or w (GradNorm, MGDA)}, "sum": series of
+    their sum, "lambda_c": series, "curvature_ratio": series of f / f0 (CATS mirror)}.
+    Empty dicts for a temperature run."""
+    out: dict[str, dict[str, Series]] = {"weights": {}, "sum": {}, "lambda_c": {}, "curvature_ratio": {}}
+    for r in run.train:
+        w = r.get("weighting") or {}
+        weights = {k.split("/", 1)[1]: v for k, v in w.items() if k.startswith(("alpha/", "weight/"))}
+        for lang, v in weights.items():
+            steps, values = out["weights"].setdefault(lang, ([], []))
+            steps.append(r["step"])
+            values.append(v)
+        if weights:
+            steps, values = out["sum"].setdefault("sum", ([], []))
+            steps.append(r["step"])
+            values.append(float(sum(weights.values())))
+        for key, name in (("cats/lambda_c", "lambda_c"), ("cats/curvature_ratio", "curvature_ratio")):
+            if key in w and w[key] is not None and math.isfinite(w[key]):
+                steps, values = out[name].setdefault(name, ([], []))
+                steps.append(r["step"])
+                values.append(w[key])
+    return out
+
