@@ -165,6 +165,7 @@ def test_lagrangian_update_rule_by_hand():
     assert np.allclose(w.lambda_n.numpy(), np.maximum(0, [0, 0, 0.4] + 0.5 * (0.2 - want)))
     # the curvature term is |sum alpha g|^2 = alpha^T G alpha, not sum alpha^2 |g|^2
     assert w.last["meta/curvature"] == pytest.approx(curv)
+    assert w.last["cats/curvature_ratio"] == pytest.approx(curv / 4.0)  # f0 = (m_B / |B|)^2 1^T G 1, m_B = 2
 
 
 def test_mirror_update_rule_by_hand():

@@ -179,7 +179,7 @@ def loss_by_resource(run: RunData) -> dict[str, dict[str, Series]]:
 def weighting_series(run: RunData) -> dict[str, dict[str, Series]]:
     """The weighting state logged with each train record (train_log.jsonl "weighting"):
     {"weights": {lang: series of alpha (CATS) or w (GradNorm, MGDA)}, "sum": series of
-    their sum, "lambda_c": series, "curvature_ratio": series of f / f0 (CATS mirror)}.
+    their sum, "lambda_c": series, "curvature_ratio": series of f / f0 (CATS)}.
     Empty dicts for a temperature run."""
     out: dict[str, dict[str, Series]] = {"weights": {}, "sum": {}, "lambda_c": {}, "curvature_ratio": {}}
     for r in run.train:

@@ -108,12 +108,13 @@ class LanguageWeights(Weighting):
         return out
 
     def state_dict(self):
-        return {"w": self.w.tolist(), "languages": self.languages}
+        return {"w": self.w.tolist(), "languages": self.languages, "skipped": self.skipped}
 
     def load_state_dict(self, state):
         if state["languages"] != self.languages:
             raise ValueError(f"{self.name} state is for languages {state['languages']}, not {self.languages}")
         self.w = torch.tensor(state["w"], dtype=torch.float64)
+        self.skipped = int(state.get("skipped", 0))
 
 
 def mean_pairwise_cosine(gram: torch.Tensor) -> float:

@@ -100,7 +100,8 @@ class CatsWeighting(Weighting):
         self._check(step, alpha, gram)
         a_b = alpha[torch.tensor(langs)]
         curvature = a_b @ gram @ a_b
-        return {"alpha": alpha,
+        f0 = (float(self.alpha[torch.tensor(langs)].sum()) / len(langs)) ** 2 * float(gram.sum())
+        return {"alpha": alpha, "curvature_ratio": float(curvature) / f0 if f0 > 0 else float("nan"),
                 "lambda_c": max(0.0, self.lambda_c + c.lr_lambda * (float(curvature) - c.budget)),
                 "lambda_s": self.lambda_s + c.lr_lambda * (float(alpha.sum()) - n),
                 "lambda_n": (self.lambda_n + c.lr_lambda * (c.alpha_min - alpha)).clamp(min=0.0),
