@@ -226,7 +226,9 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
            f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
            f"{cfg.train.max_tokens * run.gas * world} tokens per update")
-    print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs)))
+    print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs))
+           + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
+              f"probability / K, flatter than p)" if sampler.distinct else ""))
     return run
 
 
