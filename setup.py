@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.5"],
-        "dev": ["pytest>=7", "matplotlib>=3.5"],
+        "export": ["ctranslate2>=4.0"],  # launch/export.py --format ctranslate2
+        "dev": ["pytest>=7", "matplotlib>=3.5", "ctranslate2>=4.0"],
     },
     entry_points={
         "console_scripts": [
@@ -28,6 +29,7 @@ setup(
             "cats-train=cats_ds.cli:train_main",
             "cats-evaluate=cats_ds.cli:evaluate_main",
             "cats-analyze=cats_ds.cli:analyze_main",
+            "cats-export=cats_ds.cli:export_main",
         ]
     },
 )

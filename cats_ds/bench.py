@@ -2,7 +2,7 @@
 one run (the machine is shared and noisy), never an absolute time.
 
     python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks, peak RSS
-    python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s
+    python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s; CTranslate2 on the same model
     python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
     python -m cats_ds.bench experts --json out.json   # dense vs family experts
 
@@ -148,7 +148,58 @@ def bench_decode(args) -> dict:
               "per_language": {r[0]: {"sentences": r[1], "sentences_per_s": r[2]} for r in rows},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang)
+    if result["ctranslate2"] is not None:
+        ct2 = result["ctranslate2"]
+        ct2["ratio_to_ours"] = ct2["sentences_per_s"] / result["sentences_per_s"]
+        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 (same model, "
+                    f"{torch.get_num_threads()} thread(s))", ["decoder", "sentences", "sentences/s", "ratio"],
+                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0],
+                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"]]])
     return result
+
+
+def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
+    """The same sentences through an in-memory CTranslate2 export of the same model (same
+    beam, batch, length limit per batch and banned tokens); None when ctranslate2 is not
+    installed or the model cannot be exported (family experts)."""
+    import torch
+
+    try:
+        import ctranslate2
+    except ImportError:
+        print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
+        return None
+    from cats_ds.export import ExportError, export_ctranslate2
+    from cats_ds.search import max_lengths
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_ctranslate2(cfg, model, vocab, languages, Path(tmp) / "ct2", force=True)
+        except ExportError as e:
+            print(f"(no CTranslate2 row: {e})")
+            return None
+        translator = ctranslate2.Translator(str(Path(tmp) / "ct2"), device="cpu",
+                                            intra_threads=torch.get_num_threads())
+        total_s, total_n = 0.0, 0
+        for lang in languages:
+            if lang not in splits:
+                continue
+            n = min(per_lang, len(splits[lang]))
+            srcs = [splits[lang].src[i].astype("int64") for i in range(n)]
+            pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
+            limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
+                [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+            t0 = time.perf_counter()
+            for start in range(0, n, args.batch):
+                translator.translate_batch(
+                    pieces[start:start + args.batch], target_prefix=[[f"<2{lang}>"]] * len(pieces[start:start + args.batch]),
+                    beam_size=args.beam, length_penalty=cfg.eval.lenpen, min_decoding_length=0,
+                    max_decoding_length=int(limits[start:start + args.batch].max()) - 1, disable_unk=True,
+                    suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
+            total_s += time.perf_counter() - t0
+            total_n += n
+    return {"sentences": total_n, "sentences_per_s": total_n / total_s}
 
 
 def bench_cats(args) -> dict:

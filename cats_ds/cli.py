@@ -4,6 +4,7 @@
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
     cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [a.b=v ...]
     cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
+    cats-export   --checkpoint DIR --format ctranslate2 --out DIR [--quantization int8] [--force]
 """
 
 from __future__ import annotations
@@ -82,6 +83,27 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                             overrides=args.overrides, samples=args.samples)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
+
+
+def export_main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="cats-export", description="Export a dense checkpoint for inference "
+                                                                 "(CTranslate2 model + spm.model + language tags)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
+    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
+    p.add_argument("--out", required=True, help="export folder (must not exist unless --force)")
+    p.add_argument("--quantization", default=None,
+                   help="CTranslate2 weight type, e.g. int8, int8_float16, float16 (default: float32)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = p.parse_args(argv)
+    from cats_ds.checkpoint import CheckpointError
+    from cats_ds.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force,
+                                quantization=args.quantization)
+    except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    print(f"| exported {args.checkpoint} -> {out} ({args.format}); usage: {out / 'README.md'}")
 
 
 def slurm_hostfile_main(argv: Optional[list[str]] = None) -> None:

@@ -19,6 +19,7 @@ def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
     assert result["beam"] == 5 and result["sentences"] == 6
     assert set(result["per_language"]) == {"aa", "bb", "cc"}
     assert result["sentences_per_s"] > 0 and result["hyp_tokens_per_s"] > 0
+    assert result["ctranslate2"]["sentences"] == 6 and result["ctranslate2"]["sentences_per_s"] > 0
     assert "sentences/s" in capsys.readouterr().out
 
 

@@ -1,0 +1,235 @@
+"""Export a checkpoint for inference outside this project: a CTranslate2 model.
+
+    python launch/export.py --checkpoint runs/gettext8/best --format ctranslate2 --out exports/gettext8
+
+The export folder holds
+  model.bin, config.json,           the CTranslate2 model (ctranslate2.Translator(DIR) loads it)
+  shared_vocabulary.json
+  spm.model                         the checkpoint's joint SentencePiece model
+  languages.json                    {"languages": [...], "tags": {"de": "<2de>", ...}}
+  README.md                         how to translate with it
+
+How our Transformer maps onto CTranslate2's TransformerSpec:
+  - pre-norm or post-norm (model.prenorm); pre-norm keeps the final encoder/decoder norm;
+  - norms: layernorm (eps 1e-5), rmsnorm (eps 1e-6); the *_noaffine variants are the
+    same norms with gain 1 and bias 0, so every `model.norm` is representable;
+  - embeddings scaled by sqrt(embed_dim) plus our sinusoidal table (written into the model
+    as explicit position encodings, row 0 = the first token); tied or separate embeddings;
+    the output projection is the decoder embedding matrix (no bias);
+  - q/k/v projections fused the way CTranslate2 stores them (self-attention: one qkv
+    matrix; cross-attention: q, then one kv matrix);
+  - the source gets </s> appended (add_source_eos), no <s>; the decoder has no start
+    token of its own (decoder_start_token None): the `<2xx>` tag given as target_prefix is
+    the first decoder input, exactly as in training.
+Family-expert models are refused (ExportError): CTranslate2 has no per-sentence routing,
+and a model per family is not exported by this project.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from cats_ds.config import Config
+from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
+from cats_ds.model.transformer import Attention, Transformer
+
+FORMATS = ("ctranslate2",)
+NORM_EPS = {"layernorm": 1e-5, "layernorm_noaffine": 1e-5, "rmsnorm": 1e-6, "rmsnorm_noaffine": 1e-6}
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported as asked; the message says why and what is supported."""
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise ExportError("--format ctranslate2 needs the ctranslate2 package: pip install -e '.[export]'") from None
+    return ctranslate2
+
+
+def check_exportable(cfg: Config, model: Transformer) -> None:
+    """Refuse what CTranslate2 cannot represent, naming the setting."""
+    if cfg.experts.modules or model.routed:
+        raise ExportError(f"experts.modules={cfg.experts.modules}: family-expert models cannot be exported to "
+                          f"CTranslate2 (it has no per-sentence expert routing); only dense models "
+                          f"(experts.modules=[]) are supported")
+    if cfg.model.norm not in NORM_EPS:
+        raise ExportError(f"model.norm={cfg.model.norm} has no CTranslate2 equivalent; "
+                          f"supported: {', '.join(NORM_EPS)}")
+    if cfg.model.activation not in ("relu", "gelu"):
+        raise ExportError(f"model.activation={cfg.model.activation}: supported are relu, gelu")
+
+
+def _set_norm(spec, norm: torch.nn.Module, dim: int, rms: bool) -> None:
+    weight = getattr(norm, "weight", None)
+    spec.gamma = _np(weight) if weight is not None else np.ones(dim, dtype=np.float32)
+    if not rms:  # CTranslate2's RMSNorm has a gain only
+        bias = getattr(norm, "bias", None)
+        spec.beta = _np(bias) if bias is not None else np.zeros(dim, dtype=np.float32)
+
+
+def _set_linear(spec, *linears: torch.nn.Linear) -> None:
+    """One CTranslate2 linear from one or more of ours stacked along the output dimension."""
+    spec.weight = np.concatenate([_np(lin.weight) for lin in linears], axis=0)
+    spec.bias = np.concatenate([_np(lin.bias) for lin in linears], axis=0)
+
+
+def _set_attention(spec, attn: Attention, cross: bool) -> None:
+    if cross:
+        _set_linear(spec.linear[0], attn.q_proj)
+        _set_linear(spec.linear[1], attn.k_proj, attn.v_proj)
+    else:
+        _set_linear(spec.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
+    _set_linear(spec.linear[-1], attn.out_proj)
+
+
+def transformer_spec(cfg: Config, model: Transformer, vocab_tokens: list[str]):
+    """The ctranslate2 TransformerSpec of a dense model, weights filled in."""
+    check_exportable(cfg, model)
+    _ctranslate2()
+    from ctranslate2.specs import common_spec, transformer_spec as ts
+
+    m = cfg.model
+    d, rms = m.embed_dim, m.norm.startswith("rmsnorm")
+    activation = common_spec.Activation.RELU if m.activation == "relu" else common_spec.Activation.GELU
+    spec = ts.TransformerSpec.from_config((m.encoder_layers, m.decoder_layers), m.heads, pre_norm=m.prenorm,
+                                          activation=activation, rms_norm=rms)
+    positions = _np(model.positions)  # (max_positions, D)
+
+    enc = spec.encoder
+    enc.embeddings[0].weight = _np(model.embed.weight)
+    enc.scale_embeddings = True
+    enc.position_encodings.encodings = positions
+    for layer_spec, layer in zip(enc.layer, model.encoder_layers):
+        _set_attention(layer_spec.self_attention, layer.self_attn, cross=False)
+        _set_norm(layer_spec.self_attention.layer_norm, layer.norm1, d, rms)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+        _set_norm(layer_spec.ffn.layer_norm, layer.norm2, d, rms)
+    if m.prenorm:
+        _set_norm(enc.layer_norm, model.enc_norm, d, rms)
+
+    dec = spec.decoder
+    dec.embeddings.weight = _np(model.dec_embed.weight)
+    dec.scale_embeddings = True
+    dec.position_encodings.encodings = positions
+    for layer_spec, layer in zip(dec.layer, model.decoder_layers):
+        _set_attention(layer_spec.self_attention, layer.self_attn, cross=False)
+        _set_norm(layer_spec.self_attention.layer_norm, layer.norm1, d, rms)
+        _set_attention(layer_spec.attention, layer.cross_attn, cross=True)
+        _set_norm(layer_spec.attention.layer_norm, layer.norm2, d, rms)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+        _set_norm(layer_spec.ffn.layer_norm, layer.norm3, d, rms)
+    if m.prenorm:
+        _set_norm(dec.layer_norm, model.dec_norm, d, rms)
+    dec.projection.weight = _np(model.dec_embed.weight)  # logits = x @ E^T, no bias
+
+    spec.register_source_vocabulary(vocab_tokens)
+    spec.register_target_vocabulary(vocab_tokens)
+    c = spec.config
+    c.unk_token, c.bos_token, c.eos_token = (vocab_tokens[i] for i in (UNK, BOS, EOS))
+    c.decoder_start_token = None  # the <2xx> tag, given as target_prefix, is the first decoder input
+    c.add_source_bos, c.add_source_eos = False, True
+    c.layer_norm_epsilon = NORM_EPS[m.norm]
+    return spec
+
+
+def vocab_tokens(vocab: Vocab) -> list[str]:
+    """SentencePiece pieces in id order (ids 0-3: <pad>, <unk>, <s>, </s>)."""
+    tokens = [vocab.sp.id_to_piece(i) for i in range(len(vocab))]
+    assert tokens[PAD] != tokens[EOS], "unexpected special pieces"
+    return tokens
+
+
+USAGE = """# {name}: CTranslate2 export of {checkpoint}
+
+Exported by `python launch/export.py --checkpoint {checkpoint} --format ctranslate2 --out {out}`
+(cats_ds, step {step}). English -> {n} languages: {languages}.
+
+Files: the CTranslate2 model (model.bin, config.json, shared_vocabulary.json), the joint
+SentencePiece model `spm.model`, and `languages.json` (language -> `<2xx>` target tag).
+
+The source is SentencePiece pieces (CTranslate2 appends </s>); the target language is
+chosen by giving its tag as the target prefix, which the model reads as its first
+decoder token (results do not repeat it).
+
+```python
+import ctranslate2, sentencepiece as spm
+
+sp = spm.SentencePieceProcessor(model_file="{out}/spm.model")
+translator = ctranslate2.Translator("{out}", device="cpu")   # or device="cuda"
+sources = ["Hello world.", "Open the file."]
+tag = "{example_tag}"
+results = translator.translate_batch([sp.encode(s, out_type=str) for s in sources],
+                                     target_prefix=[[tag]] * len(sources), beam_size=5,
+                                     length_penalty=1.0, min_decoding_length=0, disable_unk=True,
+                                     suppress_sequences=[["<pad>"], ["<s>"]])
+print([sp.decode(r.hypotheses[0]) for r in results])
+```
+
+With `beam_size=1` and these options CTranslate2 gives the same tokens as the project's
+greedy search (`cats_ds.search.greedy_search`, tested), which never generates <pad>, <unk>
+or <s> and may stop at once. Its length limit is int({max_len_a} * source length + {max_len_b})
+tokens including </s> (source length counting </s>): pass that minus 1 as
+`max_decoding_length` (CTranslate2 does not count </s>) to match it exactly.
+"""
+
+
+def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages: list[str], out: str | Path,
+                       force: bool = False, quantization: Optional[str] = None,
+                       checkpoint: str = "", step: Optional[int] = None) -> Path:
+    """Write the CTranslate2 model, spm.model, languages.json and README.md to `out`."""
+    ct2 = _ctranslate2()
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
+    spec = transformer_spec(cfg, model, vocab_tokens(vocab))
+
+    class _Converter(ct2.converters.Converter):
+        def _load(self):
+            return spec
+
+    try:
+        _Converter().convert(str(out), quantization=quantization, force=True)
+    except ValueError as e:  # e.g. an unknown quantization
+        raise ExportError(f"CTranslate2 conversion failed: {e}") from None
+    shutil.copyfile(Path(cfg.data.dir) / f"{SPM_PREFIX}.model", out / f"{SPM_PREFIX}.model")
+    tags = {lang: lang_tag(lang) for lang in languages}
+    (out / "languages.json").write_text(json.dumps({"languages": list(languages), "tags": tags}, indent=1,
+                                                   ensure_ascii=False), encoding="utf-8")
+    (out / "README.md").write_text(USAGE.format(
+        name=out.name, checkpoint=checkpoint or "(in-memory model)", out=out, step=step, n=len(languages),
+        languages=", ".join(languages), example_tag=tags[languages[0]], max_len_a=cfg.eval.max_len_a,
+        max_len_b=cfg.eval.max_len_b), encoding="utf-8")
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctranslate2", force: bool = False,
+                      quantization: Optional[str] = None) -> Path:
+    """Export a training checkpoint folder (see cats_ds/checkpoint.py) as `fmt`."""
+    from cats_ds.checkpoint import load_for_inference, read_meta
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: supported formats: {', '.join(FORMATS)}")
+    meta = read_meta(checkpoint)
+    experts = meta.get("config", {}).get("experts", {}).get("modules")
+    if experts:  # before building the model: say what is supported straight away
+        raise ExportError(f"{checkpoint}: experts.modules={experts}: family-expert models cannot be exported to "
+                          f"CTranslate2 (it has no per-sentence expert routing); only dense models are supported")
+    _ctranslate2()
+    cfg, model, _, vocab, languages = load_for_inference(checkpoint)
+    return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,
+                              checkpoint=str(checkpoint), step=meta.get("step"))
