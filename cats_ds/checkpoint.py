@@ -9,11 +9,20 @@ A checkpoint folder (`<save_dir>/best/` or `<save_dir>/latest/`, written by trai
                                         family-expert models only: DeepSpeed MoE writes each expert's
                                         parameters to its own file (keys use GLOBAL expert ids)
   zero_pp_rank_*_optim_states.pt        optimizer partitions (ZeRO-3: the only copy of the weights)
+
+Trust: every file this module reads is opened with torch.load(weights_only=True), which
+unpickles tensors and plain containers only, so a crafted file cannot run code here (it is
+refused with CheckpointError naming it). ZeRO-3 weights are rebuilt by DeepSpeed's
+zero_to_fp32, which unpickles without that restriction: each file it reads is first
+checked here with weights_only=True (optimizer files: allowing, by name, the few plain
+DeepSpeed classes they hold, `optimizer_state_classes`). A damaged (e.g. truncated) file is reported by name
+with what to do, not as a raw PyTorch traceback.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,6 +36,7 @@ from cats_ds.train import CHECKPOINT_META, load_config_from_checkpoint
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_*_expert_*_mp_rank_00_model_states.pt"
 ZERO3_STATES = "zero_pp_rank_*_mp_rank_00_optim_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 
 
 class CheckpointError(Exception):
@@ -42,6 +52,45 @@ def read_meta(path: str | Path) -> dict:
         return json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON: {e}") from None
+
+
+def optimizer_state_classes() -> list:
+    """The plain data classes DeepSpeed pickles into its optimizer-state files (an enum,
+    the loss scalers, a named tuple): allowed, by name, when checking those files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_states(path: str | Path, allow: tuple = ()) -> dict:
+    """torch.load(path, weights_only=True) on the CPU; CheckpointError naming the file when
+    it is damaged (truncated, not a torch file) or holds objects other than tensors, plain
+    containers and the classes in `allow` (a pickle that could run code when loaded:
+    refused, nothing runs)."""
+    path = Path(path)
+    use_another = "use another checkpoint (best/, latest/ or an older step_N/) or copy this one again"
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            states = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise CheckpointError(f"{path}: damaged, cannot be unpickled ({text[:200]}); {use_another}") from None
+        found = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        raise CheckpointError(
+            f"{path}: refused, not loaded: it holds objects other than tensors and plain containers "
+            f"({found.split('. Please')[0] or 'a disallowed pickle global'}), which could run code when "
+            f"unpickled. cats_ds loads checkpoints with torch.load(weights_only=True); the files it writes "
+            f"never need more. Do not use this file unless you know where it came from; {use_another}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, empty file, not a torch file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is")[0]
+        raise CheckpointError(f"{path}: damaged or truncated ({path.stat().st_size} bytes), cannot be read: "
+                              f"{first[:200]}; {use_another}") from None
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{path}: expected a dict of states, found {type(states).__name__}")
+    return states
 
 
 def gather_state_dict(path: str | Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -62,16 +111,20 @@ def gather_state_dict(path: str | Path, meta: dict) -> dict[str, torch.Tensor]:
 
         if not list(path.glob(ZERO3_STATES)):
             raise FileNotFoundError(f"no {ZERO3_STATES} in {path}: a ZeRO-3 checkpoint keeps its weights there")
+        for f in sorted(path.glob(ZERO3_MODEL_STATES)):  # zero_to_fp32 unpickles them unrestricted:
+            load_states(f)                                 # check each file first
+        for f in sorted(path.glob(ZERO3_STATES)):
+            load_states(f, allow=tuple(optimizer_state_classes()))
         state = dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
     else:
         if not main.is_file():
             raise FileNotFoundError(f"{main} not found: {path} has {CHECKPOINT_META} but no DeepSpeed model states")
-        states = torch.load(main, map_location="cpu", weights_only=False)
-        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        states = load_states(main)
+        if not isinstance(states.get("module"), dict):
             raise CheckpointError(f"{main}: no 'module' state dict inside (keys: {list(states)[:10]})")
         state = dict(states["module"])
     for expert_file in sorted(path.glob(EXPERT_STATES)):
-        part = torch.load(expert_file, map_location="cpu", weights_only=False)
+        part = load_states(expert_file)
         clash = sorted(part.keys() & state.keys())
         if clash:
             raise CheckpointError(f"{expert_file}: parameters already loaded from another file: {clash[:5]}")
