@@ -30,6 +30,7 @@ setup(
             "cats-evaluate=cats_ds.cli:evaluate_main",
             "cats-analyze=cats_ds.cli:analyze_main",
             "cats-export=cats_ds.cli:export_main",
+            "cats-average=cats_ds.cli:average_main",
         ]
     },
 )

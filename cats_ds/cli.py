@@ -4,6 +4,7 @@
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
     cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [a.b=v ...]
     cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
+    cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
     cats-export   --checkpoint DIR --format ctranslate2 --out DIR [--quantization int8] [--force]
 """
 
@@ -82,6 +83,26 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                             languages=args.languages.split(",") if args.languages else None,
                             overrides=args.overrides, samples=args.samples)
     except (EvalError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def average_main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="cats-average", description="Average the model weights of several "
+                                "checkpoints of one run (fairseq's average_checkpoints) into a checkpoint "
+                                "evaluate loads")
+    p.add_argument("--inputs", nargs="+", default=None, metavar="DIR", help="checkpoint folders to average")
+    p.add_argument("--last", type=int, default=None, help="average the newest N step_<n>/ checkpoints of --save-dir")
+    p.add_argument("--save-dir", "--save_dir", dest="save_dir", default=None,
+                   help="a run's train.save_dir (with --last)")
+    p.add_argument("--out", required=True, help="output checkpoint folder, e.g. runs/gettext8/avg5")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = p.parse_args(argv)
+    from cats_ds.average import AverageError, average_main_impl
+    from cats_ds.checkpoint import CheckpointError
+
+    try:
+        average_main_impl(args.inputs, args.last, args.save_dir, args.out, args.force)
+    except (AverageError, CheckpointError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 
 

@@ -226,6 +226,12 @@ class TrainConfig:
     """Seed for initialization, sampling and dropout."""
     tensorboard: bool = True
     """Write TensorBoard events through DeepSpeed's monitor (unless the JSON sets it)."""
+    save_every: int = 0
+    """Also save a numbered checkpoint <save_dir>/step_<n>/ every N updates (0: off); the
+    inputs of `launch/average.py --last K`."""
+    keep_last: int = 0
+    """Keep only the newest N step_<n>/ checkpoints (0: keep all); best/ and latest/ are
+    never removed by it."""
 
 
 @dataclass
@@ -317,6 +323,9 @@ class Config:
             raise ConfigError(f"experts.ep_size must be >= 1, got {self.experts.ep_size}")
         if self.eval.beam < 1:
             raise ConfigError(f"eval.beam must be >= 1, got {self.eval.beam}")
+        for key in ("save_every", "keep_last"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0 (0: off), got {getattr(self.train, key)}")
         return self
 
 

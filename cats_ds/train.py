@@ -541,6 +541,28 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
     dist.barrier()
 
 
+STEP_PREFIX = "step_"
+
+
+def save_numbered(run: Run) -> None:
+    """train.save_every: <save_dir>/step_<n>/ every N updates (same atomic save as best/
+    and latest/), then train.keep_last: rank 0 removes all but the newest N of them."""
+    cfg = run.cfg.train
+    if not cfg.save_every or run.step % cfg.save_every:
+        return
+    save_checkpoint(run, f"{STEP_PREFIX}{run.step}", None)
+    if cfg.keep_last and run.rank == 0:
+        for old in numbered_checkpoints(cfg.save_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old)
+
+
+def numbered_checkpoints(save_dir: str | Path) -> list[Path]:
+    """The step_<n>/ checkpoints in save_dir (those with cats_ds.json), oldest first."""
+    found = [p for p in Path(save_dir).glob(f"{STEP_PREFIX}*")
+             if p.name[len(STEP_PREFIX):].isdigit() and (p / CHECKPOINT_META).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
 def read_checkpoint_meta(path: str | Path) -> dict:
     p = Path(path) / CHECKPOINT_META
     if not p.is_file():
@@ -629,6 +651,7 @@ def fit(run: Run) -> None:
         stop = run.step % cfg.log_every == 0 and should_stop(run)
         if run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop:
             validate_and_save(run)
+        save_numbered(run)
         if stop:
             print0(f"| time budget of {cfg.max_minutes} minutes reached at step {run.step}")
             break
