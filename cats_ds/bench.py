@@ -148,6 +148,7 @@ def bench_decode(args) -> dict:
               "per_language": {r[0]: {"sentences": r[1], "sentences_per_s": r[2]} for r in rows},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang)
     result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang)
     if result["ctranslate2"] is not None:
         ct2 = result["ctranslate2"]
@@ -157,6 +158,45 @@ def bench_decode(args) -> dict:
                     [["cats_ds.search", total_n, result["sentences_per_s"], 1.0],
                      ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"]]])
     return result
+
+
+def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> dict:
+    """`launch/evaluate.py` under the deepspeed launcher on 1, 2, ... processes (args.processes):
+    decoding sentences/s as evaluate reports it (the decode loop and rank-0 merge; loading
+    and scoring excluded), same sentences, beam and eval.batch_tokens."""
+    import torch
+
+    from cats_ds.checkpoint import MODEL_STATES
+    from cats_ds.train import CHECKPOINT_META
+
+    rows, out = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "untrained"
+        if not args.checkpoint:  # the benchmark's model as a checkpoint folder evaluate can load
+            ckpt.mkdir()
+            torch.save({"module": model.state_dict()}, ckpt / MODEL_STATES)
+            meta = {"step": 0, "valid_loss": None, "config": cfg.to_dict(), "languages": list(languages),
+                    "manifest_fingerprint": manifest.fingerprint, "vocab_size": len(vocab), "world_size": 1,
+                    "zero_stage": 0}
+            (ckpt / CHECKPOINT_META).write_text(json.dumps(meta))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        for nproc in args.processes:
+            res = Path(tmp) / f"eval{nproc}"
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                   str(_free_port()), "launch/evaluate.py", "--checkpoint", str(ckpt), "--limit", str(per_lang),
+                   "--out", str(res), f"eval.beam={args.beam}"]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+            if proc.returncode != 0:
+                raise SystemExit(f"evaluate on {nproc} process(es) failed (exit {proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            timing = json.loads((res / "bleu.json").read_text())["timing"]
+            out[str(nproc)] = timing
+            rows.append([nproc, timing["sentences_per_s"], timing["sentences_per_s"] / out[str(args.processes[0])][
+                "sentences_per_s"]])
+    print_table(f"data-parallel evaluate (beam {args.beam}, eval.batch_tokens {cfg.eval.batch_tokens}, "
+                f"{per_lang} sentences per language)", ["processes", "sentences/s", "speedup"], rows)
+    return out
 
 
 def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
@@ -412,6 +452,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--sentences", type=int, default=200)
     s.add_argument("--beam", type=int, default=5)
     s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                   help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2)")
     s = add("cats", "CATS meta-step cost, Gram error and memory on 2 ranks")
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
     s.add_argument("--steps", type=int, default=6)

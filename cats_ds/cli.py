@@ -2,7 +2,8 @@
 
     cats-prepare  --config R.yaml [a.b=v ...]
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
-    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [a.b=v ...]
+    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda] [a.b=v ...]
+                  (data-parallel under `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`)
     cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
     cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
     cats-export   --checkpoint DIR --format ctranslate2 --out DIR [--quantization int8] [--force]
@@ -74,6 +75,9 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--languages", default=None, help="comma-separated subset of languages")
     p.add_argument("--samples", type=int, default=0, help="also print N sample translations "
                                                           "(source / reference / hypothesis)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="decode on the CPU or on this process' GPU (cuda:<local rank>)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
     args = p.parse_args(argv)
     from cats_ds.evaluate import EvalError, evaluate_checkpoint
@@ -81,7 +85,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
     try:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
                             languages=args.languages.split(",") if args.languages else None,
-                            overrides=args.overrides, samples=args.samples)
+                            overrides=args.overrides, device=args.device, samples=args.samples)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 

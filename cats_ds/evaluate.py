@@ -2,13 +2,19 @@
 references, a copy baseline, Lo/Mid/Hi/All table.
 
     python launch/evaluate.py --checkpoint runs/gettext8/best --split test --limit 200 eval.beam=1
+    deepspeed --num_gpus 4 launch/evaluate.py --checkpoint runs/gettext8/best --device cuda
 
-One CPU process, no DeepSpeed engine. Writes to `<save_dir>/eval/<checkpoint name>-<split>/`
+No DeepSpeed engine. One process by default (--device cpu or cuda); under the deepspeed
+launcher or torchrun (RANK / WORLD_SIZE set) every process decodes a share of the batches
+of all languages (the same batches one process would decode, dealt by size), the token ids
+are gathered on rank 0 over gloo and scored there: the same files and scores as one
+process. Writes to `<save_dir>/eval/<checkpoint name>-<split>/`
 (e.g. runs/gettext8/eval/best-test/; or --out), outside the checkpoint folders that
 training rotates (a re-saved best/ or latest/ replaces its whole folder):
   bleu.json            per language: bleu, chrf (chrF++), copy_bleu, copy_chrf, the BLEU
                        signature and tokenizer, n, group, train_pairs; Lo/Mid/Hi/All
-                       averages; the decoding settings and the chrF++ signature
+                       averages; the decoding settings and the chrF++ signature; timing
+                       (processes, decoding seconds, sentences/s)
   bleu.md              the table printed at the end
   hyp.en-xx.txt        one detokenized hypothesis per line, in test-set order
   ref.en-xx.txt        the references they were scored against
@@ -28,6 +34,7 @@ share many tokens across languages: placeholders, names, options).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,27 +219,86 @@ def read_lines(path: Path) -> list[str]:
 # --------------------------------------------------------------------------- decoding
 
 
+def decode_batches(data: LangSplit, n: int, batch_tokens: int) -> list[np.ndarray]:
+    """The batches (sentence indices) the first n sentences of `data` are decoded in: up to
+    batch_tokens padded source tokens of similar length (sorted by length, so little
+    padding). The same batches on any number of processes, so results do not depend on it."""
+    sizes = data.src.sizes[:n]
+    return chunk_by_budget(np.argsort(sizes, kind="stable"), sizes, batch_tokens)
+
+
+def decode_chunk(model: Transformer, data: LangSplit, chunk: np.ndarray, tag_id: int, lang_index: int,
+                 ecfg: EvalConfig) -> list[list[int]]:
+    """Best hypothesis (token ids, </s> included) of each sentence of one batch, in `chunk` order."""
+    device = next(model.parameters()).device
+    src = pad_stack([np.asarray(data.src[i], dtype=np.int64) for i in chunk]).to(device)  # (b, S)
+    b = src.size(0)
+    tags = torch.full((b,), tag_id, dtype=torch.long, device=device)
+    langs = torch.full((b,), lang_index, dtype=torch.long, device=device)
+    nbest = search.generate(model, src, tags, langs, beam=ecfg.beam, lenpen=ecfg.lenpen,
+                            max_len_a=ecfg.max_len_a, max_len_b=ecfg.max_len_b)
+    return [hyps[0].tokens for hyps in nbest]
+
+
 def decode_language(model: Transformer, data: LangSplit, n: int, tag_id: int, lang_index: int,
                     ecfg: EvalConfig, desc: str = "") -> list[list[int]]:
     """Best hypothesis (token ids, </s> included) of the first n sentences of `data`, in
-    their original order. Batches hold up to eval.batch_tokens padded source tokens of
-    similar length (sorted by length, so little padding)."""
-    sizes = data.src.sizes[:n]
-    order = np.argsort(sizes, kind="stable")
-    device = next(model.parameters()).device
+    their original order, in the batches of `decode_batches`."""
     out: list[Optional[list[int]]] = [None] * n
     with tqdm(total=n, desc=desc, unit="sent", leave=False, disable=None) as bar:
-        for chunk in chunk_by_budget(order, sizes, ecfg.batch_tokens):
-            src = pad_stack([np.asarray(data.src[i], dtype=np.int64) for i in chunk]).to(device)  # (b, S)
-            b = src.size(0)
-            tags = torch.full((b,), tag_id, dtype=torch.long, device=device)
-            langs = torch.full((b,), lang_index, dtype=torch.long, device=device)
-            nbest = search.generate(model, src, tags, langs, beam=ecfg.beam, lenpen=ecfg.lenpen,
-                                    max_len_a=ecfg.max_len_a, max_len_b=ecfg.max_len_b)
-            for i, hyps in zip(chunk.tolist(), nbest):
-                out[i] = hyps[0].tokens
-            bar.update(b)
+        for chunk in decode_batches(data, n, ecfg.batch_tokens):
+            for i, tokens in zip(chunk.tolist(), decode_chunk(model, data, chunk, tag_id, lang_index, ecfg)):
+                out[i] = tokens
+            bar.update(len(chunk))
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def process_group() -> tuple[int, int, bool]:
+    """(rank, world size, created) of data-parallel decoding. Under the deepspeed launcher or
+    torchrun (RANK / WORLD_SIZE in the environment) a gloo group is joined (created=True
+    when this call initialized it); otherwise (0, 1, False)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise EvalError(f"WORLD_SIZE={world} but {key} is not set: start several processes with the "
+                            f"deepspeed launcher or torchrun, or unset WORLD_SIZE for one process")
+    dist.init_process_group("gloo")  # decoded token ids are merged as Python objects on the CPU
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def share_batches(jobs: list[tuple[str, np.ndarray]], costs: list[int], world: int) -> list[list[int]]:
+    """Deal batches (job indices) to `world` processes, largest first to the least loaded
+    one (cost: padded source tokens); deterministic, so every rank computes the same plan."""
+    load, shares = [0] * world, [[] for _ in range(world)]
+    for j in sorted(range(len(jobs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(j)
+        load[r] += costs[j]
+    return [sorted(share) for share in shares]
+
+
+def resolve_device(device: str, local_rank: int) -> str:
+    """`cpu`, or the CUDA device of this process (cuda:<local rank>); an error when CUDA is
+    asked for but absent."""
+    if device == "cpu":
+        return "cpu"
+    if device != "cuda" and not device.startswith("cuda:"):
+        raise EvalError(f"--device {device}: choices: cpu, cuda")
+    if not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: no CUDA device is available to this process "
+                        f"(torch.cuda.is_available() is False; torch {torch.__version__}); use --device cpu")
+    if device == "cuda":
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
 
 
 # --------------------------------------------------------------------------- main
@@ -243,12 +309,27 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
                         overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0) -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
-    docstring); returns what bleu.json holds. `limit`: the first N sentences of each
-    language. `samples`: also print that many sample translations."""
+    docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
+    data-parallel run). `limit`: the first N sentences of each language. `samples`: also
+    print that many sample translations. `device`: cpu or cuda (this process' GPU)."""
     check_override_sections(list(overrides or []))  # before any loading: fail fast
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     ckpt = Path(checkpoint)
+    rank, world, created = process_group()
+    device = resolve_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+    try:
+        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, overrides, device: str,
+              samples: int, rank: int, world: int) -> dict:
+    say = print if rank == 0 else (lambda *a, **k: None)
     try:
         cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device)
     except CheckpointError as e:
@@ -265,7 +346,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     splits = load_split(cfg.data.dir, manifest, split, langs)
     missing = [lang for lang in langs if lang not in splits]
     if missing:
-        print(f"| no {split} data for {', '.join(missing)} in {cfg.data.dir}: skipped")
+        say(f"| no {split} data for {', '.join(missing)} in {cfg.data.dir}: skipped")
     langs = [lang for lang in langs if lang in splits]
     if not langs:
         raise EvalError(f"no {split} data in {cfg.data.dir} for any requested language")
@@ -276,20 +357,43 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
         raise EvalError(str(e)) from None
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
+    say(f"| evaluating {ckpt} (step {meta.get('step')}) on {split}: {len(langs)} languages, beam {ecfg.beam}, "
+        f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
+        + (f", first {limit} sentences each" if limit else "") + f"; {world} process(es) on {device}")
+
+    counts = {lang: len(splits[lang]) if limit is None else min(limit, len(splits[lang])) for lang in langs}
+    jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(splits[lang], counts[lang], ecfg.batch_tokens)]
+    costs = [len(chunk) * int(splits[lang].src.sizes[chunk].max()) for lang, chunk in jobs]
+    mine = share_batches(jobs, costs, world)[rank]
+    t0 = time.time()
+    decoded: dict[tuple[str, int], list[int]] = {}  # (language, sentence index) -> token ids
+    with tqdm(total=sum(len(jobs[j][1]) for j in mine), desc="decoding", unit="sent", leave=False,
+              disable=None if rank == 0 else True) as bar:
+        for j in mine:
+            lang, chunk = jobs[j]
+            hyps = decode_chunk(model, splits[lang], chunk, vocab.lang_ids[lang], ckpt_langs.index(lang), ecfg)
+            decoded.update(((lang, i), tokens) for i, tokens in zip(chunk.tolist(), hyps))
+            bar.update(len(chunk))
+    if world > 1:  # merge on rank 0; the others are done
+        import torch.distributed as dist
+
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(decoded, parts, dst=0)
+        if rank != 0:
+            return {}
+        for part in parts:
+            decoded.update(part)
+    seconds = time.time() - t0
+    total = sum(counts.values())
+    say(f"| decoded {total} sentences in {seconds:.1f}s on {world} process(es) ({total / max(seconds, 1e-9):.1f} "
+        f"sentences/s)")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"| evaluating {ckpt} (step {meta.get('step')}) on {split}: {len(langs)} languages, beam {ecfg.beam}, "
-          f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
-          + (f", first {limit} sentences each" if limit else ""))
 
     results: list[LangResult] = []
     chrf_signature = ""
     for lang in langs:
-        data = splits[lang]
-        n = len(data) if limit is None else min(limit, len(data))
-        t0 = time.time()
-        hyp_ids = decode_language(model, data, n, vocab.lang_ids[lang], ckpt_langs.index(lang), ecfg,
-                                  desc=f"en-{lang}")
-        hyps = [vocab.decode(ids) for ids in hyp_ids]
+        n = counts[lang]
+        hyps = [vocab.decode(decoded[(lang, i)]) for i in range(n)]
         srcs, refs = texts[lang][0][:n], texts[lang][1][:n]
         scores = corpus_scores(hyps, refs, tokenizers[lang])
         copy = corpus_scores(srcs, refs, tokenizers[lang])
@@ -299,7 +403,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
         chrf_signature = scores.chrf_signature
         for kind, lines in (("hyp", hyps), ("ref", refs), ("src", srcs)):
             (out / f"{kind}.en-{lang}.txt").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-        print(f"| en-{lang}: {n} sentences in {time.time() - t0:.1f}s, BLEU {scores.bleu:.2f}, "
+        print(f"| en-{lang}: {n} sentences, BLEU {scores.bleu:.2f}, "
               f"chrF++ {scores.chrf:.2f} (copy: {copy.bleu:.2f}, {copy.chrf:.2f})")
 
     avg = averages(results)
@@ -318,7 +422,9 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
                                "signature": r.signature, "tokenize": r.tokenize, "n": r.n, "group": r.group,
                                "train_pairs": r.train_pairs} for r in results},
         "averages": avg,
+        "timing": {"processes": world, "decode_seconds": seconds, "sentences_per_s": total / max(seconds, 1e-9)},
         "settings": {"checkpoint": str(ckpt), "step": meta.get("step"), "split": split, "limit": limit,
+                     "processes": world,
                      "beam": ecfg.beam, "lenpen": ecfg.lenpen, "max_len_a": ecfg.max_len_a,
                      "max_len_b": ecfg.max_len_b, "lo_max": ecfg.lo_max, "hi_min": ecfg.hi_min,
                      "chrf_signature": chrf_signature, "references": "raw text"},

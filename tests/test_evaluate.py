@@ -76,7 +76,7 @@ def test_evaluate_writes_every_file(ckpt, tiny_data):
     assert {lang: r["group"] for lang, r in report["languages"].items()} == {"aa": "Hi", "bb": "Mid", "cc": "Lo"}
     assert {lang: r["train_pairs"] for lang, r in report["languages"].items()} == {"aa": 400, "bb": 150, "cc": 50}
     assert report["settings"] | {"checkpoint": None} == {
-        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "beam": 2, "lenpen": 1.0,
+        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "processes": 1, "beam": 2, "lenpen": 1.0,
         "max_len_a": 1.2, "max_len_b": 10, "lo_max": 100, "hi_min": 300, "references": "raw text",
         "chrf_signature": report["settings"]["chrf_signature"]}
     assert "nw:2" in report["settings"]["chrf_signature"]  # chrF++
@@ -317,3 +317,51 @@ def test_samples_print_source_reference_hypothesis(ckpt, tmp_path, capsys):
             got = blocks[i + 1 + ("src", "ref", "hyp").index(kind)].split(None, 1)
             want = lines(tmp_path / "o" / f"{kind}.en-{lang}.txt")[j]
             assert got[0] == label and got[1:] == ([want] if want else [])
+
+
+def trained_checkpoint(folder: Path, data_dir: Path) -> Path:
+    """make_checkpoint's folder holding a model trained a few steps (test_export.trained_model),
+    so hypotheses end at different lengths instead of all running to the limit."""
+    from test_export import trained_model
+
+    make_checkpoint(folder, data_dir)
+    _, model, *_ = trained_model(data_dir)
+    torch.save({"module": model.state_dict(), "optimizer": None}, folder / MODEL_STATES)
+    return folder
+
+
+def test_two_rank_decoding_equals_one_process(tmp_path, tiny_data):
+    """2 real gloo ranks under the deepspeed launcher decode shares of the batches; rank 0
+    merges and scores: the same hypotheses and scores as 1 process."""
+    ckpt = trained_checkpoint(tmp_path / "run" / "best", tiny_data)
+    common = ["launch/evaluate.py", "--checkpoint", ckpt, "--limit", "20", "eval.beam=2", "eval.batch_tokens=40"]
+    launch(common + ["--out", tmp_path / "one"], 1)
+    out = launch(common + ["--out", tmp_path / "two"], 2)
+    assert "on 2 process(es)" in out.stdout
+    one, two = (json.loads((tmp_path / d / "bleu.json").read_text()) for d in ("one", "two"))
+    assert (one["settings"]["processes"], two["settings"]["processes"]) == (1, 2)
+    assert two["timing"]["processes"] == 2 and two["timing"]["sentences_per_s"] > 0
+    for report in (one, two):
+        report["settings"]["processes"] = report["timing"] = None
+    assert one == two
+    for lang in ("aa", "bb", "cc"):
+        hyps = lines(tmp_path / "one" / f"hyp.en-{lang}.txt")
+        assert len(hyps) == 20 and hyps == lines(tmp_path / "two" / f"hyp.en-{lang}.txt")
+    assert len({len(h.split()) for h in lines(tmp_path / "one" / "hyp.en-aa.txt")}) > 1  # not all at the limit
+
+
+def test_share_batches_covers_every_batch_once():
+    from cats_ds.evaluate import share_batches
+
+    costs = [5, 1, 9, 3, 3, 7]
+    shares = share_batches([("aa", np.arange(1))] * 6, costs, 2)
+    assert sorted(shares[0] + shares[1]) == list(range(6))
+    assert abs(sum(costs[j] for j in shares[0]) - sum(costs[j] for j in shares[1])) <= 2
+    assert share_batches([("aa", np.arange(1))] * 2, [1, 1], 3)[2] == []
+
+
+def test_device_cuda_without_cuda_is_an_error(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", str(ckpt), "--device", "cuda"])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
