@@ -452,10 +452,31 @@ def log_train(run: Run) -> None:
     events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
     events += [(k, float(v), run.step) for k, v in record["weighting"].items()]
     write_events(run, events)
+    eta, line = progress(run)
+    record["eta_s"] = eta
     print0(f"| step {run.step:6d} | loss {record['loss']:.4f} | nll {record['nll']:.4f} | "
-           f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s")
+           f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s{line}")
     write_log(run, {"kind": "train", **record})
     run.acc = {}
+
+
+def progress(run: Run) -> tuple[Optional[float], str]:
+    """(seconds left, " | 40/1000 (4.0%) | 0:03:12 elapsed | ETA 1:16:48 (max_updates)"):
+    the average pace so far (resumed sessions included) toward train.max_updates, or toward
+    train.max_minutes when that comes first."""
+    cfg = run.cfg.train
+    if not run.t_start or run.step <= 0:
+        return None, ""
+    elapsed = run.elapsed + time.time() - run.t_start
+    left, limit = (cfg.max_updates - run.step) * elapsed / run.step, "max_updates"
+    if cfg.max_minutes is not None and cfg.max_minutes * 60 - elapsed < left:
+        left, limit = max(cfg.max_minutes * 60 - elapsed, 0.0), "max_minutes"
+
+    def clock(sec: float) -> str:
+        return f"{int(sec // 3600)}:{int(sec % 3600 // 60):02d}:{int(sec % 60):02d}"
+
+    return left, (f" | {run.step}/{cfg.max_updates} ({100 * run.step / cfg.max_updates:.1f}%) | "
+                  f"{clock(elapsed)} elapsed | ETA {clock(left)} ({limit})")
 
 
 def write_events(run: Run, events: list) -> None:
