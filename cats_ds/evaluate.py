@@ -240,19 +240,6 @@ def decode_chunk(model: Transformer, data: LangSplit, chunk: np.ndarray, tag_id:
     return [hyps[0].tokens for hyps in nbest]
 
 
-def decode_language(model: Transformer, data: LangSplit, n: int, tag_id: int, lang_index: int,
-                    ecfg: EvalConfig, desc: str = "") -> list[list[int]]:
-    """Best hypothesis (token ids, </s> included) of the first n sentences of `data`, in
-    their original order, in the batches of `decode_batches`."""
-    out: list[Optional[list[int]]] = [None] * n
-    with tqdm(total=n, desc=desc, unit="sent", leave=False, disable=None) as bar:
-        for chunk in decode_batches(data, n, ecfg.batch_tokens):
-            for i, tokens in zip(chunk.tolist(), decode_chunk(model, data, chunk, tag_id, lang_index, ecfg)):
-                out[i] = tokens
-            bar.update(len(chunk))
-    return out  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------- several processes
 
 
