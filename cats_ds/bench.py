@@ -201,8 +201,9 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
 
 def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
     """The same sentences through an in-memory CTranslate2 export of the same model (same
-    beam, batch, length limit per batch and banned tokens); None when ctranslate2 is not
-    installed or the model cannot be exported (family experts)."""
+    beam, batch, length limit per batch and banned tokens; family-expert models: each
+    language through its family's model); None when ctranslate2 is not installed or the
+    model cannot be exported."""
     import torch
 
     try:
@@ -219,12 +220,19 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> 
         except ExportError as e:
             print(f"(no CTranslate2 row: {e})")
             return None
-        translator = ctranslate2.Translator(str(Path(tmp) / "ct2"), device="cpu",
-                                            intra_threads=torch.get_num_threads())
+        root = Path(tmp) / "ct2"
+        index = root / "families.json"  # family-expert models: one CTranslate2 model per family
+        folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
+        translators = {}
         total_s, total_n = 0.0, 0
         for lang in languages:
             if lang not in splits:
                 continue
+            where = root / folder.get(lang, "")
+            if where not in translators:
+                translators[where] = ctranslate2.Translator(str(where), device="cpu",
+                                                            intra_threads=torch.get_num_threads())
+            translator = translators[where]
             n = min(per_lang, len(splits[lang]))
             srcs = [splits[lang].src[i].astype("int64") for i in range(n)]
             pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>

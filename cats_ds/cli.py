@@ -111,8 +111,9 @@ def average_main(argv: Optional[list[str]] = None) -> None:
 
 
 def export_main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="cats-export", description="Export a dense checkpoint for inference "
-                                                                 "(CTranslate2 model + spm.model + language tags)")
+    p = argparse.ArgumentParser(prog="cats-export", description="Export a checkpoint for inference "
+                                "(CTranslate2 model + spm.model + language tags; one model per family for "
+                                "family-expert checkpoints)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
     p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
     p.add_argument("--out", required=True, help="export folder (must not exist unless --force)")

@@ -21,13 +21,18 @@ How our Transformer maps onto CTranslate2's TransformerSpec:
   - the source gets </s> appended (add_source_eos), no <s>; the decoder has no start
     token of its own (decoder_start_token None): the `<2xx>` tag given as target_prefix is
     the first decoder input, exactly as in training.
-Family-expert models are refused (ExportError): CTranslate2 has no per-sentence routing,
-and a model per family is not exported by this project.
+Family-expert models (CTranslate2 has no per-sentence routing) export one dense model per
+family: for family f, each expert sublayer is replaced by its expert f (FFN, the q/k/v/out
+projections of expert attention, the output embedding of out_embed experts; the latter
+becomes the model's output projection, untied from the shared input embeddings), and the
+shared parameters are copied. `<out>/<family>/` holds that family's model, which
+translates exactly the family's languages; `<out>/families.json` maps language -> folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -37,7 +42,7 @@ import torch
 
 from cats_ds.config import Config
 from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
-from cats_ds.model.transformer import Attention, Transformer
+from cats_ds.model.transformer import Attention, FeedForward, Transformer
 
 FORMATS = ("ctranslate2",)
 NORM_EPS = {"layernorm": 1e-5, "layernorm_noaffine": 1e-5, "rmsnorm": 1e-6, "rmsnorm_noaffine": 1e-6}
@@ -61,10 +66,6 @@ def _ctranslate2():
 
 def check_exportable(cfg: Config, model: Transformer) -> None:
     """Refuse what CTranslate2 cannot represent, naming the setting."""
-    if cfg.experts.modules or model.routed:
-        raise ExportError(f"experts.modules={cfg.experts.modules}: family-expert models cannot be exported to "
-                          f"CTranslate2 (it has no per-sentence expert routing); only dense models "
-                          f"(experts.modules=[]) are supported")
     if cfg.model.norm not in NORM_EPS:
         raise ExportError(f"model.norm={cfg.model.norm} has no CTranslate2 equivalent; "
                           f"supported: {', '.join(NORM_EPS)}")
@@ -86,17 +87,44 @@ def _set_linear(spec, *linears: torch.nn.Linear) -> None:
     spec.bias = np.concatenate([_np(lin.bias) for lin in linears], axis=0)
 
 
-def _set_attention(spec, attn: Attention, cross: bool) -> None:
+def _expert(module: torch.nn.Module, family: Optional[int]) -> torch.nn.Module:
+    """`module` itself, or, for a family-expert layer, its expert of `family` (the module
+    that family's tokens run through)."""
+    from cats_ds.model.experts import ExpertFeedForward, ExpertOutputEmbedding, FamilyMoE
+
+    if isinstance(module, (ExpertFeedForward, ExpertOutputEmbedding)):
+        module = module.moe
+    if not isinstance(module, FamilyMoE):
+        return module
+    if family is None:
+        raise ExportError("a family-expert layer needs the family to export (export_ctranslate2 does it per family)")
+    experts = module.deepspeed_moe.experts.deepspeed_experts
+    if len(experts) != module.num_experts:
+        raise ExportError(f"expert layer holds {len(experts)} of {module.num_experts} experts: load the model "
+                          f"on one process (ep_size 1), as load_for_inference does")
+    return experts[family]
+
+
+def _set_attention(spec, attn: Attention, cross: bool, family: Optional[int]) -> None:
+    q, k, v, o = (_expert(getattr(attn, name), family) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
     if cross:
-        _set_linear(spec.linear[0], attn.q_proj)
-        _set_linear(spec.linear[1], attn.k_proj, attn.v_proj)
+        _set_linear(spec.linear[0], q)
+        _set_linear(spec.linear[1], k, v)
     else:
-        _set_linear(spec.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
-    _set_linear(spec.linear[-1], attn.out_proj)
+        _set_linear(spec.linear[0], q, k, v)
+    _set_linear(spec.linear[-1], o)
 
 
-def transformer_spec(cfg: Config, model: Transformer, vocab_tokens: list[str]):
-    """The ctranslate2 TransformerSpec of a dense model, weights filled in."""
+def _set_ffn(spec, ffn: torch.nn.Module, family: Optional[int]) -> None:
+    ffn = _expert(ffn, family)
+    assert isinstance(ffn, FeedForward), type(ffn)
+    _set_linear(spec.linear_0, ffn.fc1)
+    _set_linear(spec.linear_1, ffn.fc2)
+
+
+def transformer_spec(cfg: Config, model: Transformer, vocab_tokens: list[str], family: Optional[int] = None):
+    """The ctranslate2 TransformerSpec of a dense model, or of family `family` of a
+    family-expert model (its experts in place of the expert layers), weights filled in."""
     check_exportable(cfg, model)
     _ctranslate2()
     from ctranslate2.specs import common_spec, transformer_spec as ts
@@ -113,10 +141,9 @@ def transformer_spec(cfg: Config, model: Transformer, vocab_tokens: list[str]):
     enc.scale_embeddings = True
     enc.position_encodings.encodings = positions
     for layer_spec, layer in zip(enc.layer, model.encoder_layers):
-        _set_attention(layer_spec.self_attention, layer.self_attn, cross=False)
+        _set_attention(layer_spec.self_attention, layer.self_attn, False, family)
         _set_norm(layer_spec.self_attention.layer_norm, layer.norm1, d, rms)
-        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
-        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+        _set_ffn(layer_spec.ffn, layer.ffn, family)
         _set_norm(layer_spec.ffn.layer_norm, layer.norm2, d, rms)
     if m.prenorm:
         _set_norm(enc.layer_norm, model.enc_norm, d, rms)
@@ -126,16 +153,17 @@ def transformer_spec(cfg: Config, model: Transformer, vocab_tokens: list[str]):
     dec.scale_embeddings = True
     dec.position_encodings.encodings = positions
     for layer_spec, layer in zip(dec.layer, model.decoder_layers):
-        _set_attention(layer_spec.self_attention, layer.self_attn, cross=False)
+        _set_attention(layer_spec.self_attention, layer.self_attn, False, family)
         _set_norm(layer_spec.self_attention.layer_norm, layer.norm1, d, rms)
-        _set_attention(layer_spec.attention, layer.cross_attn, cross=True)
+        _set_attention(layer_spec.attention, layer.cross_attn, True, family)
         _set_norm(layer_spec.attention.layer_norm, layer.norm2, d, rms)
-        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
-        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+        _set_ffn(layer_spec.ffn, layer.ffn, family)
         _set_norm(layer_spec.ffn.layer_norm, layer.norm3, d, rms)
     if m.prenorm:
         _set_norm(dec.layer_norm, model.dec_norm, d, rms)
-    dec.projection.weight = _np(model.dec_embed.weight)  # logits = x @ E^T, no bias
+    # logits = x @ E^T, no bias; E = the decoder embedding, or the family's output-embedding expert
+    out_embed = model.dec_embed if model.out_proj is None else _expert(model.out_proj, family)
+    dec.projection.weight = _np(out_embed.weight)
 
     spec.register_source_vocabulary(vocab_tokens)
     spec.register_target_vocabulary(vocab_tokens)
@@ -188,15 +216,9 @@ tokens including </s> (source length counting </s>): pass that minus 1 as
 """
 
 
-def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages: list[str], out: str | Path,
-                       force: bool = False, quantization: Optional[str] = None,
-                       checkpoint: str = "", step: Optional[int] = None) -> Path:
-    """Write the CTranslate2 model, spm.model, languages.json and README.md to `out`."""
+def _write_ctranslate2(spec, data_dir: str, languages: list[str], out: Path, quantization: Optional[str],
+                       readme: str) -> None:
     ct2 = _ctranslate2()
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
-    spec = transformer_spec(cfg, model, vocab_tokens(vocab))
 
     class _Converter(ct2.converters.Converter):
         def _load(self):
@@ -206,14 +228,59 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
         _Converter().convert(str(out), quantization=quantization, force=True)
     except ValueError as e:  # e.g. an unknown quantization
         raise ExportError(f"CTranslate2 conversion failed: {e}") from None
-    shutil.copyfile(Path(cfg.data.dir) / f"{SPM_PREFIX}.model", out / f"{SPM_PREFIX}.model")
+    shutil.copyfile(Path(data_dir) / f"{SPM_PREFIX}.model", out / f"{SPM_PREFIX}.model")
     tags = {lang: lang_tag(lang) for lang in languages}
     (out / "languages.json").write_text(json.dumps({"languages": list(languages), "tags": tags}, indent=1,
                                                    ensure_ascii=False), encoding="utf-8")
-    (out / "README.md").write_text(USAGE.format(
-        name=out.name, checkpoint=checkpoint or "(in-memory model)", out=out, step=step, n=len(languages),
-        languages=", ".join(languages), example_tag=tags[languages[0]], max_len_a=cfg.eval.max_len_a,
-        max_len_b=cfg.eval.max_len_b), encoding="utf-8")
+    (out / "README.md").write_text(readme, encoding="utf-8")
+
+
+def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages: list[str], out: str | Path,
+                       force: bool = False, quantization: Optional[str] = None,
+                       checkpoint: str = "", step: Optional[int] = None) -> Path:
+    """Write the CTranslate2 model, spm.model, languages.json and README.md to `out`; for
+    a family-expert model, one such folder per family under `out` plus families.json."""
+    _ctranslate2()
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
+    check_exportable(cfg, model)
+    tokens = vocab_tokens(vocab)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    def readme(folder: Path, langs: list[str], note: str = "") -> str:
+        return USAGE.format(name=out.name, checkpoint=checkpoint or "(in-memory model)", out=folder, step=step,
+                            n=len(langs), languages=", ".join(langs), example_tag=lang_tag(langs[0]),
+                            max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b) + note
+
+    if not model.routed:
+        _write_ctranslate2(transformer_spec(cfg, model, tokens), cfg.data.dir, languages, tmp, quantization,
+                           readme(out, languages))
+    else:
+        from cats_ds.families import load_family_map
+
+        families, lang_family = load_family_map(cfg.experts.families or "default").assign(languages)
+        if list(model.lang_family.tolist()) != list(lang_family):
+            raise ExportError(f"experts.families={cfg.experts.families}: the family map now routes the "
+                              f"languages differently from the model ({lang_family} vs "
+                              f"{model.lang_family.tolist()})")
+        folders = {}
+        for f, family in enumerate(families):
+            langs = [lang for lang, g in zip(languages, lang_family) if g == f]
+            (tmp / family).mkdir()
+            note = (f"\nFamily `{family}` of a family-expert model (experts.modules={cfg.experts.modules}): "
+                    f"this folder translates {', '.join(langs)} only; ../families.json lists the others.\n")
+            _write_ctranslate2(transformer_spec(cfg, model, tokens, family=f), cfg.data.dir, langs, tmp / family,
+                               quantization, readme(out / family, langs, note))
+            folders.update({lang: family for lang in langs})
+        (tmp / "families.json").write_text(json.dumps({"families": families, "folder": folders}, indent=1),
+                                           encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out
 
 
@@ -225,10 +292,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctran
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: supported formats: {', '.join(FORMATS)}")
     meta = read_meta(checkpoint)
-    experts = meta.get("config", {}).get("experts", {}).get("modules")
-    if experts:  # before building the model: say what is supported straight away
-        raise ExportError(f"{checkpoint}: experts.modules={experts}: family-expert models cannot be exported to "
-                          f"CTranslate2 (it has no per-sentence expert routing); only dense models are supported")
     _ctranslate2()
     cfg, model, _, vocab, languages = load_for_inference(checkpoint)
     return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,

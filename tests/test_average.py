@@ -99,3 +99,9 @@ def test_save_every_keep_last_then_average_experts(tmp_path, tiny_recipe):
         assert torch.equal(got[k], ((states[0][k].double() + states[1][k].double()) / 2).float()), k
     report = evaluate_checkpoint(out, limit=2, overrides=["eval.beam=1"])
     assert report["settings"]["step"] == 4
+    # the averaged expert checkpoint (DeepSpeed's expert layout, averaged) exports per family
+    from cats_ds.cli import export_main
+
+    export_main(["--checkpoint", str(out), "--out", str(tmp_path / "ct2")])
+    assert json.loads((tmp_path / "ct2" / "families.json").read_text())["folder"] == {"aa": "x", "bb": "x", "cc": "y"}
+    assert (tmp_path / "ct2" / "y" / "model.bin").is_file()

@@ -1,6 +1,7 @@
 """CTranslate2 export: greedy decoding of the exported model gives the same tokens as the
 project's greedy search, for every norm variant, pre- and post-norm, tied and separate
-embeddings; expert models and existing folders are refused with a clear message."""
+embeddings, and for family-expert models (one model per family); existing folders and
+unknown formats are refused with a clear message."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cats_ds import search
 from cats_ds.cli import export_main
@@ -24,10 +26,12 @@ from test_evaluate import make_checkpoint
 ctranslate2 = pytest.importorskip("ctranslate2")  # the `export` extra (also in `dev`, so CI runs this)
 
 
-def trained_model(data_dir: Path, steps: int = 40, **model):
+def trained_model(data_dir: Path, steps: int = 40, experts: dict | None = None, **model):
     """A tiny model trained `steps` Adam steps on the tiny corpus' train split, so that it
-    emits varied tokens and </s> (an untrained one repeats one token to the length limit)."""
-    cfg = config_from_dict({"data": {"dir": str(data_dir)}, "model": dict(TINY_MODEL, **model)})
+    emits varied tokens and </s> (an untrained one repeats one token to the length limit).
+    `experts`: an experts section (family experts, ep_size 1, trained without DeepSpeed)."""
+    cfg = config_from_dict({"data": {"dir": str(data_dir)}, "model": dict(TINY_MODEL, **model),
+                            "experts": experts or {}})
     manifest = Manifest.load(data_dir)
     vocab = Vocab(data_dir, manifest.languages)
     langs = manifest.languages
@@ -50,10 +54,13 @@ def compare_greedy(cfg, model, manifest, vocab, langs, out: Path, n: int = 12) -
     """Assert CTranslate2 (beam 1) and search.greedy_search give the same tokens on the
     first n test sentences of every language; returns how many ended in </s> before the
     length limit (so the test knows it exercised stopping, not only the limit)."""
-    translator = ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+    per_family = (out / "families.json").is_file()
+    folder = json.loads((out / "families.json").read_text())["folder"] if per_family else {}
     test = load_split(cfg.data.dir, manifest, "test", langs)
     stopped = 0
     for li, lang in enumerate(langs):
+        translator = ctranslate2.Translator(str(out / folder[lang] if per_family else out), device="cpu",
+                                            intra_threads=1)
         srcs = [torch.as_tensor(test[lang].src[i].astype("int64")) for i in range(n)]
         src = torch.nn.utils.rnn.pad_sequence(srcs, batch_first=True, padding_value=model.pad_id)
         tags = torch.full((n,), vocab.lang_ids[lang])
@@ -109,13 +116,29 @@ def test_export_checkpoint_writes_model_vocab_and_tags(tmp_path, tiny_data, caps
     export_main(["--checkpoint", str(ckpt), "--format", "ctranslate2", "--out", str(out), "--force"])
 
 
-def test_expert_checkpoint_is_refused(tmp_path, tiny_data):
+def test_expert_model_exports_one_model_per_family(tmp_path, tiny_data):
+    """Experts on every placement (ffn, attn, out_embed; both sides), trained so the
+    families' experts differ: each family's export decodes its languages like our search
+    routing them to that family."""
+    families = tmp_path / "families.yaml"
+    families.write_text(yaml.safe_dump({"x": ["aa", "bb"], "y": ["cc"]}))
+    cfg, net, manifest, vocab, langs = trained_model(
+        tiny_data, experts={"modules": ["all"], "side": "both", "families": str(families)})
+    ffn = net.decoder_layers[0].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    assert not torch.equal(ffn[0].fc1.weight, ffn[1].fc1.weight)  # training moved the experts apart
+    out = export_ctranslate2(cfg, net, vocab, langs, tmp_path / "ct2")
+    index = json.loads((out / "families.json").read_text())
+    assert index == {"families": ["x", "y"], "folder": {"aa": "x", "bb": "x", "cc": "y"}}
+    assert json.loads((out / "y" / "languages.json").read_text())["languages"] == ["cc"]
+    assert (out / "x" / "model.bin").is_file() and (out / "y" / "spm.model").is_file()
+    assert compare_greedy(cfg, net, manifest, vocab, langs, out) > 0
+    # family y's model is not family x's: decoding cc with x's model gives other tokens somewhere
+    spec_x, spec_y = (json.loads((out / f / "config.json").read_text()) for f in ("x", "y"))
+    assert spec_x == spec_y and (out / "x" / "model.bin").read_bytes() != (out / "y" / "model.bin").read_bytes()
+
+
+def test_unknown_format_is_refused(tmp_path, tiny_data):
     ckpt, _ = make_checkpoint(tmp_path / "best", tiny_data)
-    meta = json.loads((ckpt / "cats_ds.json").read_text())
-    meta["config"]["experts"]["modules"] = ["ffn"]
-    (ckpt / "cats_ds.json").write_text(json.dumps(meta))
-    with pytest.raises(ExportError, match=r"experts.modules=\['ffn'\].*only dense models"):
-        export_checkpoint(ckpt, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="supported formats: ctranslate2"):
         export_checkpoint(ckpt, tmp_path / "out", fmt="onnx")
+    assert not (tmp_path / "out").exists()
