@@ -256,6 +256,20 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
                             n=len(langs), languages=", ".join(langs), example_tag=lang_tag(langs[0]),
                             max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b) + note
 
+    try:
+        _write_all(cfg, model, tokens, languages, tmp, quantization, readme, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: list[str], tmp: Path,
+               quantization: Optional[str], readme, out: Path) -> None:
+    """The dense model into tmp, or one folder per family plus families.json."""
     if not model.routed:
         _write_ctranslate2(transformer_spec(cfg, model, tokens), cfg.data.dir, languages, tmp, quantization,
                            readme(out, languages))
@@ -278,10 +292,6 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
             folders.update({lang: family for lang in langs})
         (tmp / "families.json").write_text(json.dumps({"families": families, "folder": folders}, indent=1),
                                            encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctranslate2", force: bool = False,
