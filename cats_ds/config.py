@@ -214,6 +214,10 @@ class TrainConfig:
     """Linear warmup, then inverse square root decay."""
     warmup_init_lr: float = 1e-7
     """Learning rate at update 0."""
+    max_nonfinite: int = 5
+    """Stop with an error after this many consecutive updates whose training loss is NaN or
+    inf (fp16 loss-scale skips have finite losses and do not count); a non-finite
+    validation loss stops at once. Neither writes a checkpoint."""
     label_smoothing: float = 0.1
     """Label smoothing of the cross entropy."""
     log_every: int = 50
@@ -222,6 +226,9 @@ class TrainConfig:
     """Validation loss per language (and checkpoints) every N updates."""
     resume: str = "auto"
     """auto: continue from save_dir/latest if present; none: start fresh; or a path."""
+    overwrite: bool = False
+    """Allow a run that starts from step 0 to replace the checkpoints (and train_log.jsonl)
+    already in save_dir; without it such a start is refused."""
     seed: int = 1
     """Seed for initialization, sampling and dropout."""
     tensorboard: bool = True
@@ -300,6 +307,23 @@ class Config:
             raise ConfigError(f"sampling.langs_per_batch must be >= 1, got {self.sampling.langs_per_batch}")
         if self.train.max_tokens < 8:
             raise ConfigError(f"train.max_tokens must be >= 8, got {self.train.max_tokens}")
+        t = self.train
+        for key in ("log_every", "valid_every", "max_nonfinite"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        for key in ("max_updates", "warmup_updates"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
+        if not (math.isfinite(t.warmup_init_lr) and t.warmup_init_lr >= 0):
+            raise ConfigError(f"train.warmup_init_lr must be a finite number >= 0, got {t.warmup_init_lr}")
+        if m.max_positions < 2:
+            raise ConfigError(f"model.max_positions must be >= 2, got {m.max_positions}")
+        repeated = sorted({lang for lang in self.data.languages if self.data.languages.count(lang) > 1})
+        if repeated:
+            raise ConfigError(f"data.languages lists {', '.join(repeated)} more than once "
+                              f"({self.data.languages}); name each language once")
         if not self.cats.meta_every:
             raise ConfigError("cats.meta_every must list at least one [until_step, M] entry")
         for i, entry in enumerate(self.cats.meta_every):
@@ -423,7 +447,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({detail}); quote it or fix "
+                          f"the brackets, e.g. {key.strip()}=[a,b]") from None
     return key.strip().split("."), value
 
 

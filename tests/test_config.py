@@ -63,3 +63,32 @@ def test_cats_values_are_checked():
             load_config(None, [override])
     cfg = load_config(None, [])
     assert (cfg.cats.update, cfg.cats.weight_by, cfg.sampling.distinct) == ("mirror", "tokens", None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.valid_every=0", r"train.valid_every must be >= 1, got 0"),
+    ("train.log_every=0", r"train.log_every must be >= 1, got 0"),
+    ("train.max_nonfinite=0", r"train.max_nonfinite must be >= 1, got 0"),
+    ("train.lr=-1", r"train.lr must be a finite number > 0, got -1.0"),
+    ("train.lr=nan", r"train.lr must be a finite number > 0, got nan"),
+    ("train.max_updates=-5", r"train.max_updates must be >= 0, got -5"),
+    ("model.max_positions=1", r"model.max_positions must be >= 2, got 1"),
+])
+def test_out_of_range_train_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_yaml_in_override_names_the_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: override 'data.languages=\[de,fr': the value is not valid YAML"):
+        load_config(str(recipe), ["data.languages=[de,fr"])
+    with pytest.raises(ConfigError, match=r"override 'cats.meta_every=\[\[null, 10\]': the value is not valid YAML"):
+        load_config(None, ["cats.meta_every=[[null, 10]"])
+
+
+def test_duplicate_languages_refused():
+    with pytest.raises(ConfigError, match=r"data.languages lists de more than once \(\['de', 'de', 'fr'\]\)"):
+        load_config(None, ["data.languages=[de,de,fr]"])
+    assert load_config(None, ["data.languages=[de,fr]"]).data.languages == ["de", "fr"]
