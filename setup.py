@@ -17,6 +17,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "numpy>=1.22",
+        "psutil>=5.8",  # ranks watch their launcher (cats_ds/watchdog.py); DeepSpeed needs it too
     ],
     extras_require={
         "plot": ["matplotlib>=3.5"],

@@ -57,7 +57,9 @@ def train_main(argv: Optional[list[str]] = None) -> None:
         _fail(str(e))
     from cats_ds.train import TrainError, train
     from cats_ds.weighting.base import WeightingError
+    from cats_ds.watchdog import watch_launcher
 
+    watch_launcher()  # exit when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
     try:
         train(cfg, args.deepspeed_config)
     except (TrainError, ConfigError, WeightingError) as e:
