@@ -168,6 +168,12 @@ class Run:
     """Meta batches from dev (cats.meta_data=dev)."""
     filler: Optional[Batch] = None
     """One real sentence run with weight 0 by a rank that got no sentences."""
+    update_loss: float = 0.0
+    """This rank's loss sum over the current update (non-finite check)."""
+    nonfinite: int = 0
+    """Consecutive updates whose training loss was NaN or inf on some rank."""
+    last_good: str = "none yet"
+    """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -177,6 +183,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = load_ds_config(ds_config_path, world, cfg)
+    prepare_save_dir(cfg, rank)
     try:
         manifest = Manifest.load(cfg.data.dir)
     except (FileNotFoundError, ValueError) as e:
@@ -405,6 +412,28 @@ def train_step(run: Run) -> None:
     else:
         plain_update(run)
     run.step += 1
+    check_finite_update(run)
+
+
+def check_finite_update(run: Run) -> None:
+    """Stop after train.max_nonfinite consecutive updates whose training loss was NaN or
+    inf on any rank (all ranks agree through one all_reduce of a flag). DeepSpeed's fp16
+    loss scaler skips updates whose GRADIENTS overflow; their losses are finite, so those
+    skips never count. A non-finite loss means the weights (or the data) are broken:
+    the scaler would skip the update too, lowering the scale to no avail."""
+    bad = torch.tensor([0.0 if math.isfinite(run.update_loss) else 1.0])
+    run.update_loss = 0.0
+    if run.world > 1:
+        bad = bad.to(run.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    run.nonfinite = run.nonfinite + 1 if bad.item() > 0 else 0
+    limit = run.cfg.train.max_nonfinite
+    if run.nonfinite >= limit:
+        first = run.step - run.nonfinite + 1
+        raise TrainError(f"training loss is NaN or inf at {run.nonfinite} consecutive updates (steps {first}-{run.step}, "
+                         f"train.max_nonfinite={limit}): stopped at step {run.step} without saving a checkpoint. "
+                         f"Last good checkpoint: {run.last_good}. Lower train.lr (now {run.cfg.train.lr:g}) or check "
+                         f"the data and the checkpoint files, then resume from it")
 
 
 def _acc(run: Run) -> dict:
@@ -415,7 +444,9 @@ def _acc(run: Run) -> dict:
 
 
 def accumulate(run: Run, loss_sum, nll_sum, tok) -> None:
-    _acc(run)["sums"] += torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+    sums = torch.stack([loss_sum.double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+    _acc(run)["sums"] += sums
+    run.update_loss += float(sums[0].sum())
 
 
 def count_slots(run: Run, plan: Plan) -> None:
@@ -543,14 +574,16 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, save_dir / tmp / f"rng_rank{run.rank}.pt")
+    dist.barrier()
     if run.rank == 0:
+        # written once every rank has written its files: a .tmp with cats_ds.json is complete
         meta = {"step": run.step, "valid_loss": valid_loss, "config": run.cfg.to_dict(),
                 "languages": run.languages, "manifest_fingerprint": run.manifest.fingerprint,
                 "vocab_size": len(run.vocab), "world_size": run.world,
                 "zero_stage": run.engine.zero_optimization_stage()}
-        (save_dir / tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=1))
-    dist.barrier()
-    if run.rank == 0:
+        meta_tmp = save_dir / tmp / f"{CHECKPOINT_META}.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(meta_tmp, save_dir / tmp / CHECKPOINT_META)
         final, old = save_dir / name, save_dir / f"{name}.old"
         if old.exists():
             shutil.rmtree(old)
@@ -560,6 +593,8 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
         if old.exists():
             shutil.rmtree(old)
     dist.barrier()
+    if name == "latest":
+        run.last_good = f"{save_dir / name} (step {run.step})"
 
 
 STEP_PREFIX = "step_"
@@ -591,6 +626,128 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+CHECKPOINT_NAMES = ("latest", "best")
+
+RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.save_dir", "train.max_updates",
+                     "train.max_minutes", "train.log_every", "train.valid_every", "train.resume", "train.overwrite",
+                     "train.tensorboard", "train.lr", "train.warmup_updates", "train.warmup_init_lr",
+                     "train.max_nonfinite")
+"""Config keys (or section prefixes) a resumed run may change. data.* is checked through
+the manifest fingerprint and the language list, experts.ep_size by its own message,
+train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`).
+Any other change (model shape, weighting, sampling, max_tokens, optimizer, seed, ...) is
+refused before DeepSpeed loads anything."""
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / CHECKPOINT_META).is_file()
+
+
+def recover_interrupted_saves(save_dir: Path) -> list[str]:
+    """Finish or undo saves a crash interrupted (rank 0 only). save_checkpoint writes
+    <name>.tmp (cats_ds.json last, once every rank's files are in), renames <name> to
+    <name>.old, <name>.tmp to <name>, and deletes <name>.old. Whatever the crash point,
+    the newest complete folder becomes <name>: a complete .tmp, else <name>, else .old;
+    incomplete leftovers are deleted. Returns what was done, for the log."""
+    done = []
+    for name in CHECKPOINT_NAMES:
+        final, tmp, old = save_dir / name, save_dir / f"{name}.tmp", save_dir / f"{name}.old"
+        if _complete(tmp):
+            if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            done.append(f"{final} <- {tmp.name} (step {read_checkpoint_meta(final)['step']}; a save was "
+                        f"interrupted after writing it)")
+        elif not final.exists() and _complete(old):
+            os.replace(old, final)
+            done.append(f"{final} <- {old.name} (step {read_checkpoint_meta(final)['step']}; a save was "
+                        f"interrupted before writing {tmp.name})")
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+    return done
+
+
+def prepare_save_dir(cfg: Config, rank: int) -> None:
+    """Before a run writes into train.save_dir: recover interrupted saves, and refuse to
+    start from step 0 over existing checkpoints unless train.overwrite=true (which then
+    deletes them and train_log.jsonl, so nothing of the old run is mixed in)."""
+    save_dir = Path(cfg.train.save_dir)
+    if rank == 0 and save_dir.is_dir():
+        for line in recover_interrupted_saves(save_dir):
+            print0(f"| recovered {line}")
+    dist.barrier()
+    r = cfg.train.resume
+    fresh = r == "none" or (r == "auto" and not _complete(save_dir / "latest"))
+    existing = [save_dir / n for n in CHECKPOINT_NAMES if _complete(save_dir / n)]
+    if not fresh or not existing:
+        return
+    found = ", ".join(f"{p} (step {read_checkpoint_meta(p)['step']})" for p in existing)
+    if not cfg.train.overwrite:
+        raise TrainError(f"train.save_dir={save_dir} already holds checkpoints: {found}; train.resume={r} would "
+                         f"start from step 0 and replace them. Set train.overwrite=true to replace them, "
+                         f"train.resume=auto to continue, or choose another train.save_dir")
+    if rank == 0:
+        for p in existing:
+            shutil.rmtree(p)
+        (save_dir / "train_log.jsonl").unlink(missing_ok=True)
+        print0(f"| train.overwrite=true: deleted {found} and train_log.jsonl")
+    dist.barrier()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """Keys (outside RESUME_MAY_CHANGE) whose value differs between the config a checkpoint
+    was trained with and this run's, as "key: old -> new". Keys only one side knows (a
+    checkpoint from an older version) are not compared."""
+    old, new = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(old.keys() & new.keys()):
+        if key in RESUME_MAY_CHANGE or any(key.startswith(k) for k in RESUME_MAY_CHANGE if k.endswith(".")):
+            continue
+        if json.dumps(old[key]) != json.dumps(new[key]):
+            diffs.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return diffs
+
+
+def apply_lr_schedule(run: Run) -> None:
+    """After DeepSpeed restored the LambdaLR state (its base_lrs hold the OLD train.lr;
+    the lambda is this run's, since a plain function is not saved), put this run's train.lr
+    and warmup in force from the restored step on."""
+    sched = run.engine.lr_scheduler
+    groups = sched.optimizer.param_groups
+    factor = inverse_sqrt(run.cfg.train)
+    sched.lr_lambdas = [factor] * len(groups)
+    sched.base_lrs = [run.cfg.train.lr] * len(groups)
+    lr = run.cfg.train.lr * factor(sched.last_epoch)
+    for group in groups:
+        group["initial_lr"] = run.cfg.train.lr
+        group["lr"] = lr
+    sched._last_lr = [lr] * len(groups)
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """The .pt files of a checkpoint torch cannot load, with the reason (error path only)."""
+    bad = []
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # any failure to unpickle means the file is damaged
+            bad.append(f"{f} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return bad
+
+
 def resume(run: Run) -> None:
     r = run.cfg.train.resume
     if r == "none":
@@ -600,7 +757,11 @@ def resume(run: Run) -> None:
         if r == "auto":
             return
         raise TrainError(f"train.resume={r}: no checkpoint at {path} (expected {CHECKPOINT_META} inside)")
-    meta = read_checkpoint_meta(path)
+    try:
+        meta = read_checkpoint_meta(path)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path / CHECKPOINT_META}: not valid JSON ({e}); resume from another checkpoint "
+                         f"(train.resume=<path>)") from None
     if meta["vocab_size"] != len(run.vocab) or meta["manifest_fingerprint"] != run.manifest.fingerprint:
         raise TrainError(f"{path}: checkpoint was trained on data with vocab {meta['vocab_size']} / fingerprint "
                          f"{meta['manifest_fingerprint'][:12]}, but {run.cfg.data.dir} has vocab {len(run.vocab)} / "
@@ -611,9 +772,47 @@ def resume(run: Run) -> None:
     if run.cfg.experts.modules and saved_ep != run.cfg.experts.ep_size:
         raise TrainError(f"{path}: checkpoint has experts.ep_size={saved_ep}, this run "
                          f"experts.ep_size={run.cfg.experts.ep_size}; resume with the same ep_size")
-    load_path, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
+    diffs = changed_settings(meta["config"], run.cfg.to_dict())
+    if diffs:
+        raise TrainError(f"{path}: this run changes settings the checkpoint was trained with: {'; '.join(diffs)}. "
+                         f"A resumed run may change only "
+                         f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)}. "
+                         f"Resume with the saved values, or start afresh (another train.save_dir, or "
+                         f"train.resume=none train.overwrite=true)")
+    failure = None
+    try:
+        load_path, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as e:  # DeepSpeed's torch.load errors do not name the file
+        bad = unreadable_files(path)
+        failure = (f"{path}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e}); "
+                   + (f"damaged file(s): {'; '.join(bad)}. " if bad else "")
+                   + "Resume from another checkpoint (train.resume=<path>, e.g. the best/ folder) or start afresh")
+    rng_file = path / f"rng_rank{run.rank}.pt"
+    same_world = meta["world_size"] == run.world
+    if failure is None and rng_file.is_file() and same_world:
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        except Exception as e:  # truncated, overwritten or not an RNG file at all
+            failure = (f"{rng_file}: damaged RNG state ({type(e).__name__}: {e}); delete the file to resume with "
+                       f"reseeded dropout, or resume from another checkpoint")
+    # each rank reads its own files: the others must not train on without them
+    failed = torch.tensor([float(failure is not None)])
+    if run.world > 1:
+        failed = failed.to(run.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise TrainError(failure)
+    if failed.item() > 0:
+        raise TrainError(f"{path}: another rank could not load its part of the checkpoint (its error names the "
+                         f"file)")
     if load_path is None:
         raise TrainError(f"DeepSpeed could not load the checkpoint at {path}")
+    apply_lr_schedule(run)
     run.step = int(client["step"])
     run.best_valid = float(client["best_valid"])
     run.elapsed = float(client.get("elapsed", 0.0))
@@ -621,17 +820,12 @@ def resume(run: Run) -> None:
     if run.dev_sampler is not None and client.get("dev_sampler"):
         run.dev_sampler.load_state_dict(client["dev_sampler"])
     run.weighting.load_state_dict(client["weighting"])
-    rng_file = path / f"rng_rank{run.rank}.pt"
-    if rng_file.is_file() and meta["world_size"] == run.world:
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:
-        print0(f"| warning: world size changed ({meta['world_size']} -> {run.world}); dropout RNG reseeded")
+    if not (rng_file.is_file() and same_world):
+        why = (f"world size changed ({meta['world_size']} -> {run.world})" if not same_world
+               else f"no {rng_file.name} in {path}")
+        print0(f"| warning: {why}; dropout RNG reseeded")
         torch.manual_seed(run.cfg.train.seed * 1000 + run.step * 10 + run.rank)
+    run.last_good = f"{path} (step {run.step})"
     print0(f"| resumed from {path} at step {run.step}")
 
 
@@ -654,6 +848,11 @@ def validate_and_save(run: Run) -> None:
     t0 = time.time()
     res = validate(run)
     mean = log_valid(run, res)
+    broken = [lang for lang, v in res.items() if not math.isfinite(v["loss"])]
+    if broken:  # never write a broken model over a good checkpoint
+        raise TrainError(f"validation loss is NaN or inf at step {run.step} (en-{', en-'.join(broken)}): stopped "
+                         f"without saving a checkpoint. Last good checkpoint: {run.last_good}. Lower train.lr "
+                         f"(now {run.cfg.train.lr:g}) or check the data and the checkpoint files, then resume from it")
     if mean < run.best_valid:
         run.best_valid = mean
         save_checkpoint(run, "best", mean)

@@ -4,7 +4,12 @@ real `deepspeed` launcher where ranks matter."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
-from helpers import REPO, ds_config, free_port, read_log, write_json
+from helpers import REPO, TINY_MODEL, ds_config, free_port, launch, read_log, write_json
 
 TRAIN = "launch/train.py"
 
@@ -90,3 +96,170 @@ def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
             p.kill()
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- 2, 3, 5: checkpoints
+
+
+def lr_at(step: int, lr: float, warmup: int, init: float = 1e-7) -> float:
+    """The logged lr after `step` updates: train.lr x the inverse-sqrt factor."""
+    if step < warmup:
+        return init + (lr - init) * step / warmup
+    return lr * (warmup / step) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    """A 2-rank ZeRO-2 run of 4 updates with best/ and latest/ (validation at 2 and 4)."""
+    root = tmp_path_factory.mktemp("trained")
+    recipe = {"data": {"dir": str(tiny_data)}, "model": dict(TINY_MODEL),
+              "sampling": {"temperature": 5.0, "langs_per_batch": 2},
+              "train": {"save_dir": str(root / "run"), "max_tokens": 256, "max_updates": 4, "log_every": 1,
+                        "valid_every": 2, "warmup_updates": 10, "lr": 0.003, "tensorboard": False}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    ds = write_json(root / "z2.json", ds_config(2))
+    launch([TRAIN, "--deepspeed_config", ds, "--config", root / "recipe.yaml"], 2)
+    return root
+
+
+def copy_run(trained: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A private copy of the trained run; the args that resume it."""
+    save_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", save_dir)
+    return save_dir, [TRAIN, "--deepspeed_config", trained / "z2.json", "--config", trained / "recipe.yaml",
+                      f"train.save_dir={save_dir}"]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_non_finite_loss_stops_and_keeps_latest(tmp_path, trained):
+    """lr 1e30 on resume: both ranks stop after train.max_nonfinite non-finite updates with an
+    error naming the steps and the last good checkpoint; latest/ is left as it was."""
+    save_dir, args = copy_run(trained, tmp_path)
+    before = digest(save_dir / "latest")
+    out = launch(args + ["train.lr=1e30", "train.max_updates=100", "train.valid_every=100",
+                         "train.max_nonfinite=3"], 2, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    m = re.search(r"training loss is NaN or inf at 3 consecutive updates \(steps (\d+)-(\d+), "
+                  r"train.max_nonfinite=3\): stopped at step (\d+) without saving a checkpoint. "
+                  r"Last good checkpoint: (\S+) \(step 4\)", out.stderr)
+    assert m, out.stderr[-3000:]
+    assert int(m[2]) - int(m[1]) == 2 and m[2] == m[3] and int(m[1]) >= 5 and m[4] == str(save_dir / "latest")
+    assert digest(save_dir / "latest") == before
+    assert not list(save_dir.glob("*.tmp")) and not list(save_dir.glob("*.old"))
+    logged = [r["loss"] for r in read_log(save_dir)]
+    assert all(math.isfinite(v) for v in logged[:4]) and not math.isfinite(logged[-1])
+
+
+def test_non_finite_validation_loss_stops_without_saving(tmp_path, trained):
+    save_dir, args = copy_run(trained, tmp_path)
+    before = {name: digest(save_dir / name) for name in ("latest", "best")}
+    out = launch(args + ["train.lr=1e30", "train.max_updates=100", "train.valid_every=5",
+                         "train.max_nonfinite=1000"], 2, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"validation loss is NaN or inf at step 5 (en-aa, en-bb, en-cc): stopped without saving a checkpoint. "
+            f"Last good checkpoint: {save_dir / 'latest'} (step 4)") in out.stderr
+    assert {name: digest(save_dir / name) for name in ("latest", "best")} == before
+
+
+def test_resume_applies_new_lr_and_warmup(tmp_path, trained):
+    """A changed train.lr and train.warmup_updates both take effect from the resumed step."""
+    save_dir, args = copy_run(trained, tmp_path)
+    old = read_log(save_dir)
+    assert [r["lr"] for r in old] == pytest.approx([lr_at(s, 0.003, 10) for s in (1, 2, 3, 4)], rel=1e-6)
+    out = launch(args + ["train.lr=0.001", "train.warmup_updates=2", "train.max_updates=6"], 2)
+    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    new = [r for r in read_log(save_dir) if r["step"] > 4]
+    assert [r["step"] for r in new] == [5, 6]
+    assert [r["lr"] for r in new] == pytest.approx([lr_at(s, 0.001, 2) for s in (5, 6)], rel=1e-6)
+
+
+def test_save_interrupted_between_renames_is_recovered(tmp_path, trained):
+    """A crash after `latest` -> `latest.old` and before `latest.tmp` -> `latest`: resume=auto
+    continues from the complete latest.tmp (step 4), not from step 0."""
+    save_dir, args = copy_run(trained, tmp_path)
+    os.replace(save_dir / "latest", save_dir / "latest.tmp")
+    shutil.copytree(save_dir / "best", save_dir / "latest.old")
+    out = launch(args + ["train.max_updates=5"], 2)
+    assert f"| recovered {save_dir / 'latest'} <- latest.tmp (step 4" in out.stdout
+    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    assert json.loads((save_dir / "latest" / "cats_ds.json").read_text())["step"] == 5
+    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == ["best", "latest"]
+
+
+def test_recover_interrupted_saves_every_crash_point(tmp_path):
+    from cats_ds.train import recover_interrupted_saves
+
+    def ckpt(path: Path, step=None):
+        path.mkdir(parents=True)
+        (path / "mp_rank_00_model_states.pt").write_text(str(step))
+        if step is not None:
+            (path / "cats_ds.json").write_text(json.dumps({"step": step}))
+
+    # before the first rename, .tmp complete: the newer .tmp wins, the older one is dropped
+    ckpt(tmp_path / "a" / "latest", 2), ckpt(tmp_path / "a" / "latest.tmp", 4)
+    # between the renames, .tmp incomplete (cats_ds.json missing): back to .old
+    ckpt(tmp_path / "b" / "latest.old", 2), ckpt(tmp_path / "b" / "latest.tmp")
+    # after the second rename, before deleting .old
+    ckpt(tmp_path / "c" / "latest", 4), ckpt(tmp_path / "c" / "latest.old", 2)
+    assert "latest <- latest.tmp (step 4" in recover_interrupted_saves(tmp_path / "a")[0]
+    assert "latest <- latest.old (step 2" in recover_interrupted_saves(tmp_path / "b")[0]
+    assert recover_interrupted_saves(tmp_path / "c") == []
+    for case, step in (("a", 4), ("b", 2), ("c", 4)):
+        assert [p.name for p in (tmp_path / case).iterdir()] == ["latest"], case
+        assert json.loads((tmp_path / case / "latest" / "cats_ds.json").read_text())["step"] == step
+
+
+def test_fresh_start_over_checkpoints_needs_overwrite(tmp_path, trained):
+    save_dir, args = copy_run(trained, tmp_path)
+    before = digest(save_dir / "best")
+    out = launch(args + ["train.resume=none"], 1, check=False)
+    assert out.returncode == 2
+    assert (f"train.save_dir={save_dir} already holds checkpoints: {save_dir / 'latest'} (step 4), "
+            f"{save_dir / 'best'} (step ") in out.stderr
+    assert "Set train.overwrite=true to replace them" in out.stderr
+    assert digest(save_dir / "best") == before
+    out = launch(args + ["train.resume=none", "train.overwrite=true", "train.max_updates=1"], 1)
+    assert "train.overwrite=true: deleted" in out.stdout
+    assert [r["step"] for r in read_log(save_dir)] == [1]
+    assert json.loads((save_dir / "latest" / "cats_ds.json").read_text())["step"] == 1
+
+
+def test_changed_settings_on_resume_are_named(tmp_path, trained):
+    save_dir, args = copy_run(trained, tmp_path)
+    out = launch(args + ["weighting.method=cats", "train.max_tokens=512", "model.embed_dim=64",
+                         "train.max_updates=8"], 1, check=False)
+    assert out.returncode == 2
+    assert (f"{save_dir / 'latest'}: this run changes settings the checkpoint was trained with: "
+            f"model.embed_dim: 32 -> 64; train.max_tokens: 256 -> 512; weighting.method: 'temperature' -> "
+            f"'cats'.") in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_changed_settings_allowed_keys():
+    from cats_ds.config import config_from_dict
+    from cats_ds.train import changed_settings
+
+    saved = config_from_dict({}).to_dict()
+    free = config_from_dict({"train": {"lr": 0.1, "warmup_updates": 3, "max_updates": 7, "valid_every": 2,
+                                       "log_every": 2, "save_dir": "x", "max_minutes": 1.0},
+                             "eval": {"beam": 2}, "analysis": {"every": 3}, "data": {"dir": "y"}}).to_dict()
+    assert changed_settings(saved, free) == []
+    bound = config_from_dict({"sampling": {"temperature": 1.0}, "train": {"seed": 3},
+                              "cats": {"meta_every": [[None, 5]]}}).to_dict()
+    assert changed_settings(saved, bound) == ["cats.meta_every: [[None, 10]] -> [[None, 5]]",
+                                              "sampling.temperature: 5.0 -> 1.0", "train.seed: 1 -> 3"]
+    del saved["train"]["seed"]  # a key an older checkpoint does not know is not compared
+    assert changed_settings(saved, bound)[-1] == "sampling.temperature: 5.0 -> 1.0"
+
+
+@pytest.mark.parametrize("victim", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt"])
+def test_damaged_checkpoint_file_is_named(tmp_path, trained, victim):
+    save_dir, args = copy_run(trained, tmp_path)
+    path = save_dir / "latest" / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out = launch(args + ["train.max_updates=6"], 2, check=False)
+    assert out.returncode == 2
+    assert str(path) in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
