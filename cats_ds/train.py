@@ -201,8 +201,14 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
         except (AnalysisError, ValueError) as e:
             raise TrainError(str(e)) from None
     vocab = Vocab(cfg.data.dir, manifest.languages)
-    train_splits = load_split(cfg.data.dir, manifest, "train", languages)
-    dev_splits = load_split(cfg.data.dir, manifest, "dev", languages)
+    try:
+        train_splits = load_split(cfg.data.dir, manifest, "train", languages)
+        dev_splits = load_split(cfg.data.dir, manifest, "dev", languages)
+        test_splits = load_split(cfg.data.dir, manifest, "test", languages)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(f"{e}: the prepared data in data.dir={cfg.data.dir} is damaged; rebuild it with "
+                         f"`python launch/prepare.py --config <recipe> --force`") from None
+    check_lengths({"train": train_splits, "dev": dev_splits, "test": test_splits}, cfg)
 
     seed_everything(cfg.train.seed)
     model = model_from_config(cfg, len(vocab), languages)
@@ -237,6 +243,23 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
     return run
+
+
+def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
+    """Every prepared sentence (</s> included; the decoder input has the same length) must
+    fit model.max_positions: fail at start-up, not at the first validation or evaluation."""
+    limit = cfg.model.max_positions
+    for split, by_lang in splits.items():
+        for lang, data in by_lang.items():
+            for side, shard in (("en", data.src), (lang, data.tgt)):
+                if len(shard) and int(shard.sizes.max()) > limit:
+                    i = int(shard.sizes.argmax())
+                    raise TrainError(
+                        f"model.max_positions={limit}, but sentence {i + 1} of the prepared {split} split of en-{lang} "
+                        f"({side} side, {split}.en-{lang}.{side}.bin in data.dir={cfg.data.dir}) has "
+                        f"{int(shard.sizes[i])} tokens ({int((shard.sizes > limit).sum())} sentences are longer than "
+                        f"{limit}): raise model.max_positions to {int(shard.sizes.max())}, or re-run prepare with "
+                        f"data.max_tokens_per_side={limit}, which drops longer pairs")
 
 
 def make_optimizer(groups, cfg: Config, ds: dict):

@@ -20,7 +20,8 @@ import psutil
 import pytest
 import yaml
 
-from helpers import REPO, TINY_MODEL, ds_config, free_port, launch, read_log, write_json
+from cats_ds.config import config_from_dict
+from helpers import REPO, TINY_MODEL, ds_config, free_port, launch, make_plain_corpus, read_log, write_json
 
 TRAIN = "launch/train.py"
 
@@ -263,3 +264,60 @@ def test_damaged_checkpoint_file_is_named(tmp_path, trained, victim):
     out = launch(args + ["train.max_updates=6"], 2, check=False)
     assert out.returncode == 2
     assert str(path) in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- 5. late crashes
+
+
+def test_sentences_longer_than_max_positions_refused_at_start_up(tmp_path, tiny_recipe, tiny_data):
+    from cats_ds.config import load_config
+    from cats_ds.data.manifest import Manifest, load_split
+    from cats_ds.train import TrainError, check_lengths
+
+    manifest = Manifest.load(tiny_data)
+    splits = {s: load_split(tiny_data, manifest, s) for s in ("train", "dev", "test")}
+    longest = max(int(shard.sizes.max()) for split in splits.values() for d in split.values()
+                  for shard in (d.src, d.tgt))
+    check_lengths(splits, load_config(None, [f"model.max_positions={longest}"]))  # every split fits
+    dev_only = {"dev": splits["dev"]}
+    limit = max(int(shard.sizes.max()) for d in splits["dev"].values() for shard in (d.src, d.tgt)) - 1
+    with pytest.raises(TrainError, match=rf"model.max_positions={limit}, but sentence \d+ of the prepared dev split "
+                                         rf"of en-\w\w \((en|\w\w) side, dev.en-\w\w.\w+.bin in data.dir="):
+        check_lengths(dev_only, load_config(None, [f"model.max_positions={limit}"]))
+
+    ds = write_json(tmp_path / "z0.json", ds_config(0))
+    out = launch([TRAIN, "--deepspeed_config", ds, "--config", tiny_recipe(), "model.max_positions=4"], 1,
+                 check=False)
+    assert out.returncode == 2 and "error: model.max_positions=4, but sentence" in out.stderr
+    assert "raise model.max_positions to" in out.stderr and "data.max_tokens_per_side=4" in out.stderr
+
+
+def test_truncated_shard_named_at_start_up_and_rebuilt_by_prepare(tmp_path, tiny_recipe, capsys):
+    from cats_ds.data.manifest import Manifest
+    from cats_ds.data.prepare import prepare
+
+    raw = make_plain_corpus(tmp_path / "raw", {"aa": 60, "bb": 40})
+    cfg = config_from_dict({"data": {"dir": str(tmp_path / "bin"), "corpus": "plain", "raw": str(raw),
+                                     "vocab_size": 100, "vocab_temperature": 1.0}})
+    prepare(cfg)
+    shard = tmp_path / "bin" / "train.en-bb.bb.bin"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+
+    recipe = tiny_recipe()
+    ds = write_json(tmp_path / "z0.json", ds_config(0))
+    out = launch([TRAIN, "--deepspeed_config", ds, "--config", recipe, f"data.dir={tmp_path / 'bin'}"], 1,
+                 check=False)
+    assert out.returncode == 2
+    assert f"error: {shard}: size {size // 2} bytes does not match {size // 2} tokens" in out.stderr
+    assert "rebuild it with `python launch/prepare.py --config <recipe> --force`" in out.stderr
+
+    capsys.readouterr()
+    manifest = prepare(cfg)
+    text = capsys.readouterr()
+    assert "up to date" not in text.out and f"{shard}: size {size // 2} bytes" in text.err
+    assert "rebuilding" in text.err and shard.stat().st_size == size
+    assert manifest == Manifest.load(tmp_path / "bin")
+    capsys.readouterr()
+    prepare(cfg)
+    assert "up to date" in capsys.readouterr().out

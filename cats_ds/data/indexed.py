@@ -36,6 +36,42 @@ def write_shard(prefix: str | Path, sequences: Iterable[Sequence[int]], dtype: n
     return len(offsets) - 1
 
 
+def read_offsets(idx_path: Path, mmap: bool = False) -> np.ndarray:
+    """The offsets of an .idx file; ValueError naming the file if it is not a readable,
+    non-empty int64 array starting at 0 (a truncated or overwritten index)."""
+    try:
+        offsets = np.load(idx_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{idx_path}: not a readable shard index ({e})") from None
+    if offsets.ndim != 1 or len(offsets) == 0 or offsets.dtype != np.int64 or offsets[0] != 0:
+        raise ValueError(f"{idx_path}: not a shard index (expected int64 offsets from 0, got "
+                         f"{offsets.dtype} of shape {offsets.shape})")
+    return offsets
+
+
+def shard_problem(prefix: str | Path, dtype: np.dtype, count: int) -> str | None:
+    """What is wrong with a written shard (a file missing, an unreadable index, a .bin whose
+    size does not match its index, a sentence count other than `count`), or None. Reads
+    only the index's header and last offset."""
+    prefix = Path(prefix)
+    idx_path = prefix.with_name(prefix.name + ".idx")
+    bin_path = prefix.with_name(prefix.name + ".bin")
+    for p in (idx_path, bin_path):
+        if not p.is_file():
+            return f"missing shard file {p}"
+    try:
+        offsets = read_offsets(idx_path, mmap=True)
+    except ValueError as e:
+        return str(e)
+    n_tokens = int(offsets[-1])
+    if bin_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
+        return (f"{bin_path}: size {bin_path.stat().st_size} bytes does not match {n_tokens} tokens of "
+                f"{np.dtype(dtype).name} from {idx_path} (truncated or overwritten)")
+    if len(offsets) - 1 != count:
+        return f"{idx_path}: {len(offsets) - 1} sentences, the manifest says {count}"
+    return None
+
+
 class IndexedDataset:
     """Read-only view of one shard; items are numpy arrays of token ids."""
 
@@ -46,7 +82,7 @@ class IndexedDataset:
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise FileNotFoundError(f"missing shard file {p}; run prepare first")
-        self.offsets = np.load(idx_path)
+        self.offsets = read_offsets(idx_path)
         n_tokens = int(self.offsets[-1])
         if bin_path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
             raise ValueError(f"{bin_path}: size {bin_path.stat().st_size} bytes does not match "

@@ -150,6 +150,9 @@ def load_split(data_dir: str | Path, manifest: Manifest, split: str,
         if len(src) != len(tgt):
             raise ValueError(f"{shard_prefix(data_dir, split, lang, lang)}: {len(tgt)} target sentences "
                              f"but {len(src)} source sentences")
+        if len(src) != manifest.pairs[split][lang]:
+            raise ValueError(f"{shard_prefix(data_dir, split, lang, 'en')}: {len(src)} sentences, but "
+                             f"{Path(data_dir) / MANIFEST} says {manifest.pairs[split][lang]}")
         out[lang] = LangSplit(src, tgt)
     return out
 

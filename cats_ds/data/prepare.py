@@ -35,7 +35,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from cats_ds.config import Config, DataConfig
-from cats_ds.data.indexed import token_dtype, write_shard
+from cats_ds.data.indexed import shard_problem, token_dtype, write_shard
 from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, TEXT_SPLITS, UNK, Manifest,
                                    lang_tag, shard_prefix, text_paths)
 from cats_ds.data.readers import CorpusError, Layout, Scan, locate, read_language, scan_corpus
@@ -164,11 +164,21 @@ def _load_previous(out: Path) -> Optional[Manifest]:
 
 
 def up_to_date(out: Path, fp: str) -> Optional[Manifest]:
-    """The manifest in `out` if it has fingerprint `fp` and all its files exist."""
+    """The manifest in `out` if it has fingerprint `fp`, all its files exist and every
+    shard matches its index and the manifest's count (a truncated shard is rebuilt)."""
     manifest = _load_previous(out)
     if manifest is None or manifest.fingerprint != fp:
         return None
-    return manifest if all(p.is_file() for p in _output_files(out, manifest)) else None
+    if not all(p.is_file() for p in _output_files(out, manifest)):
+        return None
+    for split, counts in manifest.pairs.items():
+        for lang, n in counts.items():
+            for side in ("en", lang) if n else ():
+                problem = shard_problem(shard_prefix(out, split, lang, side), manifest.np_dtype, n)
+                if problem:
+                    print(f"{out}: {problem}; rebuilding", file=sys.stderr)
+                    return None
+    return manifest
 
 
 def remove_previous(out: Path) -> None:
