@@ -321,3 +321,47 @@ def test_truncated_shard_named_at_start_up_and_rebuilt_by_prepare(tmp_path, tiny
     capsys.readouterr()
     prepare(cfg)
     assert "up to date" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 6. silent data issues
+
+
+def test_language_codes_checked_for_iso_shape():
+    from cats_ds.data.readers import non_iso_code
+
+    ok = ["de", "pt_BR", "pt-BR", "sr@latin", "ca@valencia", "zh_Hans", "zh_Hant_TW", "es_419", "ast", "kor",
+          "en_GB"]
+    assert [c for c in ok if non_iso_code(c)] == []
+    bad = ["xx_YY", "xx", "qq", "english", "de_de", "DE", "d", "pt_BR.UTF-8"]
+    assert [c for c in bad if not non_iso_code(c)] == []
+
+
+def test_train_copies_of_dev_test_dropped_and_counted_and_odd_codes_warned(tmp_path, capsys):
+    from cats_ds.data.manifest import Manifest, Vocab, load_split
+    from cats_ds.data.prepare import prepare
+
+    raw = make_plain_corpus(tmp_path / "raw", {"de": 80, "xx_YY": 60}, dev=20, test=20)
+    leaked = {}
+    for split, k in (("test", 5), ("dev", 3)):
+        en = (raw / f"{split}.en-de.en").read_text().splitlines()[:k]
+        de = (raw / f"{split}.en-de.de").read_text().splitlines()[:k]
+        leaked[split] = en
+        for side, lines in (("en", en), ("de", de)):
+            with open(raw / f"train.en-de.{side}", "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+    original = set((raw / "train.en-de.en").read_text().splitlines()[:80])
+    n_leaked = len(set(leaked["test"] + leaked["dev"]) - original)
+    assert n_leaked >= 6  # random sentences of 2-10 words rarely repeat
+    cfg = config_from_dict({"data": {"dir": str(tmp_path / "bin"), "corpus": "plain", "raw": str(raw),
+                                     "vocab_size": 100, "vocab_temperature": 1.0}})
+    manifest = prepare(cfg)
+    out = capsys.readouterr()
+    dropped = [line for line in out.err.splitlines() if "whose English side is in its dev or test" in line]
+    assert len(dropped) == 1 and dropped[0].startswith("warning: de: dropped ")
+    n = int(dropped[0].split()[3])
+    assert n >= n_leaked and f"in dev/test {n}" in out.out
+    vocab = Vocab(tmp_path / "bin", manifest.languages)
+    train = load_split(tmp_path / "bin", Manifest.load(tmp_path / "bin"), "train")["de"]
+    train_en = {vocab.decode(train.src[i]) for i in range(len(train))}
+    assert not train_en & {vocab.decode(vocab.encode(s)) for s in leaked["test"] + leaked["dev"]}
+    assert "warning: language code(s) xx_YY not ISO 639-1/639-3" in out.err

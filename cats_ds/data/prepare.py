@@ -41,9 +41,10 @@ from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, 
 from cats_ds.data.readers import CorpusError, Layout, Scan, locate, read_language, scan_corpus
 from cats_ds.data.translatable import RULES, applies
 
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 """Bump when reader filters or encoding change the output for the same inputs.
-2: raw dev/test text kept; the translatable dev/test filter."""
+2: raw dev/test text kept; the translatable dev/test filter.
+3: training pairs whose English side is in the language's dev/test dropped."""
 SAMPLE_SEED = 1234
 """Seed of the SentencePiece training sample (independent of train.seed)."""
 ENCODE_BATCH = 4096
@@ -335,9 +336,10 @@ def encode_split(sp: spm.SentencePieceProcessor, pairs: list[tuple[str, str]], o
 
 
 def print_summary(manifest: Manifest, scan: Scan, dropped: dict[str, Counter]) -> None:
-    """Pairs per language and split; `filtered` by the reader (duplicates included),
-    `dropped` at encoding (too many tokens or empty), and one column per rule of the
-    translatable dev/test filter (cats_ds/data/translatable.py) when it is on."""
+    """Pairs per language and split; `filtered` by the reader (duplicates, and train pairs
+    whose English side is in dev/test, included), `dropped` at encoding (too many tokens
+    or empty), and one column per rule of the translatable dev/test filter
+    (cats_ds/data/translatable.py) when it is on."""
     width = max(8, *(len(lang) for lang in manifest.languages))
     rules = list(RULES) if applies(manifest.corpus, manifest.settings["translatable_eval"]) else []
     rule_cols = [f"<{manifest.settings['translatable_min_' + r]} {r}" for r in rules]

@@ -26,11 +26,14 @@ line and byte column; a leading BOM is removed); lines are split on ``\\n`` only
 on the other characters `str.splitlines` treats as breaks (U+2028, U+0085, form feed
 and vertical tab occur inside OPUS sentences and would misalign the sides); surrounding
 whitespace is stripped; a pair with an empty side is dropped and counted in a warning;
-pairs with a side over data.max_chars characters are dropped (in every split). Where a
-corpus has no dev/test of its own, only gettext and plain carve them from train with
-`hash_split`; OPUS-100, TED8 and WMT languages without them simply have none (warned).
-Dev/test pairs that do not test translation (cats_ds/data/translatable.py) are dropped for
-gettext by default and for any corpus with data.translatable_eval=true (`translatable_filter`).
+pairs with a side over data.max_chars characters are dropped (in every split); training
+pairs whose English side is also in the language's dev or test split are dropped from
+train (counted as "in dev/test"); a language code that is not ISO 639 shaped (`xx_YY`)
+is warned about (`non_iso_code`). Where a corpus has no dev/test of its own, only gettext
+and plain carve them from train with `hash_split`; OPUS-100, TED8 and WMT languages
+without them simply have none (warned). Dev/test pairs that do not test translation
+(cats_ds/data/translatable.py) are dropped for gettext by default and for any corpus with
+data.translatable_eval=true (`translatable_filter`).
 """
 
 from __future__ import annotations
@@ -138,6 +141,26 @@ def _select(found: Iterable[str], data: DataConfig, root: Path) -> list[str]:
             raise CorpusError(f"language '{lang}' not in the {data.corpus} corpus at {root}{hint}; "
                               f"it has {len(found)}: {', '.join(found)}")
     return list(dict.fromkeys(data.languages))
+
+
+ISO_639_1 = frozenset("""
+    aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv
+    dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii
+    ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk
+    ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc
+    sd se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve
+    vi vo wa wo xh yi yo za zh zu""".split())
+"""The two-letter ISO 639-1 codes (bh, deprecated, included)."""
+_LANG_CODE = re.compile(r"(?P<base>[a-z]{2,3})(?:[_-](?:[A-Z][a-z]{3}|[A-Z]{2}|[0-9]{3})){0,2}(?:@[a-z]+)?")
+
+
+def non_iso_code(code: str) -> bool:
+    """True unless `code` is an ISO 639-1 code or a three-letter (ISO 639-3 shaped) code,
+    optionally followed by _Script, _REGION / _419 and @variant: pt_BR, zh_Hans, es_419,
+    sr@latin, ca@valencia. Three-letter codes, scripts and regions are checked for their
+    form only (no table of ISO 639-3 / 3166 here)."""
+    m = _LANG_CODE.fullmatch(code)
+    return m is None or (len(m["base"]) == 2 and m["base"] not in ISO_639_1)
 
 
 def split_position(english: str) -> float:
@@ -548,7 +571,13 @@ def locate(data: DataConfig) -> Layout:
         raise CorpusError(f"data.corpus={data.corpus!r}: choose one of {', '.join(LOCATORS)}")
     if data.pattern is not None and data.corpus != "ted8":
         raise CorpusError(f"data.pattern is for corpus ted8 only; data.corpus is {data.corpus}")
-    return LOCATORS[data.corpus](data)
+    layout = LOCATORS[data.corpus](data)
+    odd = [lang for lang in layout.languages if non_iso_code(lang)]
+    if odd:
+        layout.warnings.append(f"language code(s) {', '.join(odd)} not ISO 639-1/639-3 (optionally with _REGION, "
+                               f"_Script or @variant, e.g. pt_BR, zh_Hans, sr@latin): check data.languages and "
+                               f"the corpus file names; family routing and per-language BLEU tokenizers go by code")
+    return layout
 
 
 # --------------------------------------------------------------------------- reading
@@ -596,6 +625,16 @@ def read_language(layout: Layout, lang: str, data: DataConfig) -> LanguageData:
             warnings.append(f"{lang}: dropped {dropped['empty side']} pairs with an empty side")
     if keep is not None and data.translatable_train and "train" in splits:
         splits["train"] = [p for p in splits["train"] if keep(p)]
+    held_out = {en for split in ("dev", "test") for en, _ in splits.get(split, [])}
+    if held_out and splits.get("train"):
+        # corpora that ship their own dev/test can repeat them in train: the model would see
+        # the evaluation sentences (hash-carved splits never share an English sentence)
+        kept = [pair for pair in splits["train"] if pair[0] not in held_out]
+        if len(kept) < len(splits["train"]):
+            dropped["in dev/test"] += len(splits["train"]) - len(kept)
+            warnings.append(f"{lang}: dropped {dropped['in dev/test']} training pairs whose English side is in "
+                            f"its dev or test split")
+            splits["train"] = kept
     dropped += Counter()  # drop zero counts
     return LanguageData(lang, splits, dropped, warnings, untranslatable)
 
