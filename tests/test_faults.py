@@ -79,6 +79,7 @@ def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
     runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                                "--master_port", str(port), TRAIN, "--deepspeed_config", str(ds),
                                "--config", str(recipe)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    tree: list[psutil.Process] = []
     try:
         log = tmp_path / "orphan" / "train_log.jsonl"
         wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, 120, "two logged updates")
@@ -92,9 +93,15 @@ def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
         assert not alive, f"still running after the runner was killed: {alive}"
         text = (tmp_path / "out.txt").read_text()
         assert "its launcher (pid" in text and "is gone; exiting" in text
-    finally:
-        for p in psutil.Process(os.getpid()).children(recursive=True):
-            p.kill()
+    finally:  # on failure the orphans are no longer our children: kill them by pid
+        if runner.poll() is None:
+            tree = psutil.Process(runner.pid).children(recursive=True) + [psutil.Process(runner.pid)]
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        runner.wait()
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
 
