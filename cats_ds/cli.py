@@ -56,8 +56,8 @@ def train_main(argv: Optional[list[str]] = None) -> None:
     except ConfigError as e:
         _fail(str(e))
     from cats_ds.train import TrainError, train
-    from cats_ds.weighting.base import WeightingError
     from cats_ds.watchdog import watch_launcher
+    from cats_ds.weighting.base import WeightingError
 
     watch_launcher()  # exit when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
     try:
