@@ -593,7 +593,8 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
               "dev_sampler": run.dev_sampler.state_dict() if run.dev_sampler else None,
               "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
     run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
+           "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, save_dir / tmp / f"rng_rank{run.rank}.pt")
@@ -620,6 +621,18 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
         run.last_good = f"{save_dir / name} (step {run.step})"
 
 
+def numpy_rng_to_tensors(state: tuple) -> tuple:
+    """np.random.get_state() with its key array as a tensor, so the RNG file loads with
+    torch.load(weights_only=True) (a numpy array would need unpickling)."""
+    name, keys, pos, has_gauss, gauss = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
+def numpy_rng_from_tensors(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, gauss = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
+
+
 STEP_PREFIX = "step_"
 
 
@@ -627,8 +640,8 @@ def save_numbered(run: Run) -> None:
     """train.save_every: <save_dir>/step_<n>/ every N updates (same atomic save as best/
     and latest/), then train.keep_last: rank 0 removes all but the newest N of them."""
     cfg = run.cfg.train
-    if not cfg.save_every or run.step % cfg.save_every:
-        return
+    if not cfg.save_every or run.step % cfg.save_every or run.nonfinite:
+        return  # never a numbered checkpoint of an update whose loss was NaN or inf
     save_checkpoint(run, f"{STEP_PREFIX}{run.step}", None)
     if cfg.keep_last and run.rank == 0:
         for old in numbered_checkpoints(cfg.save_dir)[:-cfg.keep_last]:
@@ -654,7 +667,7 @@ CHECKPOINT_NAMES = ("latest", "best")
 RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.save_dir", "train.max_updates",
                      "train.max_minutes", "train.log_every", "train.valid_every", "train.resume", "train.overwrite",
                      "train.tensorboard", "train.lr", "train.warmup_updates", "train.warmup_init_lr",
-                     "train.max_nonfinite")
+                     "train.max_nonfinite", "train.save_every", "train.keep_last")
 """Config keys (or section prefixes) a resumed run may change. data.* is checked through
 the manifest fingerprint and the language list, experts.ep_size by its own message,
 train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`).
@@ -690,6 +703,8 @@ def recover_interrupted_saves(save_dir: Path) -> list[str]:
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
+    for leftover in save_dir.glob(f"{STEP_PREFIX}*.tmp"):  # a numbered save cut short: the previous ones stand
+        shutil.rmtree(leftover)
     return done
 
 
@@ -704,7 +719,7 @@ def prepare_save_dir(cfg: Config, rank: int) -> None:
     dist.barrier()
     r = cfg.train.resume
     fresh = r == "none" or (r == "auto" and not _complete(save_dir / "latest"))
-    existing = [save_dir / n for n in CHECKPOINT_NAMES if _complete(save_dir / n)]
+    existing = [save_dir / n for n in CHECKPOINT_NAMES if _complete(save_dir / n)] + numbered_checkpoints(save_dir)
     if not fresh or not existing:
         return
     found = ", ".join(f"{p} (step {read_checkpoint_meta(p)['step']})" for p in existing)
@@ -814,9 +829,9 @@ def resume(run: Run) -> None:
     same_world = meta["world_size"] == run.world
     if failure is None and rng_file.is_file() and same_world:
         try:
-            rng = torch.load(rng_file, weights_only=False)
+            rng = torch.load(rng_file, weights_only=True)  # tensors, ints and tuples only: no pickle code runs
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state(numpy_rng_from_tensors(rng["numpy"]))
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
