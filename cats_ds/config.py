@@ -111,14 +111,17 @@ class SamplingConfig:
     replacement (first by p_l, then by p_l renormalized over the languages not yet drawn),
     so a language's token share is its inclusion probability / K, flatter than p_l;
     false: K independent draws from p_l (token share exactly p_l, often fewer than K
-    languages); null (default): true for the Gram-based methods (cats, gradnorm, mgda),
-    false for temperature."""
+    languages); null (default): true for the Gram-based methods (every method but
+    temperature), false for temperature."""
 
 
 @dataclass
 class WeightingConfig:
-    method: Literal["temperature", "gradnorm", "mgda", "cats"] = "temperature"
-    """Task weighting. temperature: token-mean loss of the sampled batch."""
+    method: Literal["temperature", "gradnorm", "mgda", "cats", "pcgrad", "gradvac", "cagrad", "nashmtl",
+                    "imtl"] = "temperature"
+    """Task weighting. temperature: token-mean loss of the sampled batch. The others run
+    meta steps on the Gram matrix (schedule cats.meta_every, shares cats.weight_by);
+    pcgrad, gradvac, cagrad, nashmtl, imtl: cats_ds/weighting/gramspace.py."""
 
 
 @dataclass
@@ -132,7 +135,7 @@ class CatsConfig:
     """Loss coefficient of language n between meta steps. tokens: c_n = alpha_n * tokens_n /
     tokens (alpha = 1 is exactly the temperature baseline at the run's T); language:
     c_n = alpha_n (each in-batch language's mean loss weighted by alpha alone). Also used by
-    gradnorm and mgda for their weights."""
+    every other Gram-based method for its weights."""
     loss_term: bool = True
     """Include the per-language loss in the alpha step (the paper's first term)."""
     lr_alpha: float = 0.1
@@ -176,6 +179,37 @@ class MgdaConfig:
     iters: int = 200
     """Frank-Wolfe iterations for the min-norm point when a meta batch holds more than 8
     languages (up to 8 it is solved exactly)."""
+
+
+@dataclass
+class GradVacConfig:
+    beta: float = 0.01
+    """EMA rate of the per-pair cosine targets phi^_ij <- (1 - beta) phi^_ij + beta phi_ij
+    (Wang et al., 2021, 1e-2); in (0, 1]."""
+    init: Literal["first", "zero"] = "first"
+    """Start of a pair's target: its first observed cosine, or 0 (as LibMTL and TorchJD do).
+    With zero, a pair of rarely sampled languages keeps a target near 0 for ~1/beta of ITS
+    meta steps, so rare languages are vaccinated less than frequent ones (it fails the null
+    test for thousands of meta steps); first has no such transient."""
+
+
+@dataclass
+class CagradConfig:
+    c: float = 0.5
+    """Radius of the ball around the mean gradient, as a fraction of its norm (Liu et al.,
+    2021; 0.5 is the reference implementation's default); in [0, 1) (0: plain GD)."""
+    rescale: Literal[0, 1, 2] = 1
+    """Divide the update by 1 (0), 1 + c^2 (1, the reference default) or 1 + c (2)."""
+    iters: int = 500
+    """Projected-gradient iterations for the dual when a meta batch holds more than 8
+    languages (up to 8 it is solved exactly)."""
+
+
+@dataclass
+class NashMtlConfig:
+    iters: int = 100
+    """Newton steps at most for G alpha = 1 / alpha (converges in ~10; the solution is
+    accepted only at max |alpha_n (G alpha)_n - 1| < 1e-10)."""
 
 
 @dataclass
@@ -289,6 +323,9 @@ class Config:
     cats: CatsConfig = field(default_factory=CatsConfig)
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
     mgda: MgdaConfig = field(default_factory=MgdaConfig)
+    gradvac: GradVacConfig = field(default_factory=GradVacConfig)
+    cagrad: CagradConfig = field(default_factory=CagradConfig)
+    nashmtl: NashMtlConfig = field(default_factory=NashMtlConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -339,6 +376,13 @@ class Config:
                 ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0"),
                 ("cats.meta_temperature", c.meta_temperature, c.meta_temperature is None or c.meta_temperature > 0,
                  "> 0 (inf for uniform) or null")):
+            if not ok:
+                raise ConfigError(f"{key} must be {allowed}, got {value}")
+        for key, value, ok, allowed in (
+                ("gradvac.beta", self.gradvac.beta, 0 < self.gradvac.beta <= 1, "in (0, 1]"),
+                ("cagrad.c", self.cagrad.c, 0 <= self.cagrad.c < 1, "in [0, 1)"),
+                ("cagrad.iters", self.cagrad.iters, self.cagrad.iters >= 1, ">= 1"),
+                ("nashmtl.iters", self.nashmtl.iters, self.nashmtl.iters >= 1, ">= 1")):
             if not ok:
                 raise ConfigError(f"{key} must be {allowed}, got {value}")
         if self.train.resume not in ("auto", "none") and not self.train.resume:
@@ -491,7 +535,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-GRAM_METHODS = ("cats", "gradnorm", "mgda")
+GRAM_METHODS = ("cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
 """Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
 
 
