@@ -32,6 +32,31 @@ def test_gram_from_partitions_and_cats_step(tmp_path, tiny_recipe, stage):
         assert all(a != 1.0 for a in np.array(res["alpha"])[res["langs"]])  # alpha was updated
 
 
+def test_gramspace_methods_on_zero2_partitions(tmp_path, tiny_recipe):
+    """issue 12: on 2 gloo ranks with ZeRO-2 (accumulation 2, clipping), one meta step
+    with each of PCGrad, GradVac, CAGrad, Nash-MTL, IMTL-G (in turn, one launch) moves
+    the parameters exactly as a 1-process reference step on sum_n c_n g_n, with c from the
+    method on the full-gradient Gram matrix; the weights kept for the steps between meta
+    steps are the reference's."""
+    methods = ["pcgrad", "gradvac", "gradvac", "cagrad", "nashmtl", "imtl"]  # GradVac's 1st step sets targets
+    ds = write_json(tmp_path / "ds.json", ds_config(2, gas=2, clip=0.5))
+    recipe = tiny_recipe("gram", weighting={"method": "pcgrad"}, sampling={"langs_per_batch": 3},
+                         train={"warmup_init_lr": 0.003, "adam_eps": 1e-3})
+    launch([SCRIPT, "--deepspeed_config", ds, "--config", recipe, "--out", tmp_path / "out",
+            "--methods", ",".join(methods)], 2)
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        assert [r["method"] for r in rows] == methods
+        for r in rows:
+            print(rank, r["method"], "K", len(r["langs"]), "weights", np.round(r["weights"], 4),
+                  f"diff/moved {r['param_diff'] / r['param_moved']:.2e}")
+            assert len(r["langs"]) == 3
+            assert r["param_moved"] > 1e-4 and r["param_diff"] < 1e-3 * r["param_moved"], r
+            assert np.allclose(r["weights"], r["ref_weights"], rtol=1e-5, atol=1e-7), r
+        for r in rows[2:]:  # GradVac's vaccine (2nd step), CAGrad, Nash-MTL, IMTL-G move the weights off 1
+            assert np.abs(np.array(r["weights"]) - 1).max() > 1e-3, r
+
+
 def test_cats_resume_reproduces_alpha_and_lambda(tmp_path, tiny_recipe):
     """Resume mid-run reproduces the alpha / lambda trajectories exactly."""
     ds = write_json(tmp_path / "z2.json", ds_config(2))
@@ -53,7 +78,7 @@ def test_cats_resume_reproduces_alpha_and_lambda(tmp_path, tiny_recipe):
     assert ref[-1]["weighting"]["cats/lambda_c"] > 0
 
 
-@pytest.mark.parametrize("method", ["gradnorm", "mgda"])
+@pytest.mark.parametrize("method", ["gradnorm", "mgda", "pcgrad", "nashmtl"])
 def test_other_gram_methods_train(tmp_path, tiny_recipe, method):
     ds = write_json(tmp_path / "z1.json", ds_config(1))
     recipe = tiny_recipe(method, weighting={"method": method}, cats={"meta_every": [[None, 2]]},
@@ -122,7 +147,7 @@ def test_gram_methods_refused_under_optimizer_offload(tmp_path):
 
     path = write_json(tmp_path / "offload.json", ds_config(2, zero_optimization={
         "stage": 2, "offload_optimizer": {"device": "cpu"}}))
-    for method in ("cats", "gradnorm", "mgda"):
+    for method in ("cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl"):
         cfg = load_config(None, [f"weighting.method={method}"])
         with pytest.raises(TrainError, match=rf"offload\.json: zero_optimization\.offload_optimizer\.device='cpu' "
                                              rf"is not supported with weighting\.method={method}"):

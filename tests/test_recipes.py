@@ -18,7 +18,8 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-@pytest.mark.parametrize("method", ["temperature", "cats", "gradnorm", "mgda"])
+@pytest.mark.parametrize("method", ["temperature", "cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl",
+                                    "imtl"])
 def test_recipe_loads_with_each_method(recipe, method):
     cfg = load_config(str(recipe), [f"weighting.method={method}"])
     assert cfg.weighting.method == method and cfg.data.dir and cfg.train.max_updates > 0

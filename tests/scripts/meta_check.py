@@ -2,7 +2,13 @@
 checked against a single-process full-gradient reference built on every rank.
 
 Writes <out>.rank<r>.json with the Gram matrices, the loss values and the largest
-parameter difference after the step."""
+parameter difference after the step.
+
+With --methods m1,m2,...: instead, one meta step per method in turn (the engine and a
+reference model with its own Adam go through the same sequence), each compared to the
+reference step on sum_n c_n g_n with c from the method on the full-gradient Gram; a
+method listed again continues with its state; writes <out>.rank<r>.json with a row per
+step."""
 
 from __future__ import annotations
 
@@ -20,7 +26,10 @@ from checkscript import setup_from_command_line
 
 
 def main():
-    args, cfg, run = setup_from_command_line()
+    args, cfg, run = setup_from_command_line(lambda ap: ap.add_argument("--methods", default=None))
+    if args.methods:
+        check_methods(args, cfg, run)
+        return
     ref = build_and_load(cfg, run)  # the same seed gives the engine's initial weights
     sampler_state = run.sampler.state_dict()
 
@@ -71,6 +80,53 @@ def main():
            "alpha": run.weighting.state_dict().get("alpha")}
     with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(out, f)
+
+
+def check_methods(args, cfg, run):
+    """A chain of meta steps, one per method, each against the reference step."""
+    ref = build_and_load(cfg, run)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.0, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
+    clip = run.engine.gradient_clipping()
+    rows_out = []
+    pairs = {}  # a method listed twice keeps its state (GradVac's targets)
+    for method in args.methods.split(","):
+        cfg.weighting.method = method
+        if method not in pairs:
+            pairs[method] = (make_weighting(cfg, run.languages, len(run.vocab)),
+                             make_weighting(cfg, run.languages, len(run.vocab)))
+        run.weighting, ref_weighting = pairs[method]
+        state = run.sampler.state_dict()
+        plans = [run.sampler.next_plan() for _ in range(run.gas)]
+        run.sampler.load_state_dict(state)  # meta_update draws the same plans
+        lr = run.engine.get_lr()[0]
+        before = [p.detach().clone() for p in params]
+        meta_update(run)
+        ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
+                                                         cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+        shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
+        coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_rows @ ref_rows.T, shares)
+        combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
+        offset = 0
+        for p in params:
+            p.grad = combo[offset:offset + p.numel()].view_as(p).float().clone()
+            offset += p.numel()
+        if clip and clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        got = dict(run.engine.module.named_parameters())
+        diff = max(float((got[name].detach().float() - p.detach()).abs().max()) for name, p in ref.named_parameters())
+        moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
+        rows_out.append({"method": method, "langs": ref_langs, "param_diff": diff, "param_moved": moved,
+                         "weights": [run.weighting.weight(l) for l in ref_langs],
+                         "ref_weights": [ref_weighting.weight(l) for l in ref_langs],
+                         "ref_coeffs": [coeffs[l] for l in ref_langs],
+                         "shares": [shares[l] for l in ref_langs]})
+        run.step += 1
+    with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
+        json.dump(rows_out, f)
 
 
 def build_and_load(cfg, run):
