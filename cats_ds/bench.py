@@ -4,6 +4,8 @@ one run (the machine is shared and noisy), never an absolute time.
     python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks, peak RSS
     python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s; CTranslate2 on the same model
     python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
+    python -m cats_ds.bench cats --methods pcgrad,gradvac,cagrad,nashmtl,imtl   # + a row per method
+    python -m cats_ds.bench cats --methods ... --solve-only   # only the coefficient solve, no data
     python -m cats_ds.bench experts --json out.json   # dense vs family experts
 
 Multi-rank parts run under the real `deepspeed` launcher (CPU: DS_ACCELERATOR=cpu, gloo);
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -250,11 +253,57 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> 
     return {"sentences": total_n, "sentences_per_s": total_n / total_s}
 
 
+def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim: int = 1000) -> dict:
+    """Microseconds of one `weighting.update` (the float64 coefficient computation from a
+    K x K Gram matrix, conversions included) per method, K languages per meta batch out
+    of N; median over `reps` meta steps on random correlated gradients (1 process)."""
+    import numpy as np
+    import torch
+
+    from cats_ds.config import load_config
+    from cats_ds.weighting.base import make_weighting
+
+    out: dict[str, dict[str, float]] = {}
+    for method in methods:
+        for n in ns:
+            rng = np.random.default_rng(0)
+            cfg = load_config(None, [f"weighting.method={method}", "cats.meta_every=[[null, 1]]"])
+            weighting = make_weighting(cfg, [f"l{i}" for i in range(n)], vocab_size=1000)
+            times = []
+            for step in range(reps):
+                g = rng.normal(size=(k, dim)) * rng.uniform(0.5, 2.0, size=(k, 1)) + 0.3 * rng.normal(size=dim)
+                gram = torch.tensor(g @ g.T)
+                batch = sorted(rng.choice(n, size=k, replace=False).tolist())
+                losses = torch.tensor(rng.uniform(4.0, 6.0, size=k))
+                shares = {b: 1.0 / k for b in batch}
+                t0 = time.perf_counter()
+                weighting.update(step, batch, losses, gram, shares)
+                times.append(time.perf_counter() - t0)
+            out.setdefault(method, {})[f"solve_us_n{n}"] = float(np.median(times)) * 1e6
+    return out
+
+
 def bench_cats(args) -> dict:
+    methods = [m for m in (args.methods or "").split(",") if m]
+    from cats_ds.config import WeightingConfig
+
+    allowed = typing.get_args(typing.get_type_hints(WeightingConfig)["method"])
+    for m in methods:
+        if m not in allowed or m == "temperature":
+            raise SystemExit(f"--methods: {m!r} is not a Gram-based weighting.method; choices: "
+                             f"{', '.join(a for a in allowed if a != 'temperature')}")
+    solve = solve_costs(methods) if methods else {}
+    if methods:
+        rows = [[m, solve[m]["solve_us_n8"], solve[m]["solve_us_n100"]] for m in methods]
+        print_table("coefficient computation per meta step, K=8, float64, 1 process (median of 50)",
+                    ["method", "us at N=8", "us at N=100"], rows)
+    if args.solve_only:
+        return {"methods": solve}
     _ensure_prepared(args.recipe, args.overrides)
     _ensure_prepared(args.recipe100, [])
     common = ["--deepspeed_config", args.ds_config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    res = _launch_worker("cats", 2, common + ["--config", args.recipe, "--k", "4"] + args.overrides)
+    res = _launch_worker("cats", 2, common + ["--config", args.recipe, "--k", "4"]
+                         + (["--methods", ",".join(methods)] if methods else []) + args.overrides)
     # N=8 vs N=100 on one model, vocabulary and token budget: the gettext100 recipe with all
     # its languages vs its first 8; alternating launches so drift in machine load hits both
     from cats_ds.config import load_config
@@ -287,6 +336,15 @@ def bench_cats(args) -> dict:
             ["ratio_n100_over_n8", out["ratio_n100_over_n8"], "<= 1.10"]]
     print_table(f"CATS on 2 ranks, K=4 ({args.recipe}); plain step {t_plain:.3f}s, meta step {t_meta:.3f}s",
                 ["metric", "value", "target"], rows)
+    if methods:
+        per = res["methods"]
+        for m in methods:
+            solve[m].update(per[m])
+        print_table(f"meta step over plain step per method, 2 ranks, K=4 ({args.recipe}; alternating blocks)",
+                    ["method", "plain s", "meta s", "meta/plain", "us solve N=8", "us solve N=100"],
+                    [[m, per[m]["plain_step_s"], per[m]["meta_step_s"], per[m]["meta_over_plain"],
+                      solve[m]["solve_us_n8"], solve[m]["solve_us_n100"]] for m in methods])
+        out["methods"] = solve
     return out
 
 
@@ -409,7 +467,23 @@ def worker_cats(args) -> None:
         run.weighting = TemperatureWeighting(run.languages)
         t_temp = _timed(run, dist, 10, train_step_no_count)
         measured.append(t_cats / t_temp)
+    per_method = {}
+    for method in [m for m in (args.methods or "").split(",") if m]:
+        # the same K=4 batches through each method's meta step, alternating with plain steps
+        from cats_ds.weighting.base import make_weighting
+
+        cfg.weighting.method = method
+        cfg.cats.meta_every = [[None, 1]]
+        run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
+        _timed(run, dist, 1, meta_update)
+        t_plain = t_meta = 0.0
+        for _ in range(args.steps):
+            t_plain += _timed(run, dist, 1, plain_update)
+            t_meta += _timed(run, dist, 1, meta_update)
+        per_method[method] = {"plain_step_s": t_plain / args.steps, "meta_step_s": t_meta / args.steps,
+                              "meta_over_plain": t_meta / t_plain}
     result = {"plain_step_s": plain, "meta_step_s": meta, "measured_ratio_m10": sum(measured) / len(measured),
+              "methods": per_method,
               "gram_rel_err": gram_err, "extra_mem_bytes": extra, "meta_buffer_bytes": buffer_bytes,
               "expected_extra_mem_bytes": len(langs) * n_params * 4 // run.world, "k_in_batch": len(langs)}
     if run.rank == 0:
@@ -464,6 +538,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2)")
     s = add("cats", "CATS meta-step cost, Gram error and memory on 2 ranks")
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
+    s.add_argument("--methods", default=None,
+                   help="comma-separated Gram-based weighting.method values: a row each (meta step over "
+                        "plain step at K=4 on 2 ranks, coefficient solve in us at K=8 for N=8 and N=100)")
+    s.add_argument("--solve-only", action="store_true",
+                   help="with --methods: only the coefficient-solve timings (1 process, no data, no launches)")
     s.add_argument("--steps", type=int, default=6)
     s.add_argument("--warmup", type=int, default=2)
     from cats_ds.bench_experts import add_arguments as experts_arguments
@@ -478,6 +557,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         w.add_argument("--steps", type=int, default=10)
         w.add_argument("--warmup", type=int, default=2)
         w.add_argument("--k", type=int, default=None)
+        w.add_argument("--methods", default=None)
         w.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else argv
     # the deepspeed launcher adds --local_rank before the subcommand; ranks read LOCAL_RANK

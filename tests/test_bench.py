@@ -42,3 +42,18 @@ def test_bench_experts_writes_json(tmp_path, capsys):
         assert ep1 > 0 and ep1 == 2 * ep2
     assert rows[("balanced", "dense", "-")]["expert_params_per_rank"]["1"] == 0
     assert "moelayer" in capsys.readouterr().out
+
+
+def test_bench_cats_solve_only_rows_per_method(tmp_path, capsys):
+    """`bench cats --methods ... --solve-only`: the coefficient-solve row of each method
+    (K=8, N=8 and N=100), no data and no launches; unknown methods are refused."""
+    import pytest
+
+    out = tmp_path / "solve.json"
+    main(["cats", "--methods", "pcgrad,cagrad,nashmtl", "--solve-only", "--json", str(out)])
+    result = json.loads(out.read_text())["methods"]
+    assert set(result) == {"pcgrad", "cagrad", "nashmtl"}
+    assert all(r["solve_us_n8"] > 0 and r["solve_us_n100"] > 0 for r in result.values())
+    assert "us at N=100" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="'temperature' is not a Gram-based weighting.method"):
+        main(["cats", "--methods", "temperature", "--solve-only"])
