@@ -238,6 +238,9 @@ def test_nash_without_a_common_direction_keeps_the_weights():
     coeffs = w.update(0, [0, 2], torch.zeros(2), g @ g.T, {0: 0.5, 2: 0.5})
     assert coeffs == {0: 0.5, 2: 0.5} and w.scalars()["nashmtl/unsolved"] == 1.0
     assert "Newton" in w.unsolved_reason or "alpha" in w.unsolved_reason
+    resumed = weighting("nashmtl", ["a", "b", "c"])
+    resumed.load_state_dict(w.state_dict())
+    assert resumed.scalars()["nashmtl/unsolved"] == 1.0 and torch.equal(resumed.w, w.w)
 
 
 # --------------------------------------------------------------------------- (c) the null test

@@ -315,6 +315,14 @@ class GramSpaceWeighting(LanguageWeights):
     def beta(self, step: int, langs: list[int], gram_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def state_dict(self):
+        return {**super().state_dict(), "unsolved": self.last.get(f"{self.name}/unsolved", 0.0)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if state.get("unsolved"):
+            self.last[f"{self.name}/unsolved"] = float(state["unsolved"])
+
 
 class PCGradWeighting(GramSpaceWeighting):
     """PCGrad: the mean of the projected t_i^PC (random order per i from train.seed and
