@@ -61,9 +61,13 @@ def train_main(argv: Optional[list[str]] = None) -> None:
 
     watch_launcher()  # exit when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
     try:
-        train(cfg, args.deepspeed_config)
+        run = train(cfg, args.deepspeed_config)
     except (TrainError, ConfigError, WeightingError) as e:
         _fail(str(e))
+    if run.requeue:  # stopped on SIGTERM/SIGUSR1 with latest/ saved (cats_ds/preempt.py)
+        from cats_ds.preempt import REQUEUE_EXIT
+
+        sys.exit(REQUEUE_EXIT)
 
 
 def evaluate_main(argv: Optional[list[str]] = None) -> None:

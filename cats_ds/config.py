@@ -231,7 +231,9 @@ class TrainConfig:
     max_updates: int = 1000
     """Stop after this many optimizer updates."""
     max_minutes: Optional[float] = None
-    """Also stop (after a checkpoint) once this much wall-clock time has passed."""
+    """Also stop (after a checkpoint) within this much wall-clock time: checked every
+    log_every updates, the run stops when another log_every updates plus a validation and
+    save as long as the last one would end past it."""
     max_tokens: int = 4096
     """Token budget of one micro-batch on one rank (padded tokens, max of both sides)."""
     update_tokens: Optional[int] = None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cats_ds import preempt
 from cats_ds.analysis import analysis_step
 from cats_ds.config import GRAM_METHODS, Config, config_from_dict, distinct_languages
 from cats_ds.data.manifest import Manifest, Vocab, load_split
@@ -174,6 +175,14 @@ class Run:
     """Consecutive updates whose training loss was NaN or inf on some rank."""
     last_good: str = "none yet"
     """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
+    stop_signal: bool = False
+    """Some rank received SIGTERM/SIGUSR1 (agreed over all ranks after each update)."""
+    requeue: bool = False
+    """The run stopped on a signal after saving latest/: exit with preempt.REQUEUE_EXIT."""
+    first_step: int = 0
+    """The step this process started (or resumed) at: the pace of this session."""
+    save_s: float = 0.0
+    """Seconds the last validation + save took: the margin train.max_minutes leaves for the final one."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -443,13 +452,17 @@ def check_finite_update(run: Run) -> None:
     inf on any rank (all ranks agree through one all_reduce of a flag). DeepSpeed's fp16
     loss scaler skips updates whose GRADIENTS overflow; their losses are finite, so those
     skips never count. A non-finite loss means the weights (or the data) are broken:
-    the scaler would skip the update too, lowering the scale to no avail."""
-    bad = torch.tensor([0.0 if math.isfinite(run.update_loss) else 1.0])
+    the scaler would skip the update too, lowering the scale to no avail.
+    The same all_reduce (MAX) carries the stop-signal flag (cats_ds/preempt.py), so every
+    rank learns at the same update boundary that some rank got SIGTERM/SIGUSR1."""
+    flags = torch.tensor([0.0 if math.isfinite(run.update_loss) else 1.0, float(preempt.requested.is_set())])
     run.update_loss = 0.0
     if run.world > 1:
-        bad = bad.to(run.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    run.nonfinite = run.nonfinite + 1 if bad.item() > 0 else 0
+        flags = flags.to(run.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, signalled = flags.tolist()
+    run.stop_signal = signalled > 0
+    run.nonfinite = run.nonfinite + 1 if bad > 0 else 0
     limit = run.cfg.train.max_nonfinite
     if run.nonfinite >= limit:
         first = run.step - run.nonfinite + 1
@@ -870,12 +883,22 @@ def resume(run: Run) -> None:
 # --------------------------------------------------------------------------- main loop
 
 
+def time_is_up(elapsed: float, limit_s: float, update_s: float, log_every: int, save_s: float) -> bool:
+    """train.max_minutes, checked every log_every updates: stop now if another log_every
+    updates (at this session's pace update_s) plus a final validation and save (as long as
+    the last one took, save_s) would end past the limit, so the final save fits inside it."""
+    return elapsed + log_every * update_s + save_s > limit_s
+
+
 def should_stop(run: Run) -> bool:
     """Time budget, decided on rank 0 and shared so every rank stops at the same step."""
     limit = run.cfg.train.max_minutes
     if limit is None:
         return False
-    flag = torch.tensor([float(run.elapsed + time.time() - run.t_start > limit * 60)])
+    now = time.time()
+    update_s = (now - run.t_start) / max(run.step - run.first_step, 1)
+    flag = torch.tensor([float(time_is_up(run.elapsed + now - run.t_start, limit * 60, update_s,
+                                          run.cfg.train.log_every, run.save_s))])
     if run.world > 1:
         flag = flag.to(run.device)
         dist.broadcast(flag, 0)
@@ -895,21 +918,42 @@ def validate_and_save(run: Run) -> None:
         run.best_valid = mean
         save_checkpoint(run, "best", mean)
     save_checkpoint(run, "latest", mean)
-    run.t_log += time.time() - t0  # tokens/s counts training time only
+    run.save_s = time.time() - t0
+    run.t_log += run.save_s  # tokens/s counts training time only
+
+
+def save_on_signal(run: Run, saved: bool) -> None:
+    """Some rank got SIGTERM/SIGUSR1 (cats_ds/preempt.py): save latest/ at this update
+    (unless the scheduled validation just did) and mark the run for a requeue. After a
+    non-finite update the previous latest/ stands: the requeued run redoes the updates since."""
+    signals = ",".join(dict.fromkeys(preempt.received)) or "a signal on another rank"
+    if run.nonfinite:
+        print0(f"| {signals} at step {run.step}: the last update's loss was NaN or inf, latest/ is not replaced "
+               f"(last good checkpoint: {run.last_good})")
+    elif not saved:  # (validate_and_save at this step wrote latest/ already)
+        t0 = time.time()
+        save_checkpoint(run, "latest", None)
+        run.save_s = max(run.save_s, time.time() - t0)
+    run.requeue = True
+    print0(f"| {signals}: stopped at step {run.step}, latest/ saved; exit {preempt.REQUEUE_EXIT} (requeue)")
 
 
 def fit(run: Run) -> None:
     cfg = run.cfg.train
     while run.step < cfg.max_updates:
         train_step(run)
-        if run.step % cfg.log_every == 0:
+        if run.step % cfg.log_every == 0 or run.stop_signal:
             log_train(run)
         if run.cfg.analysis.every and run.step % run.cfg.analysis.every == 0:
             analysis_step(run)
         stop = run.step % cfg.log_every == 0 and should_stop(run)
-        if run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop:
+        scheduled = run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop
+        if scheduled:
             validate_and_save(run)
         save_numbered(run)
+        if run.stop_signal:
+            save_on_signal(run, saved=scheduled)
+            return
         if stop:
             print0(f"| time budget of {cfg.max_minutes} minutes reached at step {run.step}")
             break
@@ -917,10 +961,14 @@ def fit(run: Run) -> None:
 
 
 def train(cfg: Config, ds_config_path: str) -> Run:
+    """The whole run; run.requeue tells the caller it stopped on SIGTERM/SIGUSR1 (exit
+    with preempt.REQUEUE_EXIT)."""
+    preempt.install()  # before setup: a signal during start-up is honoured after the first update
     run = setup(cfg, ds_config_path)
     seed_dropout(cfg.train.seed, run.rank)
     run.t_start = time.time()
     resume(run)
+    run.first_step = run.step
     run.t_start = run.t_log = time.time()
     fit(run)
     return run

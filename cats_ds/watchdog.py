@@ -9,6 +9,10 @@ launch process and every rank running. So each rank polls the launcher processes
 exits at once when one of them is gone; the launch process then sees a failed rank and
 stops the others. A process started any other way (plain `python`, a debugger) is not
 watched: its parent may be a shell that is meant to go away (nohup).
+
+A rank that received SIGTERM/SIGUSR1 (cats_ds/preempt.py) is saving `latest` on its way
+out; a signal to the whole process group also kills the runner, so such a rank gets up to
+preempt.STOP_GRACE_SECONDS after its launcher is gone before the watchdog ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import time
 
 import psutil
 
+from cats_ds import preempt
+
 POLL_SECONDS = 1.0
+"""Seconds between checks; the environment variable CATS_WATCHDOG_POLL_S overrides it."""
 EXIT_CODE = 1
 
 _LAUNCH_MODULE = "deepspeed.launcher.launch"
@@ -72,19 +79,31 @@ def gone(proc: psutil.Process) -> bool:
         return True
 
 
-def watch(processes: list[psutil.Process], label: str, poll: float = POLL_SECONDS) -> threading.Thread:
+def watch(processes: list[psutil.Process], label: str, poll: float = POLL_SECONDS,
+          grace: float = preempt.STOP_GRACE_SECONDS) -> threading.Thread:
     """Start a daemon thread that ends this process (exit code EXIT_CODE, a message on
-    stderr) as soon as one of `processes` is gone. os._exit, because the main thread may
-    sit in a collective that waits for a rank that will never come."""
+    stderr) as soon as one of `processes` is gone, or `grace` seconds later when a stop
+    signal was received (the rank is saving latest/ and exits by itself when done).
+    os._exit, because the main thread may sit in a collective that waits for a rank that
+    will never come."""
     described = [(p, " ".join(_cmdline(p)[:4]) or "?") for p in processes]
 
     def loop() -> None:
+        deadline = None
         while True:
             for proc, what in described:
-                if gone(proc):
-                    print(f"error: {label}: its launcher (pid {proc.pid}: {what}) is gone; exiting so that "
-                          f"no rank trains on orphaned", file=sys.stderr, flush=True)
-                    os._exit(EXIT_CODE)
+                if deadline is None and gone(proc):
+                    if not preempt.requested.is_set():
+                        print(f"error: {label}: its launcher (pid {proc.pid}: {what}) is gone; exiting so that "
+                              f"no rank trains on orphaned", file=sys.stderr, flush=True)
+                        os._exit(EXIT_CODE)
+                    deadline = time.monotonic() + grace
+                    print(f"| {label}: its launcher (pid {proc.pid}: {what}) is gone after a stop signal; "
+                          f"finishing the save (at most {grace:.0f} s)", file=sys.stderr, flush=True)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"error: {label}: still running {grace:.0f} s after its launcher went away; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(EXIT_CODE)
             time.sleep(poll)
 
     thread = threading.Thread(target=loop, name="launcher-watchdog", daemon=True)
@@ -96,5 +115,6 @@ def watch_launcher() -> list[psutil.Process]:
     """Watch this rank's DeepSpeed launcher processes (if any); returns them."""
     chain = launcher_chain()
     if chain:
-        watch(chain, f"rank {os.environ.get('RANK', '?')}")
+        watch(chain, f"rank {os.environ.get('RANK', '?')}", poll=float(os.environ.get("CATS_WATCHDOG_POLL_S",
+                                                                                     POLL_SECONDS)))
     return chain
