@@ -275,6 +275,13 @@ class TrainConfig:
     keep_last: int = 0
     """Keep only the newest N step_<n>/ checkpoints (0: keep all); best/ and latest/ are
     never removed by it."""
+    best_metric: Literal["loss", "bleu", "chrf"] = "loss"
+    """What best/ is: the lowest mean validation loss, or the highest mean dev BLEU / chrF++
+    over languages (bleu and chrf need eval.valid_every; best/ is then chosen at the
+    validations that translate)."""
+    patience: int = 0
+    """Stop after this many validations of train.best_metric in a row without improvement
+    (0: never stop early)."""
 
 
 @dataclass
@@ -300,6 +307,14 @@ class EvalConfig:
     """Languages with fewer training pairs are Lo."""
     hi_min: int = 1_000_000
     """Languages with at least this many training pairs are Hi (between: Mid)."""
+    valid_every: int = 0
+    """During training, also translate the dev set every N updates (a multiple of
+    train.valid_every, at whose validations it runs; 0: never) and log BLEU and chrF++ per
+    language (bleu/en-xx, chrf/en-xx in TensorBoard and train_log.jsonl)."""
+    valid_beam: int = 1
+    """Beam size of that translation (1: greedy)."""
+    valid_sentences: int = 200
+    """Translate the first N dev sentences of each language."""
 
 
 @dataclass
@@ -393,9 +408,19 @@ class Config:
             raise ConfigError(f"experts.ep_size must be >= 1, got {self.experts.ep_size}")
         if self.eval.beam < 1:
             raise ConfigError(f"eval.beam must be >= 1, got {self.eval.beam}")
-        for key in ("save_every", "keep_last"):
+        for key in ("save_every", "keep_last", "patience"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0 (0: off), got {getattr(self.train, key)}")
+        e = self.eval
+        if e.valid_every < 0 or (e.valid_every and e.valid_every % t.valid_every):
+            raise ConfigError(f"eval.valid_every={e.valid_every} must be 0 (off) or a multiple of "
+                              f"train.valid_every={t.valid_every} (dev translation runs at validations)")
+        if e.valid_beam < 1 or e.valid_sentences < 1:
+            raise ConfigError(f"eval.valid_beam and eval.valid_sentences must be >= 1, got "
+                              f"{e.valid_beam} and {e.valid_sentences}")
+        if t.best_metric != "loss" and not e.valid_every:
+            raise ConfigError(f"train.best_metric={t.best_metric} needs dev translation: set eval.valid_every "
+                              f"(a multiple of train.valid_every={t.valid_every}), or train.best_metric=loss")
         return self
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from cats_ds import preempt
 from cats_ds.analysis import analysis_step
 from cats_ds.config import GRAM_METHODS, Config, config_from_dict, distinct_languages
-from cats_ds.data.manifest import Manifest, Vocab, load_split
+from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
 from cats_ds.grads import PartitionGrads, gram_and_losses, is_expert_param
@@ -183,6 +183,13 @@ class Run:
     """The step this process started (or resumed) at: the pace of this session."""
     save_s: float = 0.0
     """Seconds the last validation + save took: the margin train.max_minutes leaves for the final one."""
+    dev_refs: Optional[dict] = None
+    """Raw dev references per language (eval.valid_every > 0)."""
+    best_score: Optional[float] = None
+    """Best value of train.best_metric so far (None before the first validation that measures it)."""
+    stale: int = 0
+    """Validations of train.best_metric in a row without improvement (train.patience)."""
+    early_stop: bool = False
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -193,6 +200,8 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = load_ds_config(ds_config_path, world, cfg)
     prepare_save_dir(cfg, rank)
+    if needs_universal(cfg, world, ds):  # a ZeRO-1/2 checkpoint saved on another number of ranks
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     try:
         manifest = Manifest.load(cfg.data.dir)
     except (FileNotFoundError, ValueError) as e:
@@ -241,6 +250,15 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
         if cfg.cats.meta_data == "dev":
             run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
                                               cfg.train.seed, allow_missing=True)
+    if cfg.eval.valid_every:
+        from cats_ds.dev_translation import check_supported, load_dev_texts
+        from cats_ds.evaluate import EvalError
+
+        try:
+            check_supported(cfg, engine.zero_optimization_stage())
+            run.dev_refs = load_dev_texts(cfg, manifest, dev_splits)
+        except (EvalError, RawTextError) as e:
+            raise TrainError(str(e)) from None
     run.log_path = Path(cfg.train.save_dir) / "train_log.jsonl"
     if rank == 0:
         Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
@@ -583,26 +601,41 @@ def validate(run: Run) -> dict[str, dict[str, float]]:
             for i, l in enumerate(run.languages) if sums[2, i] > 0}
 
 
-def log_valid(run: Run, res: dict) -> float:
+def log_valid(run: Run, res: dict, scores: Optional[dict] = None) -> float:
     mean = float(np.mean([v["loss"] for v in res.values()])) if res else float("nan")
     events = [(f"valid_loss/en-{l}", v["loss"], run.step) for l, v in res.items()]
     events += [(f"valid_nll/en-{l}", v["nll"], run.step) for l, v in res.items()]
     events.append(("valid/mean_loss", mean, run.step))
+    record = {"kind": "valid", "step": run.step, "mean_loss": mean, "langs": res}
+    if scores is not None:
+        from cats_ds.dev_translation import mean_score
+
+        for metric in ("bleu", "chrf"):
+            events += [(f"{metric}/en-{l}", v[metric], run.step) for l, v in scores.items()]
+            record[metric] = mean_score(scores, metric)
+            events.append((f"valid/mean_{metric}", record[metric], run.step))
+        record["scores"] = scores
     write_events(run, events)
     print0(f"| valid step {run.step} | mean loss {mean:.4f} | " +
            " ".join(f"{l} {v['loss']:.3f}" for l, v in res.items()))
-    write_log(run, {"kind": "valid", "step": run.step, "mean_loss": mean, "langs": res})
+    if scores is not None:
+        print0(f"| valid step {run.step} | dev BLEU {record['bleu']:.2f} chrF++ {record['chrf']:.2f} "
+               f"(beam {run.cfg.eval.valid_beam}, first {run.cfg.eval.valid_sentences} sentences) | "
+               + " ".join(f"{l} {v['bleu']:.1f}/{v['chrf']:.1f}" for l, v in scores.items()))
+    write_log(run, record)
     return mean
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
-    """Write <save_dir>/<name>/ atomically: DeepSpeed writes <name>.tmp, then rank 0 swaps."""
+def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Optional[dict] = None) -> None:
+    """Write <save_dir>/<name>/ atomically: DeepSpeed writes <name>.tmp, then rank 0 swaps.
+    `scores`: the dev BLEU / chrF++ of this step, if measured (kept in cats_ds.json)."""
     save_dir = Path(run.cfg.train.save_dir)
     tmp = f"{name}.tmp"
-    client = {"step": run.step, "best_valid": run.best_valid, "sampler": run.sampler.state_dict(),
+    client = {"step": run.step, "best_valid": run.best_valid, "best_score": run.best_score, "stale": run.stale,
+              "sampler": run.sampler.state_dict(),
               "dev_sampler": run.dev_sampler.state_dict() if run.dev_sampler else None,
               "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
     run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
@@ -618,6 +651,12 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float]) -> None:
                 "languages": run.languages, "manifest_fingerprint": run.manifest.fingerprint,
                 "vocab_size": len(run.vocab), "world_size": run.world,
                 "zero_stage": run.engine.zero_optimization_stage()}
+        if scores is not None:
+            from cats_ds.dev_translation import mean_score
+
+            meta["valid_scores"] = {"bleu": mean_score(scores, "bleu"), "chrf": mean_score(scores, "chrf"),
+                                    "languages": scores, "beam": run.cfg.eval.valid_beam,
+                                    "sentences": run.cfg.eval.valid_sentences}
         meta_tmp = save_dir / tmp / f"{CHECKPOINT_META}.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=1))
         os.replace(meta_tmp, save_dir / tmp / CHECKPOINT_META)
@@ -680,7 +719,7 @@ CHECKPOINT_NAMES = ("latest", "best")
 RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.save_dir", "train.max_updates",
                      "train.max_minutes", "train.log_every", "train.valid_every", "train.resume", "train.overwrite",
                      "train.tensorboard", "train.lr", "train.warmup_updates", "train.warmup_init_lr",
-                     "train.max_nonfinite", "train.save_every", "train.keep_last")
+                     "train.max_nonfinite", "train.save_every", "train.keep_last", "train.patience")
 """Config keys (or section prefixes) a resumed run may change. data.* is checked through
 the manifest fingerprint and the language list, experts.ep_size by its own message,
 train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`).
@@ -758,14 +797,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """Keys (outside RESUME_MAY_CHANGE) whose value differs between the config a checkpoint
-    was trained with and this run's, as "key: old -> new". Keys only one side knows (a
-    checkpoint from an older version) are not compared."""
+def changed_settings(saved: dict, current: dict, also: tuple = ()) -> list[str]:
+    """Keys (outside RESUME_MAY_CHANGE and `also`) whose value differs between the config a
+    checkpoint was trained with and this run's, as "key: old -> new". Keys only one side
+    knows (a checkpoint from an older version) are not compared."""
     old, new = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(old.keys() & new.keys()):
-        if key in RESUME_MAY_CHANGE or any(key.startswith(k) for k in RESUME_MAY_CHANGE if k.endswith(".")):
+        if key in RESUME_MAY_CHANGE or key in also or any(key.startswith(k) for k in RESUME_MAY_CHANGE
+                                                          if k.endswith(".")):
             continue
         if json.dumps(old[key]) != json.dumps(new[key]):
             diffs.append(f"{key}: {old[key]!r} -> {new[key]!r}")
@@ -800,6 +840,11 @@ def unreadable_files(folder: Path) -> list[str]:
 
 
 def resume(run: Run) -> None:
+    """Continue from train.resume: DeepSpeed state, client state (step, sampler, weighting,
+    best/patience bookkeeping) and per-rank RNG. On another world size (ZeRO-1/2 through a
+    universal checkpoint, see needs_universal) the sampler continues only when
+    train.max_tokens x world size is unchanged (else refused, naming the value to set),
+    and the per-rank RNG streams are reseeded from train.seed, the step and the rank."""
     r = run.cfg.train.resume
     if r == "none":
         return
@@ -823,7 +868,11 @@ def resume(run: Run) -> None:
     if run.cfg.experts.modules and saved_ep != run.cfg.experts.ep_size:
         raise TrainError(f"{path}: checkpoint has experts.ep_size={saved_ep}, this run "
                          f"experts.ep_size={run.cfg.experts.ep_size}; resume with the same ep_size")
-    diffs = changed_settings(meta["config"], run.cfg.to_dict())
+    same_world = meta["world_size"] == run.world
+    # on another world size train.max_tokens may change so that the sampler's global batch stays the same
+    keeps_batch = meta["config"]["train"]["max_tokens"] * meta["world_size"] == run.cfg.train.max_tokens * run.world
+    diffs = changed_settings(meta["config"], run.cfg.to_dict(), () if same_world or not keeps_batch
+                             else ("train.max_tokens",))
     if diffs:
         raise TrainError(f"{path}: this run changes settings the checkpoint was trained with: {'; '.join(diffs)}. "
                          f"A resumed run may change only "
@@ -831,15 +880,19 @@ def resume(run: Run) -> None:
                          f"Resume with the saved values, or start afresh (another train.save_dir, or "
                          f"train.resume=none train.overwrite=true)")
     failure = None
+    load_dir, tag = path.parent, path.name
+    universal = run.engine.load_universal_checkpoint()  # set by setup (needs_universal)
+    if universal:
+        converted = to_universal(run, path, meta["world_size"])
+        load_dir, tag = converted.parent, converted.name
     try:
-        load_path, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
+        load_path, client = run.engine.load_checkpoint(str(load_dir), tag=tag)
     except Exception as e:  # DeepSpeed's torch.load errors do not name the file
         bad = unreadable_files(path)
         failure = (f"{path}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e}); "
                    + (f"damaged file(s): {'; '.join(bad)}. " if bad else "")
                    + "Resume from another checkpoint (train.resume=<path>, e.g. the best/ folder) or start afresh")
     rng_file = path / f"rng_rank{run.rank}.pt"
-    same_world = meta["world_size"] == run.world
     if failure is None and rng_file.is_file() and same_world:
         try:
             rng = torch.load(rng_file, weights_only=True)  # tensors, ints and tuples only: no pickle code runs
@@ -861,13 +914,31 @@ def resume(run: Run) -> None:
     if failed.item() > 0:
         raise TrainError(f"{path}: another rank could not load its part of the checkpoint (its error names the "
                          f"file)")
+    if universal and run.rank == 0:  # every rank has loaded it (the all_reduce above): used once
+        shutil.rmtree(path.parent / f"{path.name}{UNIVERSAL_SUFFIX}")
     if load_path is None:
         raise TrainError(f"DeepSpeed could not load the checkpoint at {path}")
     apply_lr_schedule(run)
     run.step = int(client["step"])
     run.best_valid = float(client["best_valid"])
+    # checkpoints from before train.best_metric: their best/ was chosen by loss
+    run.best_score = client.get("best_score", run.best_valid if math.isfinite(run.best_valid) else None)
+    run.stale = int(client.get("stale", 0))
     run.elapsed = float(client.get("elapsed", 0.0))
-    run.sampler.load_state_dict(client["sampler"])
+    try:
+        run.sampler.load_state_dict(client["sampler"])
+    except ValueError as e:
+        if same_world:
+            raise TrainError(f"{path}: {e}") from None
+        saved_tokens = meta["config"]["train"]["max_tokens"]
+        total = saved_tokens * meta["world_size"]
+        hint = (f"resume with train.max_tokens={total // run.world}" if total % run.world == 0 else
+                f"no train.max_tokens gives it on {run.world} ranks; resume on a number of ranks that divides {total}")
+        raise TrainError(f"{path}: the world size changed ({meta['world_size']} -> {run.world} ranks) and with it the "
+                         f"global batch the sampler plans (train.max_tokens x world size: {saved_tokens} x "
+                         f"{meta['world_size']} = {total} tokens, now {run.cfg.train.max_tokens} x {run.world} = "
+                         f"{run.cfg.train.max_tokens * run.world}): {hint}, so the run continues with the same "
+                         f"batches") from None
     if run.dev_sampler is not None and client.get("dev_sampler"):
         run.dev_sampler.load_state_dict(client["dev_sampler"])
     run.weighting.load_state_dict(client["weighting"])
@@ -878,6 +949,92 @@ def resume(run: Run) -> None:
         torch.manual_seed(run.cfg.train.seed * 1000 + run.step * 10 + run.rank)
     run.last_good = f"{path} (step {run.step})"
     print0(f"| resumed from {path} at step {run.step}")
+
+
+UNIVERSAL_SUFFIX = ".universal"
+
+
+def resume_path(cfg: Config) -> Optional[Path]:
+    """The checkpoint train.resume points at, if it holds cats_ds.json (resume() explains a missing one)."""
+    r = cfg.train.resume
+    if r == "none":
+        return None
+    path = Path(cfg.train.save_dir) / "latest" if r == "auto" else Path(r)
+    return path if (path / CHECKPOINT_META).is_file() else None
+
+
+def needs_universal(cfg: Config, world: int, ds: dict) -> bool:
+    """Whether the checkpoint to resume from was saved by ZeRO-1/2 on another number of
+    ranks: its optimizer partitions then load through a DeepSpeed universal checkpoint
+    (`to_universal`, DeepSpeed's `checkpoint.load_universal`). Decided before the engine
+    is built, since DeepSpeed reads that setting at initialization. Expert (family MoE)
+    and ZeRO-3 checkpoints are refused here, before DeepSpeed loads anything."""
+    path = resume_path(cfg)
+    if path is None:
+        return False
+    try:
+        meta = read_checkpoint_meta(path)
+    except (json.JSONDecodeError, OSError):
+        return False  # resume() names the damaged file
+    saved, stage = meta.get("world_size"), meta.get("zero_stage", 0)
+    if saved == world or not stage:
+        return False  # same world, or ZeRO-0: the full optimizer state is in the model-state file
+    where = f"{path} was saved by {saved} ranks with ZeRO-{stage}; this run has {world}"
+    if meta["config"]["experts"]["modules"]:
+        raise TrainError(f"{where}. Checkpoints with family experts (experts.modules="
+                         f"{meta['config']['experts']['modules']}) resume only on the world size they were saved "
+                         f"with: DeepSpeed's universal checkpoints do not reshard MoE expert parameters. Supported on "
+                         f"another world size: dense models with ZeRO-0, 1 or 2; resume with {saved} ranks")
+    if stage == 3:
+        raise TrainError(f"{where}. ZeRO-3 checkpoints resume only on the world size they were saved with "
+                         f"(supported on another world size: ZeRO-0, 1 or 2); resume with {saved} ranks")
+    current = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if current not in (1, 2):
+        raise TrainError(f"{where}, and a DeepSpeed JSON with ZeRO stage {current}: a ZeRO-{stage} checkpoint "
+                         f"resumes on another world size through a universal checkpoint, which loads into ZeRO "
+                         f"stage 1 or 2 only; use such a JSON")
+    return True
+
+
+def to_universal(run: Run, path: Path, saved_world: int) -> Path:
+    """Convert the ZeRO-1/2 checkpoint `path` (saved on saved_world ranks) into a DeepSpeed
+    universal checkpoint <path>.universal/ (deepspeed.checkpoint.ds_to_universal: every
+    parameter's fp32 weights and Adam moments, whole, under zero/<name>/), which any world
+    size loads with `checkpoint.load_universal`. Rank 0 converts, the others wait;
+    resume() deletes the folder once every rank has loaded it."""
+    import argparse
+    import contextlib
+    import io
+
+    out = path.parent / f"{path.name}{UNIVERSAL_SUFFIX}"
+    failure = ""
+    if run.rank == 0:
+        tmp = path.parent / f"{out.name}.tmp"
+        for leftover in (out, tmp):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        print0(f"| world size changed ({saved_world} -> {run.world} ranks): converting {path} into a DeepSpeed "
+               f"universal checkpoint {out}")
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                ds_to_universal.main(args)
+            os.replace(tmp, out)
+        except Exception as e:  # DeepSpeed's converter raises assorted errors; report them with its log
+            failure = (f"{path}: converting to a DeepSpeed universal checkpoint failed ({type(e).__name__}: {e}); "
+                       f"converter output: {log.getvalue()[-2000:]}")
+        finally:
+            (path.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer file
+    flag = [failure]
+    if run.world > 1:
+        dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise TrainError(flag[0] if run.rank == 0 else f"{path}: rank 0 could not convert the checkpoint")
+    return out
 
 
 # --------------------------------------------------------------------------- main loop
@@ -905,19 +1062,54 @@ def should_stop(run: Run) -> bool:
     return bool(flag.item())
 
 
-def validate_and_save(run: Run) -> None:
+def translate_dev(run: Run) -> dict[str, dict]:
+    """BLEU / chrF++ per language on the dev subset (cats_ds/dev_translation.py)."""
+    from cats_ds.dev_translation import dev_scores
+
+    run.engine.eval()
+    scores = dev_scores(run.engine.module, run.cfg, run.dev_splits, run.dev_refs, run.languages, run.tag_ids,
+                        run.vocab, run.rank, run.world)
+    run.engine.train()
+    return scores
+
+
+def is_better(metric: str, value: float, best: Optional[float]) -> bool:
+    """Lower loss, higher BLEU / chrF++; anything beats no value yet."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def validate_and_save(run: Run, final: bool = False) -> None:
+    """Validation loss (and, every eval.valid_every updates and at the end, dev BLEU /
+    chrF++), best/ by train.best_metric, latest/, and the train.patience count."""
     t0 = time.time()
     res = validate(run)
-    mean = log_valid(run, res)
+    every = run.cfg.eval.valid_every
+    scores = translate_dev(run) if every and (run.step % every == 0 or final) else None
+    mean = log_valid(run, res, scores)
     broken = [lang for lang, v in res.items() if not math.isfinite(v["loss"])]
     if broken:  # never write a broken model over a good checkpoint
         raise TrainError(f"validation loss is NaN or inf at step {run.step} (en-{', en-'.join(broken)}): stopped "
                          f"without saving a checkpoint. Last good checkpoint: {run.last_good}. Lower train.lr "
                          f"(now {run.cfg.train.lr:g}) or check the data and the checkpoint files, then resume from it")
-    if mean < run.best_valid:
-        run.best_valid = mean
-        save_checkpoint(run, "best", mean)
-    save_checkpoint(run, "latest", mean)
+    run.best_valid = min(run.best_valid, mean)
+    metric = run.cfg.train.best_metric
+    if metric == "loss" or scores is not None:
+        from cats_ds.dev_translation import mean_score
+
+        value = mean if metric == "loss" else mean_score(scores, metric)
+        if is_better(metric, value, run.best_score):
+            run.best_score, run.stale = value, 0
+            save_checkpoint(run, "best", mean, scores)
+        else:
+            run.stale += 1
+        patience = run.cfg.train.patience
+        if patience and run.stale >= patience:
+            run.early_stop = True
+            print0(f"| early stop: mean {metric} did not improve on {run.best_score:.4f} in {run.stale} validations "
+                   f"(train.patience={patience})")
+    save_checkpoint(run, "latest", mean, scores)
     run.save_s = time.time() - t0
     run.t_log += run.save_s  # tokens/s counts training time only
 
@@ -949,13 +1141,15 @@ def fit(run: Run) -> None:
         stop = run.step % cfg.log_every == 0 and should_stop(run)
         scheduled = run.step % cfg.valid_every == 0 or run.step == cfg.max_updates or stop
         if scheduled:
-            validate_and_save(run)
+            validate_and_save(run, final=run.step == cfg.max_updates or stop)
         save_numbered(run)
         if run.stop_signal:
             save_on_signal(run, saved=scheduled)
             return
         if stop:
             print0(f"| time budget of {cfg.max_minutes} minutes reached at step {run.step}")
+            break
+        if run.early_stop:
             break
     print0(f"| done at step {run.step}; best mean valid loss {run.best_valid:.4f}")
 

@@ -237,11 +237,12 @@ def test_fresh_start_over_checkpoints_needs_overwrite(tmp_path, trained):
 
 def test_changed_settings_on_resume_are_named(tmp_path, trained):
     save_dir, args = copy_run(trained, tmp_path)
-    out = launch(args + ["weighting.method=cats", "train.max_tokens=512", "model.embed_dim=64",
+    # (512 on 1 rank would keep the 2 x 256 global batch: allowed on another world size)
+    out = launch(args + ["weighting.method=cats", "train.max_tokens=1024", "model.embed_dim=64",
                          "train.max_updates=8"], 1, check=False)
     assert out.returncode == 2
     assert (f"{save_dir / 'latest'}: this run changes settings the checkpoint was trained with: "
-            f"model.embed_dim: 32 -> 64; train.max_tokens: 256 -> 512; weighting.method: 'temperature' -> "
+            f"model.embed_dim: 32 -> 64; train.max_tokens: 256 -> 1024; weighting.method: 'temperature' -> "
             f"'cats'.") in out.stderr
     assert "Traceback" not in out.stderr
 
