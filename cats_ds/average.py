@@ -26,9 +26,8 @@ from typing import Optional
 
 import torch
 
-from cats_ds.checkpoint import (MODEL_STATES, CheckpointError, build_for_checkpoint, fill_tied, gather_state_dict,
-                                read_meta)
-from cats_ds.train import CHECKPOINT_META, load_config_from_checkpoint, numbered_checkpoints
+from cats_ds.checkpoint import (CHECKPOINT_META, MODEL_STATES, CheckpointError, build_for_checkpoint, fill_tied,
+                                gather_state_dict, load_config_from_checkpoint, numbered_checkpoints, read_meta)
 
 MUST_MATCH = ("languages", "vocab_size", "manifest_fingerprint")
 

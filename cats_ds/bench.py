@@ -170,7 +170,7 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     import torch
 
     from cats_ds.checkpoint import MODEL_STATES
-    from cats_ds.train import CHECKPOINT_META
+    from cats_ds.checkpoint import CHECKPOINT_META
 
     rows, out = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,7 +261,7 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
     import torch
 
     from cats_ds.config import load_config
-    from cats_ds.weighting.base import make_weighting
+    from cats_ds.weighting import make_weighting
 
     out: dict[str, dict[str, float]] = {}
     for method in methods:
@@ -470,7 +470,7 @@ def worker_cats(args) -> None:
     per_method = {}
     for method in [m for m in (args.methods or "").split(",") if m]:
         # the same K=4 batches through each method's meta step, alternating with plain steps
-        from cats_ds.weighting.base import make_weighting
+        from cats_ds.weighting import make_weighting
 
         cfg.weighting.method = method
         cfg.cats.meta_every = [[None, 1]]

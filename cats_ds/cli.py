@@ -55,6 +55,7 @@ def train_main(argv: Optional[list[str]] = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         _fail(str(e))
+    from cats_ds.checkpoint import CheckpointError
     from cats_ds.train import TrainError, train
     from cats_ds.watchdog import watch_launcher
     from cats_ds.weighting.base import WeightingError
@@ -62,7 +63,7 @@ def train_main(argv: Optional[list[str]] = None) -> None:
     watch_launcher()  # exit when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
     try:
         run = train(cfg, args.deepspeed_config)
-    except (TrainError, ConfigError, WeightingError) as e:
+    except (TrainError, CheckpointError, ConfigError, WeightingError) as e:
         _fail(str(e))
     if run.requeue:  # stopped on SIGTERM/SIGUSR1 with latest/ saved (cats_ds/preempt.py)
         from cats_ds.preempt import REQUEUE_EXIT

@@ -48,7 +48,8 @@ from typing import Optional
 
 import numpy as np
 
-from cats_ds.evaluate import GROUPS, EvalError, metrics, read_lines
+from cats_ds.evaluate import EvalError, metrics, read_lines
+from cats_ds.groups import GROUPS
 
 METRIC_NAMES = {"chrf": "chrF++", "bleu": "BLEU"}
 """bleu.json keys -> table names, in table order."""

@@ -50,10 +50,8 @@ from cats_ds.checkpoint import CheckpointError, load_for_inference, read_meta
 from cats_ds.config import Config, EvalConfig, config_from_dict, merge_overrides, parse_override
 from cats_ds.data.manifest import LangSplit, RawTextError, load_split, load_texts
 from cats_ds.data.sampler import chunk_by_budget, pad_stack
+from cats_ds.groups import GROUPS, group_of
 from cats_ds.model.transformer import Transformer
-
-GROUPS = ("Lo", "Mid", "Hi")
-
 
 class EvalError(Exception):
     """Evaluation cannot run as asked; the message names the setting, file or language."""
@@ -97,13 +95,6 @@ def check_override_sections(overrides: list[str]) -> None:
         if path[0] != "eval" or len(path) < 2:
             raise EvalError(f"override '{text}': only eval.* settings can change at evaluation time, "
                             f"not '{path[0]}' (the model and data are fixed by the checkpoint)")
-
-
-def group_of(train_pairs: int, lo_max: int, hi_min: int) -> str:
-    """Lo: fewer than lo_max training pairs; Hi: at least hi_min; Mid: in between."""
-    if train_pairs < lo_max:
-        return "Lo"
-    return "Hi" if train_pairs >= hi_min else "Mid"
 
 
 def tokenizer_for(lang: str, ecfg: EvalConfig) -> str:

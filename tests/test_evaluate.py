@@ -17,7 +17,8 @@ from cats_ds.checkpoint import MODEL_STATES, CheckpointError, gather_state_dict,
 from cats_ds.cli import evaluate_main
 from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.data.manifest import EOS, Manifest, Vocab, load_split
-from cats_ds.evaluate import EvalError, corpus_scores, evaluate_checkpoint, group_of
+from cats_ds.evaluate import EvalError, corpus_scores, evaluate_checkpoint
+from cats_ds.groups import group_of
 from cats_ds.model.transformer import build_model
 from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, make_plain_corpus, write_json
 

@@ -198,7 +198,7 @@ def test_save_interrupted_between_renames_is_recovered(tmp_path, trained):
 
 
 def test_recover_interrupted_saves_every_crash_point(tmp_path):
-    from cats_ds.train import recover_interrupted_saves
+    from cats_ds.checkpoint import recover_interrupted_saves
 
     def ckpt(path: Path, step=None):
         path.mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_changed_settings_on_resume_are_named(tmp_path, trained):
 
 def test_changed_settings_allowed_keys():
     from cats_ds.config import config_from_dict
-    from cats_ds.train import changed_settings
+    from cats_ds.checkpoint import changed_settings
 
     saved = config_from_dict({}).to_dict()
     free = config_from_dict({"train": {"lr": 0.1, "warmup_updates": 3, "max_updates": 7, "valid_every": 2,

@@ -12,7 +12,7 @@ import torch
 
 from cats_ds.config import CagradConfig, ConfigError, GradVacConfig, NashMtlConfig, load_config
 from cats_ds.data.sampler import draw_languages, temperature_probs
-from cats_ds.weighting.base import make_weighting
+from cats_ds.weighting import make_weighting
 from cats_ds.weighting.gramspace import (CagradWeighting, GradVacWeighting, ImtlWeighting, NashMtlWeighting,
                                          PCGradWeighting, cagrad_dual_exact, cagrad_dual_iterative, pair_orders)
 

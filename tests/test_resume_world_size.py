@@ -11,9 +11,8 @@ import shutil
 import pytest
 import torch
 
-from cats_ds.checkpoint import gather_state_dict, read_meta
+from cats_ds.checkpoint import CheckpointError, gather_state_dict, needs_universal, read_meta
 from cats_ds.config import config_from_dict
-from cats_ds.train import TrainError, needs_universal
 from helpers import ds_config, launch, read_log, write_json
 
 TRAIN = "launch/train.py"
@@ -71,7 +70,7 @@ def fake_checkpoint(tmp_path, world: int, stage: int, modules: list[str]):
     (3, [], "ZeRO-3 checkpoints resume only on the world size they were saved with")])
 def test_refused_before_anything_is_loaded(tmp_path, stage, modules, message):
     cfg = fake_checkpoint(tmp_path, 2, stage, modules)
-    with pytest.raises(TrainError) as e:
+    with pytest.raises(CheckpointError) as e:
         needs_universal(cfg, 1, ds_config(2))
     assert message in str(e.value) and "was saved by 2 ranks" in str(e.value) and "resume with 2 ranks" in str(e.value)
 
@@ -80,7 +79,7 @@ def test_universal_only_when_needed(tmp_path):
     cfg = fake_checkpoint(tmp_path, 2, 2, [])
     assert needs_universal(cfg, 1, ds_config(2)) and needs_universal(cfg, 4, ds_config(1))
     assert not needs_universal(cfg, 2, ds_config(2))  # same world size: DeepSpeed's own partitions
-    with pytest.raises(TrainError, match="loads into ZeRO stage 1 or 2 only"):
+    with pytest.raises(CheckpointError, match="loads into ZeRO stage 1 or 2 only"):
         needs_universal(cfg, 1, ds_config(0))
     shutil.rmtree(tmp_path / "run")
     assert not needs_universal(fake_checkpoint(tmp_path, 2, 0, []), 1, ds_config(0))  # ZeRO-0: nothing partitioned

@@ -2,8 +2,8 @@
 top Hessian eigenvalue (hessian.py), on checkpoints or inside training (analyze.py),
 figures (figures.py, needs matplotlib) and the claims report (report.py).
 
-Importing this package does not import cats_ds.train, so train.py can import
-`analysis_step` from here at module level.
+Nothing here imports cats_ds.train (only a type annotation names its Run): train.py
+imports `analysis_step` at module level and passes it its per_language_gradients.
 """
 
 from cats_ds.analysis.analyze import analysis_step, analyze_checkpoint

@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from cats_ds.config import Config, ConfigError, config_from_dict, merge_override
 from cats_ds.data.manifest import LangSplit
 from cats_ds.data.sampler import Batch, Plan, chunk_by_budget, collate
 from cats_ds.grads import PartitionGrads
+from cats_ds.output import print0, write_events
 
 if TYPE_CHECKING:
     from cats_ds.train import Run
@@ -266,11 +267,12 @@ def check_settings(cfg: Config, languages: Sequence[str]) -> list[tuple[str, str
     return parse_pairs(a.pairs, languages)
 
 
-def analysis_step(run: "Run") -> dict:
+def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:
     """Analyze the current weights of a training run (call on every rank, between
     updates); returns the record, which rank 0 also appends to <save_dir>/analysis.jsonl
-    and writes to TensorBoard. AnalysisError names a bad analysis.* setting."""
-    from cats_ds import train as training  # train.py calls this function: imported on use
+    and writes to TensorBoard. per_language_gradients: the training loop's
+    (cats_ds.train.per_language_gradients; passed in, so this package never imports
+    train.py). AnalysisError names a bad analysis.* setting."""
 
     cfg = run.cfg
     t0 = time.time()
@@ -282,7 +284,7 @@ def analysis_step(run: "Run") -> dict:
     saved, run.grads = run.grads, grads
     run.engine.eval()
     try:
-        langs, rows, loss_sums, toks, _ = training.per_language_gradients(run, [plan], splits, log=False)
+        langs, rows, loss_sums, toks, _ = per_language_gradients(run, [plan], splits, log=False)
     finally:
         run.grads = saved
         run.engine.train()
@@ -299,9 +301,9 @@ def analysis_step(run: "Run") -> dict:
     record["seconds"] = time.time() - t0
     if run.rank == 0:
         append_record(Path(cfg.train.save_dir) / ANALYSIS_LOG, record)
-        training.write_events(run, record_events(record))
+        write_events(run, record_events(record))
         _tensorboard_heatmap(run, record)
-    training.print0(summary_line(record) + f" | {record['seconds']:.1f}s")
+    print0(summary_line(record) + f" | {record['seconds']:.1f}s")
     run.t_log += time.time() - t0  # tokens/s counts training time only
     return record
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cats_ds.grads import is_expert_param, partial_gram
+from cats_ds.groups import group_of
 
 if TYPE_CHECKING:
     from cats_ds.data.manifest import Manifest
@@ -176,8 +177,6 @@ def cos_gamma(gram: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def resource_groups(manifest: "Manifest", languages: Iterable[str], lo_max: int, hi_min: int) -> dict[str, str]:
     """Hi / Mid / Lo of each language by its training pairs (eval.lo_max, eval.hi_min)."""
-    from cats_ds.evaluate import group_of  # evaluate -> checkpoint -> train: imported on use
-
     return {lang: group_of(manifest.train_pairs(lang), lo_max, hi_min) for lang in languages}
 
 

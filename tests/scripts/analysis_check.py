@@ -28,7 +28,7 @@ from cats_ds.analysis.hessian import language_loss, top_eigenvalue
 from cats_ds.analysis.similarity import param_group
 from cats_ds.data.sampler import Plan, collate
 from cats_ds.model.transformer import build_model
-from cats_ds.train import train_step
+from cats_ds.train import per_language_gradients, train_step
 from checkscript import setup_from_command_line
 
 
@@ -92,7 +92,7 @@ def main():
 
     # pass 2: the same four updates with an analysis after the second
     analyzed = train_losses(run, 2)
-    record = analysis_step(run)
+    record = analysis_step(run, per_language_gradients)
     with torch.random.fork_rng(devices=[]):  # the reference must not move training's RNG either
         ref_model = build_model(cfg.model, len(run.vocab))
     source = run.engine.module
