@@ -716,7 +716,7 @@ def fit(run: Run) -> None:
         if scheduled:
             validate_and_save(run, final=run.step == cfg.max_updates or stop)
         save_numbered(run)
-        if run.stop_signal:
+        if run.stop_signal and not (stop or run.early_stop or run.step == cfg.max_updates):  # else: a normal end
             save_on_signal(run, saved=scheduled)
             return
         if stop:
