@@ -113,6 +113,13 @@ class SamplingConfig:
     false: K independent draws from p_l (token share exactly p_l, often fewer than K
     languages); null (default): true for the Gram-based methods (every method but
     temperature), false for temperature."""
+    length_pool: int = 128
+    """Plain updates pool the sentences of this many consecutive draws (K slots each), sort
+    them by length and cut micro-batches of train.max_tokens x world size padded tokens:
+    one forward each, little padding, the same sentences as the draws (so the sampling
+    law is unchanged). Only with token-share loss coefficients (temperature, or
+    cats.weight_by=tokens); meta steps use the draws themselves. 0: each draw is a
+    micro-batch (split into length groups)."""
 
 
 @dataclass
@@ -359,6 +366,8 @@ class Config:
             raise ConfigError(f"sampling.temperature must be > 0 (inf for uniform), got {self.sampling.temperature}")
         if self.sampling.langs_per_batch < 1:
             raise ConfigError(f"sampling.langs_per_batch must be >= 1, got {self.sampling.langs_per_batch}")
+        if self.sampling.length_pool < 0:
+            raise ConfigError(f"sampling.length_pool must be >= 0 (0 = off), got {self.sampling.length_pool}")
         if self.train.max_tokens < 8:
             raise ConfigError(f"train.max_tokens must be >= 8, got {self.train.max_tokens}")
         t = self.train

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -180,6 +181,9 @@ class Run:
     stale: int = 0
     """Validations of train.best_metric in a row without improvement (train.patience)."""
     early_stop: bool = False
+    timers: Optional[dict] = None
+    """Seconds per phase of plain updates (data, forward, loss, backward, optimizer,
+    logging), summed while it is a dict (`bench train`); None: not timed."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -227,7 +231,8 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
         model=model, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     sampler = LanguageSampler(train_splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
-                              cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg))
+                              cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg),
+                              length_pool=cfg.sampling.length_pool if token_weighted(cfg) else 0)
     run = Run(cfg=cfg, engine=engine, model=model, manifest=manifest, vocab=vocab, languages=languages,
               train_splits=train_splits, dev_splits=dev_splits, sampler=sampler,
               weighting=make_weighting(cfg, languages, len(vocab)), device=torch.device(get_accelerator().device_name()),
@@ -279,6 +284,15 @@ def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
                         f"data.max_tokens_per_side={limit}, which drops longer pairs")
 
 
+def token_weighted(cfg: Config) -> bool:
+    """Whether the plain-step loss weights every target token by its language alone
+    (c_n = w_n tokens_n / tokens: temperature, or cats.weight_by=tokens): only then may
+    length pooling regroup sentences across draws without changing the objective.
+    cats.weight_by=language (c_n = w_n on the language's mean loss) depends on how many of
+    its tokens share a micro-batch, so it trains on the draws."""
+    return cfg.weighting.method == "temperature" or cfg.cats.weight_by == "tokens"
+
+
 def make_optimizer(groups, cfg: Config, ds: dict):
     """Adam from the experiment config. With optimizer offload in the DeepSpeed JSON, ZeRO
     requires DeepSpeed's CPU Adam (same update rule, built on first use)."""
@@ -308,9 +322,27 @@ def seed_dropout(seed: int, rank: int) -> None:
 # --------------------------------------------------------------------------- one update
 
 
+class _Phase:
+    def __init__(self, timers: dict, name: str):
+        self.timers, self.name = timers, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timers[self.name] = self.timers.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def phase(run: Run, name: str):
+    """Add the time of a `with` block to run.timers[name] when the run is being timed."""
+    return nullcontext() if run.timers is None else _Phase(run.timers, name)
+
+
 def forward_sums(run: Run, batch: Batch):
-    logits = run.engine(batch.src, batch.prev, batch.langs)
-    return per_language_sums(logits, batch.tgt, batch.langs, len(run.languages), run.cfg.train.label_smoothing)
+    with phase(run, "forward"):
+        logits = run.engine(batch.src, batch.prev, batch.langs)
+    with phase(run, "loss"):
+        return per_language_sums(logits, batch.tgt, batch.langs, len(run.languages), run.cfg.train.label_smoothing)
 
 
 def scaled_loss(run: Run, loss_sum: torch.Tensor, coeffs: dict[int, float], tokens: dict[int, int]) -> torch.Tensor:
@@ -337,8 +369,11 @@ def forward_plan(run: Run, plan: Plan, splits: dict):
     whether this rank had any sentence; filler forwards enter the loss with weight 0."""
     loss_sum = nll_sum = tok = None
     any_live = False
-    for group in split_by_length(plan, splits, run.languages, run.cfg.train.max_tokens * run.world):
-        batch, live = local_batch(run, group, splits)
+    with phase(run, "data"):
+        groups = split_by_length(plan, splits, run.languages, run.cfg.train.max_tokens * run.world)
+    for group in groups:
+        with phase(run, "data"):
+            batch, live = local_batch(run, group, splits)
         ls, ns, tk = forward_sums(run, batch)
         if not live:
             ls, ns, tk = ls * 0.0, ns * 0.0, tk * 0.0
@@ -361,17 +396,37 @@ def next_plans(run: Run, meta: bool = False) -> list[Plan]:
     return plans
 
 
+def next_batches(run: Run) -> list[Plan]:
+    """The micro-batches of a plain update: length-pooled (sampler.next_batch); the slots
+    of the draws behind them are counted when they are drawn."""
+    plans = []
+    for _ in range(run.gas):
+        plan, drawn = run.sampler.next_batch()
+        for d in drawn:
+            count_slots(run, d)
+        plans.append(plan)
+    return plans
+
+
 def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
     """gas micro-batches, one backward of sum_n c_n L_n each, then the optimizer step."""
-    for m, plan in enumerate(plans or next_plans(run)):
-        tokens = target_tokens(plan, run.train_splits, run.languages)
-        coeffs = run.weighting.coefficients(plan.langs, tokens)
+    with phase(run, "data"):
+        plans = plans or next_batches(run)
+    for m, plan in enumerate(plans):
+        with phase(run, "data"):
+            tokens = target_tokens(plan, run.train_splits, run.languages)
+            coeffs = run.weighting.coefficients(plan.langs, tokens)
         run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
         loss_sum, nll_sum, tok, live = forward_plan(run, plan, run.train_splits)
-        run.engine.backward(scaled_loss(run, loss_sum, coeffs, tokens))
-        run.engine.step()
+        with phase(run, "loss"):
+            loss = scaled_loss(run, loss_sum, coeffs, tokens)
+        with phase(run, "backward"):
+            run.engine.backward(loss)
+        with phase(run, "optimizer"):
+            run.engine.step()
         if live:
-            accumulate(run, loss_sum.detach(), nll_sum, tok)
+            with phase(run, "logging"):
+                accumulate(run, loss_sum.detach(), nll_sum, tok)
 
 
 def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool):
@@ -524,7 +579,8 @@ def log_train(run: Run) -> None:
     events = [("train/loss", record["loss"], run.step), ("train/nll", record["nll"], run.step),
               ("train/lr", record["lr"], run.step), ("train/tokens_per_s", record["tokens_per_s"], run.step)]
     events += [(f"loss/en-{l}", v, run.step) for l, v in record["loss_lang"].items()]
-    events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
+    if a["slots"].sum() > 0:  # length-pooled draws happen once per pool, not every interval
+        events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
     events += [(k, float(v), run.step) for k, v in record["weighting"].items()]
     write_events(run, events)
     eta, line = progress(run)

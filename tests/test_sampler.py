@@ -116,3 +116,73 @@ def test_distinct_languages_and_meta_probabilities(splits):
     assert all(s.next_plan(only).langs == [low] for _ in range(5))  # meta batches at their own probabilities
     s2 = LanguageSampler(data, langs, 1.0, 2, max_tokens=256, world_size=1, seed=4, distinct=False)
     assert any(len(s2.next_plan().langs) == 1 for _ in range(200))  # with replacement: repeats happen
+
+
+def padded_fraction(plans, data, langs, side):
+    real = padded = 0
+    for plan in plans:
+        sizes = np.concatenate([getattr(data[langs[li]], side).sizes[s] for li, s in zip(plan.langs, plan.sents)])
+        real, padded = real + sizes.sum(), padded + len(sizes) * sizes.max()
+    return 1 - real / padded
+
+
+def test_length_pool_trains_exactly_the_drawn_sentences_with_less_padding(splits):
+    manifest, data = splits
+    langs = manifest.languages
+    pooled = LanguageSampler(data, langs, 5.0, 2, max_tokens=64, world_size=2, seed=5, length_pool=8)
+    direct = LanguageSampler(data, langs, 5.0, 2, max_tokens=64, world_size=2, seed=5)
+    for _ in range(3):  # three pools
+        draws = [direct.next_plan() for _ in range(8)]
+        batch, drawn = pooled.next_batch()
+        assert [(p.langs, [s.tolist() for s in p.sents]) for p in drawn] == \
+            [(p.langs, [s.tolist() for s in p.sents]) for p in draws]  # the draws are the sampler's own
+        batches = [batch]
+        while True:
+            state = pooled.state_dict()
+            batch, more = pooled.next_batch()
+            if more:  # the next pool began: put it back
+                pooled.load_state_dict(state)
+                break
+            batches.append(batch)
+        got = sorted((li, i) for p in batches for li, s in zip(p.langs, p.sents) for i in s.tolist())
+        want = sorted((li, i) for p in draws for li, s in zip(p.langs, p.sents) for i in s.tolist())
+        assert got == want  # every drawn sentence once, nothing else
+        for p in batches:
+            b = collate(p, data, langs, [4, 5, 6])
+            assert len(b) == 1 or len(b) * max(b.src.size(1), b.tgt.size(1)) <= 128  # max_tokens x world
+            assert p.langs == sorted(set(p.langs))
+        assert padded_fraction(batches, data, langs, "tgt") < padded_fraction(draws, data, langs, "tgt")
+        assert padded_fraction(batches, data, langs, "src") < padded_fraction(draws, data, langs, "src")
+
+
+def test_length_pool_off_gives_the_draws(splits):
+    manifest, data = splits
+    a = LanguageSampler(data, manifest.languages, 5.0, 2, 128, 1, seed=6)
+    b = LanguageSampler(data, manifest.languages, 5.0, 2, 128, 1, seed=6)
+    for _ in range(5):
+        plan, drawn = a.next_batch()
+        ref = b.next_plan()
+        assert drawn == [plan] and plan.langs == ref.langs
+        assert all(np.array_equal(x, y) for x, y in zip(plan.sents, ref.sents))
+
+
+def test_length_pool_state_resumes_mid_pool(splits):
+    """A checkpoint inside a pool, with meta-step draws (next_plan) taken between pooled
+    micro-batches, continues identically."""
+    manifest, data = splits
+    langs = manifest.languages
+    a = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=7, length_pool=6)
+    for i in range(6):
+        a.next_batch() if i % 4 else a.next_plan()
+    state = a.state_dict()
+    assert state["pool"] is not None  # inside the first pool
+    b = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=7, length_pool=6)
+    b.load_state_dict(state)
+    for i in range(40):
+        pa, da = a.next_batch() if i % 3 else (a.next_plan(), [])
+        pb, db = b.next_batch() if i % 3 else (b.next_plan(), [])
+        assert pa.langs == pb.langs and all(np.array_equal(x, y) for x, y in zip(pa.sents, pb.sents))
+        assert len(da) == len(db)
+    c = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=7, length_pool=4)
+    with pytest.raises(ValueError, match="length_pool"):
+        c.load_state_dict(state)

@@ -7,8 +7,15 @@ then takes its own interleaved share of every language's sentences. The global p
 depends only on `max_tokens * world_size`, so 2 ranks with budget B train on exactly the
 data 1 rank with budget 2B sees.
 
-State is tiny and exact: the micro-step counter plus (epoch, position) per language.
-Everything else is recomputed from (seed, language, epoch).
+Plain updates may pool the sentences of `length_pool` consecutive draws and regroup
+them by length into micro-batches (`next_batch`): every drawn sentence is trained
+exactly once, within the window of its draw, so each language's expected token share is
+what the draws give; only which sentences share a micro-batch changes (length bands, one
+forward each, little padding). Meta steps take the draws themselves (`next_plan`).
+
+State is tiny and exact: the micro-step counter plus (epoch, position) per language, and
+the pool's starting state plus position. Everything else is recomputed from (seed,
+language, epoch) and (seed, pool start).
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ class Plan:
 class LanguageSampler:
     def __init__(self, splits: dict[str, LangSplit], languages: list[str], temperature: float,
                  langs_per_batch: int, max_tokens: int, world_size: int, seed: int, allow_missing: bool = False,
-                 distinct: bool = False):
+                 distinct: bool = False, length_pool: int = 0):
         missing = [l for l in languages if l not in splits]
         if missing and not allow_missing:
             raise ValueError(f"no training data for language(s) {', '.join(missing)}")
@@ -99,6 +106,7 @@ class LanguageSampler:
         self.sizes = [len(splits[l]) if l in splits else 0 for l in languages]
         self.cost = [np.maximum(splits[l].src.sizes, splits[l].tgt.sizes) if l in splits else np.zeros(0, np.int64)
                      for l in languages]
+        self.src_sizes = [splits[l].src.sizes if l in splits else np.zeros(0, np.int64) for l in languages]
         self.probs = temperature_probs(self.sizes, temperature)
         self.k = langs_per_batch
         self.distinct = distinct
@@ -107,6 +115,11 @@ class LanguageSampler:
         self.micro_step = 0
         self.cursor = [[0, 0] for _ in languages]  # (epoch, position) per language
         self._chunks: dict[int, tuple[int, list[np.ndarray]]] = {}
+        self.batch_budget = max(1, max_tokens * world_size)
+        self.length_pool = length_pool
+        self._pool: list[Plan] = []
+        self._pool_pos = 0
+        self._pool_start: Optional[tuple[int, list[list[int]]]] = None  # (micro_step, cursor) before the pool
 
     def _epoch_chunks(self, li: int, epoch: int) -> list[np.ndarray]:
         cached = self._chunks.get(li)
@@ -150,9 +163,45 @@ class LanguageSampler:
             sents.append(s[np.argsort(self.cost[li][s], kind="stable")])
         return Plan(langs, sents)
 
+    def next_batch(self) -> tuple[Plan, list[Plan]]:
+        """The next micro-batch of a plain update and the draws made to produce it (empty
+        while the pool lasts). Without a pool that is the next draw itself."""
+        if not self.length_pool:
+            plan = self.next_plan()
+            return plan, [plan]
+        drawn = []
+        if self._pool_pos >= len(self._pool):
+            drawn = self._fill_pool()
+        self._pool_pos += 1
+        return self._pool[self._pool_pos - 1], drawn
+
+    def _fill_pool(self) -> list[Plan]:
+        """Draw length_pool plans, sort their sentences by (max(src, tgt), src) and cut
+        micro-batches of padded cost <= max_tokens x world size, in a random order."""
+        start = self.micro_step
+        self._pool_start = (start, [list(c) for c in self.cursor])
+        drawn = [self.next_plan() for _ in range(self.length_pool)]
+        lang_of = np.concatenate([np.full(len(s), li) for p in drawn for li, s in zip(p.langs, p.sents)])
+        sent_of = np.concatenate([s for p in drawn for s in p.sents])
+        cost = np.concatenate([self.cost[li][s] for p in drawn for li, s in zip(p.langs, p.sents)])
+        src = np.concatenate([self.src_sizes[li][s] for p in drawn for li, s in zip(p.langs, p.sents)])
+        groups = chunk_by_budget(np.lexsort((src, cost)), cost, self.batch_budget)  # ascending cost
+        rng = np.random.default_rng([self.seed, 4, start])
+        self._pool = []
+        for gi in rng.permutation(len(groups)).tolist():
+            g_lang, g_sent = lang_of[groups[gi]], sent_of[groups[gi]]
+            langs = np.unique(g_lang).tolist()
+            self._pool.append(Plan(langs, [g_sent[g_lang == li] for li in langs]))  # each ascending by cost
+        self._pool_pos = 0
+        return drawn
+
     def state_dict(self) -> dict:
+        pool = None
+        if self._pool_pos < len(self._pool):  # resume rebuilds the pool from its starting state
+            pool = {"micro_step": self._pool_start[0], "cursor": self._pool_start[1], "pos": self._pool_pos}
         return {"micro_step": self.micro_step, "cursor": [list(c) for c in self.cursor],
-                "languages": list(self.languages), "slot_budget": self.slot_budget, "seed": self.seed}
+                "languages": list(self.languages), "slot_budget": self.slot_budget, "seed": self.seed,
+                "length_pool": self.length_pool, "pool": pool}
 
     def load_state_dict(self, state: dict) -> None:
         if state["languages"] != self.languages:
@@ -160,6 +209,15 @@ class LanguageSampler:
         if state["slot_budget"] != self.slot_budget or state["seed"] != self.seed:
             raise ValueError(f"checkpoint sampler budget/seed ({state['slot_budget']}, {state['seed']}) != "
                              f"({self.slot_budget}, {self.seed}): max_tokens * world_size / K or the seed changed")
+        pool = state.get("pool")
+        if pool is not None and state.get("length_pool") != self.length_pool:
+            raise ValueError(f"checkpoint sampler has sampling.length_pool={state.get('length_pool')}, this run "
+                             f"{self.length_pool}: resume with the same length_pool")
+        self._pool, self._pool_pos = [], 0
+        if pool is not None:
+            self.micro_step, self.cursor = int(pool["micro_step"]), [list(c) for c in pool["cursor"]]
+            self._fill_pool()
+            self._pool_pos = int(pool["pos"])
         self.micro_step = int(state["micro_step"])
         self.cursor = [list(c) for c in state["cursor"]]
 
