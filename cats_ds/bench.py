@@ -1,7 +1,7 @@
 """Benchmarks: a table on stdout and a JSON file. Every target is a ratio measured inside
 one run (the machine is shared and noisy), never an absolute time.
 
-    python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks, peak RSS
+    python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks vs a bare PyTorch step
     python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s; CTranslate2 on the same model
     python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
     python -m cats_ds.bench cats --methods pcgrad,gradvac,cagrad,nashmtl,imtl   # + a row per method
@@ -80,18 +80,28 @@ def write_json(path: Optional[str], result: dict) -> None:
         print(f"\nwrote {path}")
 
 
+PHASES = ["data", "forward", "loss", "backward", "reduction", "optimizer", "logging"]
+
+
 def bench_train(args) -> dict:
     _ensure_prepared(args.recipe, args.overrides)
     common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.steps),
-              "--warmup", str(args.warmup)] + args.overrides
+              "--warmup", str(args.warmup), "--rounds", str(args.rounds)] + args.overrides
     one = _launch_worker("train", 1, common)
     two = _launch_worker("train", 2, common)
-    rows = [[1, one["tokens_per_s"], one["tokens_per_s"], one["peak_rss_mb"], one["params"]],
-            [2, two["tokens_per_s"], two["tokens_per_s"] / 2, two["peak_rss_mb"], two["params"]]]
-    print_table(f"training throughput ({args.recipe}, {args.steps} timed updates, target tokens)",
-                ["ranks", "tokens/s", "tokens/s/rank", "peak RSS/rank MB", "params"], rows)
-    result = {"one_rank": one, "two_ranks": two, "speedup_2_over_1": two["tokens_per_s"] / one["tokens_per_s"]}
-    print(f"speedup 2 ranks / 1 rank: {result['speedup_2_over_1']:.2f}x")
+    rows = [[r["ranks"], r["tokens_per_s"], r["bare_tokens_per_s"], r["ratio_to_bare"], r["forwards_per_update"],
+             r["pad_src"], r["pad_tgt"], r["tokens_per_update"], r["peak_rss_mb"]] for r in (one, two)]
+    print_table(f"training throughput ({args.recipe}, {args.rounds} rounds x {args.steps} updates each, "
+                f"full step and bare PyTorch step interleaved; target tokens)",
+                ["ranks", "tokens/s", "bare tokens/s", "full/bare", "forwards/update", "pad src", "pad tgt",
+                 "tokens/update", "peak RSS/rank MB"], rows)
+    print_table("full step by phase (s per update, rank 0; reduction = DeepSpeed's backward epilogue, "
+                "backward excludes it)", ["ranks"] + PHASES + ["other", "total"],
+                [[r["ranks"]] + [r["phases_s"][p] for p in PHASES] + [r["phases_s"]["other"], r["step_s"]]
+                 for r in (one, two)])
+    result = {"one_rank": one, "two_ranks": two, "speedup_2_over_1": two["tokens_per_s"] / one["tokens_per_s"],
+              "targets": {"ratio_to_bare": 0.9}}
+    print(f"speedup 2 ranks / 1 rank: {result['speedup_2_over_1']:.2f}x; params {one['params']}")
     return result
 
 
@@ -384,18 +394,128 @@ def _timed(run, dist, n: int, fn) -> float:
     return time.perf_counter() - t0
 
 
+class BareStep:
+    """The same model and batches in a plain PyTorch loop: forward, label-smoothed cross
+    entropy (torch's fused one, summed over the global target tokens), backward, Adam;
+    torch DDP over the default (gloo) group on more than one rank. No DeepSpeed, no
+    sampler, no per-language sums, no clipping."""
+
+    def __init__(self, run):
+        import torch
+
+        from cats_ds.model.build import model_from_config
+
+        cfg = run.cfg
+        model = model_from_config(cfg, len(run.vocab), run.languages)
+        model.load_state_dict(run.model.state_dict())
+        self.module = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                    eps=cfg.train.adam_eps)
+        self.smoothing, self.world, self.vocab = cfg.train.label_smoothing, run.world, len(run.vocab)
+
+    def update(self, micro_batches) -> None:
+        """micro_batches: [(global target tokens, [(local batch, live), ...] one per forward)]."""
+        import torch.nn.functional as F
+
+        from cats_ds.data.manifest import PAD
+
+        self.opt.zero_grad(set_to_none=True)
+        for tokens, forwards in micro_batches:
+            loss = 0.0
+            for batch, live in forwards:
+                logits = self.module(batch.src, batch.prev, batch.langs)
+                ce = F.cross_entropy(logits.view(-1, self.vocab), batch.tgt.view(-1), ignore_index=PAD,
+                                     label_smoothing=self.smoothing, reduction="sum")
+                loss = loss + ce * (self.world / tokens if live else 0.0)
+            loss.backward()
+        self.opt.step()
+
+
+def _local_forwards(run, plans) -> list:
+    """The forwards the full step runs for these plans, collated for this rank (as
+    train.forward_plan does): [(global target tokens, [(batch, live), ...])]."""
+    from cats_ds.data.sampler import split_by_length, target_tokens
+    from cats_ds.train import local_batch
+
+    out = []
+    for plan in plans:
+        groups = split_by_length(plan, run.train_splits, run.languages, run.cfg.train.max_tokens * run.world)
+        tokens = sum(target_tokens(plan, run.train_splits, run.languages).values())
+        out.append((tokens, [local_batch(run, g, run.train_splits) for g in groups]))
+    return out
+
+
 def worker_train(args) -> None:
+    """Rounds of `steps` full training updates (train.plain_update: sampler, DeepSpeed
+    engine, per-language losses) and `steps` bare updates on the very same micro-batches,
+    alternating which goes first. Phases come from the full step's own timers."""
+    import copy
+
     import torch
 
+    from cats_ds.data.manifest import PAD
     from cats_ds.train import plain_update
 
     cfg, run, dist = _worker_setup(args)
+    bare = BareStep(run)
+    epilogue = run.engine._backward_epilogue  # ZeRO's gradient reduction at the end of engine.backward
+
+    def timed_epilogue():
+        t0 = time.perf_counter()
+        epilogue()
+        if run.timers is not None:
+            run.timers["reduction"] = run.timers.get("reduction", 0.0) + time.perf_counter() - t0
+
+    run.engine._backward_epilogue = timed_epilogue
+
+    def upcoming(n: int):
+        """The micro-batches of the next n updates, without consuming them."""
+        probe = copy.deepcopy(run.sampler)
+        return _local_forwards(run, [probe.next_batch()[0] for _ in range(n * run.gas)])
+
+    def run_bare(batches) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(0, len(batches), run.gas):
+            bare.update(batches[i:i + run.gas])
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    run_bare(upcoming(args.warmup))
     _timed(run, dist, args.warmup, plain_update)
-    run.acc = {}
-    dt = _timed(run, dist, args.steps, plain_update)
-    tokens = torch.tensor([float(run.acc["sums"][2].sum())])
-    dist.all_reduce(tokens)
-    result = {"ranks": run.world, "tokens_per_s": float(tokens) / dt, "step_s": dt / args.steps,
+    full_s = bare_s = 0.0
+    tokens = 0
+    counts = torch.zeros(5, dtype=torch.float64)  # forwards, src real, src padded, tgt real, tgt padded
+    run.timers = {}
+    for r in range(args.rounds):
+        batches = upcoming(args.steps)
+        tokens += sum(t for t, _ in batches)
+        for _, forwards in batches:
+            for b, live in forwards:
+                if live:
+                    counts += torch.tensor([0, int(b.src.ne(PAD).sum()), b.src.numel(), int(b.tgt.ne(PAD).sum()),
+                                            b.tgt.numel()], dtype=torch.float64)
+            counts[0] += len(forwards)
+        if r % 2 == 0:
+            full_s += _timed(run, dist, args.steps, plain_update)
+            bare_s += run_bare(batches)
+        else:
+            bare_s += run_bare(batches)
+            full_s += _timed(run, dist, args.steps, plain_update)
+    timers, run.timers = run.timers, None
+    padding = counts[1:].clone()
+    dist.all_reduce(padding)
+    counts[1:] = padding
+    n = args.rounds * args.steps
+    phases = {p: timers.get(p, 0.0) / n for p in PHASES}
+    phases["backward"] -= phases["reduction"]
+    phases["other"] = full_s / n - sum(phases.values())
+    result = {"ranks": run.world, "tokens_per_s": tokens / full_s, "bare_tokens_per_s": tokens / bare_s,
+              "ratio_to_bare": bare_s / full_s, "step_s": full_s / n, "bare_step_s": bare_s / n,
+              "tokens_per_update": tokens / n, "forwards_per_update": float(counts[0]) / n,
+              "pad_src": 1 - float(counts[1] / counts[2]), "pad_tgt": 1 - float(counts[3] / counts[4]),
+              "phases_s": phases, "rounds": args.rounds, "steps_per_round": args.steps,
+              "zero_stage": run.engine.zero_optimization_stage(), "length_pool": run.sampler.length_pool,
               "peak_rss_mb": _peak_rss_mb(dist), "params": sum(p.numel() for p in run.model.parameters()),
               "max_tokens": cfg.train.max_tokens}
     if run.rank == 0:
@@ -526,8 +646,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         s.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe")
         return s
 
-    s = add("train", "training tokens/s on 1 and 2 ranks")
-    s.add_argument("--steps", type=int, default=20)
+    s = add("train", "training tokens/s on 1 and 2 ranks, against a bare PyTorch step")
+    s.add_argument("--steps", type=int, default=8, help="updates per round, each of full and bare")
+    s.add_argument("--rounds", type=int, default=4)
     s.add_argument("--warmup", type=int, default=3)
     s = add("decode", "beam-search sentences/s")
     s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: untrained quickstart model)")
@@ -558,6 +679,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         w.add_argument("--warmup", type=int, default=2)
         w.add_argument("--k", type=int, default=None)
         w.add_argument("--methods", default=None)
+        w.add_argument("--rounds", type=int, default=1)
         w.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else argv
     # the deepspeed launcher adds --local_rank before the subcommand; ranks read LOCAL_RANK
