@@ -87,10 +87,9 @@ def bench_train(args) -> dict:
     _ensure_prepared(args.recipe, args.overrides)
     common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--rounds", str(args.rounds)] + args.overrides
-    one = _launch_worker("train", 1, common)
-    two = _launch_worker("train", 2, common)
+    results = [_launch_worker("train", n, common) for n in args.ranks]
     rows = [[r["ranks"], r["tokens_per_s"], r["bare_tokens_per_s"], r["ratio_to_bare"], r["forwards_per_update"],
-             r["pad_src"], r["pad_tgt"], r["tokens_per_update"], r["peak_rss_mb"]] for r in (one, two)]
+             r["pad_src"], r["pad_tgt"], r["tokens_per_update"], r["peak_rss_mb"]] for r in results]
     print_table(f"training throughput ({args.recipe}, {args.rounds} rounds x {args.steps} updates each, "
                 f"full step and bare PyTorch step interleaved; target tokens)",
                 ["ranks", "tokens/s", "bare tokens/s", "full/bare", "forwards/update", "pad src", "pad tgt",
@@ -98,10 +97,12 @@ def bench_train(args) -> dict:
     print_table("full step by phase (s per update, rank 0; reduction = DeepSpeed's backward epilogue, "
                 "backward excludes it)", ["ranks"] + PHASES + ["other", "total"],
                 [[r["ranks"]] + [r["phases_s"][p] for p in PHASES] + [r["phases_s"]["other"], r["step_s"]]
-                 for r in (one, two)])
-    result = {"one_rank": one, "two_ranks": two, "speedup_2_over_1": two["tokens_per_s"] / one["tokens_per_s"],
-              "targets": {"ratio_to_bare": 0.9}}
-    print(f"speedup 2 ranks / 1 rank: {result['speedup_2_over_1']:.2f}x; params {one['params']}")
+                 for r in results])
+    result = {f"ranks_{r['ranks']}": r for r in results}
+    result["targets"] = {"ratio_to_bare": 0.9}
+    if len(results) == 2:
+        result["speedup"] = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
+        print(f"speedup {args.ranks[1]} ranks / {args.ranks[0]}: {result['speedup']:.2f}x")
     return result
 
 
@@ -649,6 +650,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     s = add("train", "training tokens/s on 1 and 2 ranks, against a bare PyTorch step")
     s.add_argument("--steps", type=int, default=8, help="updates per round, each of full and bare")
     s.add_argument("--rounds", type=int, default=4)
+    s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                   help="comma-separated rank counts (default 1,2)")
     s.add_argument("--warmup", type=int, default=3)
     s = add("decode", "beam-search sentences/s")
     s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: untrained quickstart model)")

@@ -342,7 +342,8 @@ def forward_sums(run: Run, batch: Batch):
     with phase(run, "forward"):
         logits = run.engine(batch.src, batch.prev, batch.langs)
     with phase(run, "loss"):
-        return per_language_sums(logits, batch.tgt, batch.langs, len(run.languages), run.cfg.train.label_smoothing)
+        return per_language_sums(logits, batch.tgt, batch.langs, len(run.languages), run.cfg.train.label_smoothing,
+                                 fused=True)
 
 
 def scaled_loss(run: Run, loss_sum: torch.Tensor, coeffs: dict[int, float], tokens: dict[int, int]) -> torch.Tensor:
