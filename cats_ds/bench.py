@@ -88,12 +88,13 @@ def bench_train(args) -> dict:
     common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--rounds", str(args.rounds)] + args.overrides
     results = [_launch_worker("train", n, common) for n in args.ranks]
-    rows = [[r["ranks"], r["tokens_per_s"], r["bare_tokens_per_s"], r["ratio_to_bare"], r["forwards_per_update"],
-             r["pad_src"], r["pad_tgt"], r["tokens_per_update"], r["peak_rss_mb"]] for r in results]
+    rows = [[r["ranks"], r["tokens_per_s"], r["bare_tokens_per_s"], r["ratio_to_bare"], r["tokens_per_cpu_s"],
+             r["cpu_ratio_to_bare"], r["forwards_per_update"], r["pad_src"], r["pad_tgt"], r["tokens_per_update"],
+             r["peak_rss_mb"]] for r in results]
     print_table(f"training throughput ({args.recipe}, {args.rounds} rounds x {args.steps} updates each, "
                 f"full step and bare PyTorch step interleaved; target tokens)",
-                ["ranks", "tokens/s", "bare tokens/s", "full/bare", "forwards/update", "pad src", "pad tgt",
-                 "tokens/update", "peak RSS/rank MB"], rows)
+                ["ranks", "tokens/s", "bare tokens/s", "full/bare", "tokens/CPU-s", "full/bare CPU", "forwards/update",
+                 "pad src", "pad tgt", "tokens/update", "peak RSS/rank MB"], rows)
     print_table("full step by phase (s per update, rank 0; reduction = DeepSpeed's backward epilogue, "
                 "backward excludes it)", ["ranks"] + PHASES + ["other", "total"],
                 [[r["ranks"]] + [r["phases_s"][p] for p in PHASES] + [r["phases_s"]["other"], r["step_s"]]
@@ -482,9 +483,17 @@ def worker_train(args) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
+    def cpu_timed(fn, *a) -> tuple[float, float]:
+        """(wall, this process's CPU seconds): CPU time is what other users' load on a
+        shared machine disturbs least."""
+        c0 = time.process_time()
+        wall = fn(*a)
+        return wall, time.process_time() - c0
+
     run_bare(upcoming(args.warmup))
     _timed(run, dist, args.warmup, plain_update)
     full_s = bare_s = 0.0
+    cpu = torch.zeros(2, dtype=torch.float64)  # full, bare CPU seconds
     tokens = 0
     counts = torch.zeros(5, dtype=torch.float64)  # forwards, src real, src padded, tgt real, tgt padded
     run.timers = {}
@@ -497,22 +506,27 @@ def worker_train(args) -> None:
                     counts += torch.tensor([0, int(b.src.ne(PAD).sum()), b.src.numel(), int(b.tgt.ne(PAD).sum()),
                                             b.tgt.numel()], dtype=torch.float64)
             counts[0] += len(forwards)
-        if r % 2 == 0:
-            full_s += _timed(run, dist, args.steps, plain_update)
-            bare_s += run_bare(batches)
-        else:
-            bare_s += run_bare(batches)
-            full_s += _timed(run, dist, args.steps, plain_update)
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            if side == 0:
+                wall, c = cpu_timed(_timed, run, dist, args.steps, plain_update)
+                full_s += wall
+            else:
+                wall, c = cpu_timed(run_bare, batches)
+                bare_s += wall
+            cpu[side] += c
     timers, run.timers = run.timers, None
     padding = counts[1:].clone()
     dist.all_reduce(padding)
     counts[1:] = padding
+    dist.all_reduce(cpu)
     n = args.rounds * args.steps
     phases = {p: timers.get(p, 0.0) / n for p in PHASES}
     phases["backward"] -= phases["reduction"]
     phases["other"] = full_s / n - sum(phases.values())
     result = {"ranks": run.world, "tokens_per_s": tokens / full_s, "bare_tokens_per_s": tokens / bare_s,
               "ratio_to_bare": bare_s / full_s, "step_s": full_s / n, "bare_step_s": bare_s / n,
+              "cpu_ratio_to_bare": float(cpu[1] / cpu[0]), "tokens_per_cpu_s": tokens / float(cpu[0]),
+              "bare_tokens_per_cpu_s": tokens / float(cpu[1]),
               "tokens_per_update": tokens / n, "forwards_per_update": float(counts[0]) / n,
               "pad_src": 1 - float(counts[1] / counts[2]), "pad_tgt": 1 - float(counts[3] / counts[4]),
               "phases_s": phases, "rounds": args.rounds, "steps_per_round": args.steps,

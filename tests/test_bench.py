@@ -57,3 +57,24 @@ def test_bench_cats_solve_only_rows_per_method(tmp_path, capsys):
     assert "us at N=100" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="'temperature' is not a Gram-based weighting.method"):
         main(["cats", "--methods", "temperature", "--solve-only"])
+
+
+def test_bench_train_against_bare_step(tmp_path, tiny_data, tiny_recipe, capsys):
+    """1 and 2 gloo ranks: the full step and the bare PyTorch step on the same batches,
+    with phases, padding and forwards per update (one per micro-batch with length pooling)."""
+    from cats_ds.bench import PHASES
+
+    recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
+                               "vocab_temperature": 1.0})
+    out = tmp_path / "train.json"
+    main(["train", "--recipe", str(recipe), "--steps", "2", "--rounds", "2", "--warmup", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    for ranks in (1, 2):
+        r = result[f"ranks_{ranks}"]
+        assert r["ranks"] == ranks and r["length_pool"] == 128 and r["forwards_per_update"] == 1.0
+        assert r["tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0 and r["ratio_to_bare"] > 0
+        assert 0 <= r["pad_src"] < 1 and 0 <= r["pad_tgt"] < 1
+        assert set(r["phases_s"]) == set(PHASES) | {"other"}
+        assert all(r["phases_s"][p] > 0 for p in ("data", "forward", "loss", "backward", "optimizer"))
+    assert result["ranks_2"]["tokens_per_update"] > result["ranks_1"]["tokens_per_update"]  # 2x the global budget
+    assert "full/bare" in capsys.readouterr().out
