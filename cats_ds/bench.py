@@ -456,7 +456,7 @@ def worker_train(args) -> None:
     import torch
 
     from cats_ds.data.manifest import PAD
-    from cats_ds.train import plain_update
+    from cats_ds.train import draws_as_drawn, plain_update
 
     cfg, run, dist = _worker_setup(args)
     bare = BareStep(run)
@@ -471,9 +471,14 @@ def worker_train(args) -> None:
     run.engine._backward_epilogue = timed_epilogue
 
     def upcoming(n: int):
-        """The micro-batches of the next n updates, without consuming them."""
+        """The micro-batches of the next n updates (as train.next_batches picks them),
+        without consuming them."""
         probe = copy.deepcopy(run.sampler)
-        return _local_forwards(run, [probe.next_batch()[0] for _ in range(n * run.gas)])
+        plans = []
+        for step in range(run.step, run.step + n):
+            draws = draws_as_drawn(cfg, step)
+            plans += [probe.next_plan() if draws else probe.next_batch()[0] for _ in range(run.gas)]
+        return _local_forwards(run, plans)
 
     def run_bare(batches) -> float:
         dist.barrier()

@@ -118,8 +118,9 @@ class SamplingConfig:
     them by length and cut micro-batches of train.max_tokens x world size padded tokens:
     one forward each, little padding, the same sentences as the draws (so the sampling
     law is unchanged). Only with token-share loss coefficients (temperature, or
-    cats.weight_by=tokens); meta steps use the draws themselves. 0: each draw is a
-    micro-batch (split into length groups)."""
+    cats.weight_by=tokens); meta steps, and every method's updates at the cats.meta_every
+    steps, use the draws themselves. 0: each draw is a micro-batch (split into length
+    groups)."""
 
 
 @dataclass

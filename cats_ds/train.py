@@ -25,7 +25,7 @@ import torch.distributed as dist
 from cats_ds import preempt
 from cats_ds.analysis import analysis_step
 from cats_ds.checkpoint import needs_universal, prepare_save_dir, resume, save_checkpoint, save_numbered
-from cats_ds.config import GRAM_METHODS, Config, distinct_languages
+from cats_ds.config import GRAM_METHODS, Config, distinct_languages, meta_interval
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
@@ -397,9 +397,20 @@ def next_plans(run: Run, meta: bool = False) -> list[Plan]:
     return plans
 
 
+def draws_as_drawn(cfg: Config, step: int) -> bool:
+    """Whether update `step` trains on the sampler's draws as drawn rather than on
+    length-pooled micro-batches: the meta steps of cats.meta_every, for every method (a
+    temperature run too), so that CATS at alpha = 1 and the temperature baseline train on
+    the same batches."""
+    return step % meta_interval(cfg.cats.meta_every, step) == 0
+
+
 def next_batches(run: Run) -> list[Plan]:
-    """The micro-batches of a plain update: length-pooled (sampler.next_batch); the slots
-    of the draws behind them are counted when they are drawn."""
+    """The micro-batches of a plain update: length-pooled (sampler.next_batch), except at
+    the meta-step schedule (draws_as_drawn); the slots of the draws are counted when they
+    are drawn."""
+    if draws_as_drawn(run.cfg, run.step):
+        return next_plans(run)
     plans = []
     for _ in range(run.gas):
         plan, drawn = run.sampler.next_batch()

@@ -127,7 +127,9 @@ def test_cats_at_alpha_one_is_the_temperature_run(tmp_path, tiny_recipe, gas):
     ds = write_json(tmp_path / "z0.json", ds_config(0, gas=gas))
     common = {"sampling": {"temperature": 5.0, "langs_per_batch": 2, "distinct": True},
               "train": {"max_updates": 20, "valid_every": 100}}
-    temp = tiny_recipe("temp", weighting={"method": "temperature"}, **common)
+    # the same meta-step schedule: a temperature run trains on the draws as drawn at those
+    # updates and on length-pooled micro-batches between them, as CATS does (train.draws_as_drawn)
+    temp = tiny_recipe("temp", weighting={"method": "temperature"}, cats={"meta_every": [[None, 3]]}, **common)
     cats = tiny_recipe("cats", weighting={"method": "cats"},
                        cats={"lr_alpha": 0.0, "lr_lambda": 0.0, "meta_every": [[None, 3]]}, **common)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", temp], 1)
