@@ -104,8 +104,9 @@ class SamplingConfig:
     temperature: float = 5.0
     """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform."""
     langs_per_batch: int = 4
-    """K: language slots per micro-batch, each filled with one chunk of
-    max_tokens * world / K tokens."""
+    """K: language slots per draw, each filled with one chunk of max_tokens * world / K
+    tokens. Meta steps train on one draw per micro-batch; plain updates regroup the
+    sentences of sampling.length_pool draws by length."""
     distinct: Optional[bool] = None
     """true: the K slots hold K DISTINCT languages, drawn by successive sampling without
     replacement (first by p_l, then by p_l renormalized over the languages not yet drawn),
