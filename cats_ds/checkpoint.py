@@ -285,13 +285,6 @@ def numbered_checkpoints(save_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
-def read_checkpoint_meta(path: str | Path) -> dict:
-    p = Path(path) / CHECKPOINT_META
-    if not p.is_file():
-        raise FileNotFoundError(f"{path} is not a cats_ds checkpoint (no {CHECKPOINT_META})")
-    return json.loads(p.read_text())
-
-
 CHECKPOINT_NAMES = ("latest", "best")
 
 RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.save_dir", "train.max_updates",
@@ -324,11 +317,11 @@ def recover_interrupted_saves(save_dir: Path) -> list[str]:
                     shutil.rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
-            done.append(f"{final} <- {tmp.name} (step {read_checkpoint_meta(final)['step']}; a save was "
+            done.append(f"{final} <- {tmp.name} (step {read_meta(final)['step']}; a save was "
                         f"interrupted after writing it)")
         elif not final.exists() and _complete(old):
             os.replace(old, final)
-            done.append(f"{final} <- {old.name} (step {read_checkpoint_meta(final)['step']}; a save was "
+            done.append(f"{final} <- {old.name} (step {read_meta(final)['step']}; a save was "
                         f"interrupted before writing {tmp.name})")
         for leftover in (tmp, old):
             if leftover.exists():
@@ -352,7 +345,7 @@ def prepare_save_dir(cfg: Config, rank: int) -> None:
     existing = [save_dir / n for n in CHECKPOINT_NAMES if _complete(save_dir / n)] + numbered_checkpoints(save_dir)
     if not fresh or not existing:
         return
-    found = ", ".join(f"{p} (step {read_checkpoint_meta(p)['step']})" for p in existing)
+    found = ", ".join(f"{p} (step {read_meta(p)['step']})" for p in existing)
     if not cfg.train.overwrite:
         raise CheckpointError(f"train.save_dir={save_dir} already holds checkpoints: {found}; train.resume={r} would "
                          f"start from step 0 and replace them. Set train.overwrite=true to replace them, "
@@ -432,7 +425,7 @@ def resume(run: Run, lr_factor: Callable[[int], float]) -> None:
             return
         raise CheckpointError(f"train.resume={r}: no checkpoint at {path} (expected {CHECKPOINT_META} inside)")
     try:
-        meta = read_checkpoint_meta(path)
+        meta = read_meta(path)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / CHECKPOINT_META}: not valid JSON ({e}); resume from another checkpoint "
                          f"(train.resume=<path>)") from None
@@ -551,7 +544,7 @@ def needs_universal(cfg: Config, world: int, ds: dict) -> bool:
     if path is None:
         return False
     try:
-        meta = read_checkpoint_meta(path)
+        meta = read_meta(path)
     except (json.JSONDecodeError, OSError):
         return False  # resume() names the damaged file
     saved, stage = meta.get("world_size"), meta.get("zero_stage", 0)
@@ -616,4 +609,4 @@ def to_universal(run: Run, path: Path, saved_world: int) -> Path:
 
 
 def load_config_from_checkpoint(path: str | Path) -> Config:
-    return config_from_dict(read_checkpoint_meta(path)["config"])
+    return config_from_dict(read_meta(path)["config"])

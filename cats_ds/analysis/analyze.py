@@ -167,7 +167,7 @@ def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, over
     """The analysis record of a checkpoint folder (`<save_dir>/best` or `latest`), in one
     process on a plain module. `pairs` ("de:af,uk:kk") replaces analysis.pairs.
     Memory: K full gradients (K = number of languages) plus one double-backward graph."""
-    from cats_ds.checkpoint import load_for_inference, read_meta  # checkpoint -> train: imported on use
+    from cats_ds.checkpoint import load_for_inference, read_meta
     from cats_ds.data.manifest import load_split
 
     check_override_keys(overrides)  # before the (slow) loading

@@ -20,10 +20,10 @@ from typing import Optional
 import numpy as np
 
 from cats_ds.analysis.similarity import AnalysisError, resource_groups
+from cats_ds.checkpoint import CHECKPOINT_META
 
 ANALYSIS_LOG = "analysis.jsonl"
 TRAIN_LOG = "train_log.jsonl"
-CHECKPOINT_META = "cats_ds.json"
 
 Series = tuple[list[int], list[float]]
 """(steps, values)"""
