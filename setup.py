@@ -32,6 +32,7 @@ setup(
             "cats-analyze=cats_ds.cli:analyze_main",
             "cats-export=cats_ds.cli:export_main",
             "cats-average=cats_ds.cli:average_main",
+            "cats-curve=cats_ds.cli:curve_main",
         ]
     },
 )

@@ -228,7 +228,7 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Op
         meta = {"step": run.step, "valid_loss": valid_loss, "config": run.cfg.to_dict(),
                 "languages": run.languages, "manifest_fingerprint": run.manifest.fingerprint,
                 "vocab_size": len(run.vocab), "world_size": run.world,
-                "zero_stage": run.engine.zero_optimization_stage()}
+                "zero_stage": run.engine.zero_optimization_stage(), "elapsed_s": client["elapsed"]}
         if scores is not None:
             from cats_ds.dev_translation import mean_score
 

@@ -7,6 +7,7 @@
     cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
     cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
     cats-export   --checkpoint DIR --format ctranslate2 --out DIR [--quantization int8] [--force]
+    cats-curve    --run DIR [--split test] [--evaluate] [--limit N] [--minutes 10,30,60] [--out DIR]
 """
 
 from __future__ import annotations
@@ -217,3 +218,32 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
         out = Path(args.out)
         out.write_text(table, encoding="utf-8")
         out.with_suffix(".json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def curve_main(argv: Optional[list[str]] = None) -> None:
+    """A run's learning curve from its step_<n>/ checkpoints (cats_ds/curve.py)."""
+    p = argparse.ArgumentParser(prog="cats-curve", description="test chrF++/BLEU per group and dev loss "
+                                "against updates and minutes, from a run's numbered checkpoints")
+    p.add_argument("--run", required=True, help="the run's save_dir (trained with train.save_every=N)")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--evaluate", action="store_true", help="evaluate the checkpoints that have no scores yet")
+    p.add_argument("--limit", type=int, default=None, help="with --evaluate: first N sentences per language")
+    p.add_argument("--minutes", default="10,30,60", help="budgets to report the last checkpoint within")
+    p.add_argument("--out", default=None, help="default <run>/eval/curve-<split>")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from cats_ds.curve import curve_points, write_curve
+    from cats_ds.evaluate import EvalError
+
+    try:
+        minutes = [float(m) for m in args.minutes.split(",") if m.strip()]
+    except ValueError:
+        _fail(f"--minutes must be comma-separated numbers, got {args.minutes!r}")
+    try:
+        points = curve_points(args.run, args.split, args.evaluate, args.limit)
+    except (EvalError, FileNotFoundError) as e:
+        _fail(str(e))
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / f"curve-{args.split}"
+    print(write_curve(points, out, args.split, minutes))
+    print(f"written: {out}/curve.md, curve.json" + (", curve.png" if (out / "curve.png").is_file() else ""))
