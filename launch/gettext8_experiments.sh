@@ -6,7 +6,9 @@
 # sentences per language), and compare.py puts the arms side by side with mean ± sd over
 # seeds and paired-bootstrap marks against the baseline arm.
 #
-#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, CATS (loss term on/off); baseline T5
+#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, CATS (mirror, loss term on/off; literal),
+#                                                   # GradNorm, MGDA; baseline T5
+#   bash launch/gettext8_experiments.sh gramspace   # PCGrad, GradVac, CAGrad, Nash-MTL, IMTL-G next to T5 and CATS
 #   bash launch/gettext8_experiments.sh experts     # dense, Table 1 rows, LayerNorm w/o gain+bias; baseline dense
 #   bash launch/gettext8_experiments.sh all
 #   DRY_RUN=1 SEEDS=3 bash launch/gettext8_experiments.sh experts    # print the commands only
@@ -30,7 +32,8 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_zero2.json}
 DRY_RUN=${DRY_RUN:-0}
 RECIPE=launch/recipes/gettext8.yaml
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-case "$WHAT" in weighting|experts|all) ;; *) echo "error: unknown set '$WHAT' (weighting, experts or all)" >&2; exit 2;; esac
+case "$WHAT" in weighting|gramspace|experts|all) ;;
+  *) echo "error: unknown set '$WHAT' (weighting, gramspace, experts or all)" >&2; exit 2;; esac
 if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then echo "error: SEEDS=$SEEDS must be a positive integer" >&2; exit 2; fi
 
 do_cmd() {  # print, and run unless DRY_RUN=1
@@ -70,8 +73,21 @@ if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
   run tinf sampling.temperature=inf; TINF=$DIRS
   run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
   run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false cats.lr_alpha=0.01; NOLOSS=$DIRS
+  run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian; LITERAL=$DIRS
+  run gradnorm sampling.temperature=1 weighting.method=gradnorm; GRADNORM=$DIRS
+  run mgda sampling.temperature=1 weighting.method=mgda; MGDA=$DIRS
   do_cmd python launch/compare.py --baseline T5 --out "$OUT/weighting.md" \
-    "T1=$T1" "T5=$T5" "Tinf=$TINF" "CATS=$CATS" "CATS-noloss=$NOLOSS"
+    "T1=$T1" "T5=$T5" "Tinf=$TINF" "CATS=$CATS" "CATS-noloss=$NOLOSS" "CATS-literal=$LITERAL" \
+    "GradNorm=$GRADNORM" "MGDA=$MGDA"
+fi
+if [ "$WHAT" = gramspace ] || [ "$WHAT" = all ]; then
+  run t5 sampling.temperature=5; T5=$DIRS
+  run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
+  for m in pcgrad gradvac cagrad nashmtl imtl; do
+    run "$m" sampling.temperature=1 weighting.method="$m"; printf -v "GS_$m" '%s' "$DIRS"
+  done
+  do_cmd python launch/compare.py --baseline T5 --out "$OUT/gramspace.md" "T5=$T5" "CATS=$CATS" \
+    "PCGrad=$GS_pcgrad" "GradVac=$GS_gradvac" "CAGrad=$GS_cagrad" "Nash-MTL=$GS_nashmtl" "IMTL-G=$GS_imtl"
 fi
 if [ "$WHAT" = experts ] || [ "$WHAT" = all ]; then
   run t5 sampling.temperature=5; DENSE=$DIRS

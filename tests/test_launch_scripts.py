@@ -31,17 +31,35 @@ def dry_run(tmp_path: Path, what: str, **env) -> list[str]:
 def test_experiments_dry_run_trains_every_seed_and_compares_with_a_baseline(tmp_path):
     lines = dry_run(tmp_path, "weighting", SEEDS="3", UPDATES="50")
     trains = [l for l in lines if l.startswith("+ deepspeed")]
-    assert len(trains) == 5 * 3
-    for arm in ("t1", "t5", "tinf", "cats", "cats_noloss"):
+    arms = ("t1", "t5", "tinf", "cats", "cats_noloss", "cats_literal", "gradnorm", "mgda")
+    assert len(trains) == len(arms) * 3
+    for arm in arms:
         for seed in (1, 2, 3):
             cmd = next(l for l in trains if f"train.save_dir={tmp_path}/{arm}-s{seed} " in l)
             assert f"train.seed={seed} " in cmd and "train.resume=auto" in cmd and "train.max_updates=50 " in cmd
     evals = [l for l in lines if l.startswith("+ python launch/evaluate.py")]
-    assert len(evals) == 15 and f"--checkpoint {tmp_path}/cats-s2/best --split test" in "\n".join(evals)
+    assert len(evals) == len(arms) * 3 and f"--checkpoint {tmp_path}/cats-s2/best --split test" in "\n".join(evals)
     compare = [l for l in lines if l.startswith("+ python launch/compare.py")]
     assert len(compare) == 1 and "--baseline T5" in compare[0]
     seeds = ",".join(f"{tmp_path}/t5-s{s}/eval/best-test" for s in (1, 2, 3))
     assert f" T5={seeds} " in compare[0] + " "
+    assert "cats.update=lagrangian" in next(l for l in trains if "/cats_literal-s1 " in l)
+    assert " CATS-literal=" in compare[0] and " GradNorm=" in compare[0] and " MGDA=" in compare[0]
+
+
+def test_experiments_gramspace_set(tmp_path):
+    lines = dry_run(tmp_path, "gramspace", SEEDS="2")
+    trains = [l for l in lines if l.startswith("+ deepspeed")]
+    methods = ("pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
+    assert len(trains) == (2 + len(methods)) * 2
+    for m in methods:
+        assert f"weighting.method={m}" in next(l for l in trains if f"/{m}-s2 " in l)
+    compare = [l for l in lines if l.startswith("+ python launch/compare.py")]
+    assert len(compare) == 1 and "--baseline T5" in compare[0] and "gramspace.md" in compare[0]
+    for label, arm in (("T5", "t5"), ("CATS", "cats"), ("PCGrad", "pcgrad"), ("Nash-MTL", "nashmtl"),
+                       ("IMTL-G", "imtl")):
+        seeds = ",".join(f"{tmp_path}/{arm}-s{s}/eval/best-test" for s in (1, 2))
+        assert f" {label}={seeds} " in compare[0] + " "
 
 
 def test_experiments_skip_finished_runs_and_fresh_evaluations(tmp_path):
