@@ -167,7 +167,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--run", action="append", default=[], dest="runs", metavar="[LABEL=]DIR",
                    help="a training run folder (train.save_dir) to draw; repeat it to draw runs side by side; "
                         "the checkpoint's own run folder is added when it has logs")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/analysis)")
+    p.add_argument("--out", default=None, help="output folder (default: <save_dir>/analysis/<checkpoint name>)")
     p.add_argument("--report", action="store_true", help="also write report.md / report.json: the paper's "
                                                          "claims vs. the runs' measurements")
     p.add_argument("--device", default="cpu", help="torch device for the checkpoint analysis")

@@ -324,3 +324,10 @@ def test_report_judges_each_claim(tmp_path):
     md, _ = write_report(runs, tmp_path / "report")
     text = md.read_text()
     assert "| sharpness_temperature |" in text and "| no |" in text and "| yes |" in text
+
+
+def test_default_output_is_beside_the_checkpoint(tmp_path):
+    """best/ and latest/ are replaced whole at the next save: the analysis must not live inside."""
+    from cats_ds.analysis.analyze import default_out_dir
+
+    assert default_out_dir(tmp_path / "run" / "best") == (tmp_path / "run" / "analysis" / "best").resolve()

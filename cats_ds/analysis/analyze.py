@@ -323,10 +323,17 @@ def _tensorboard_heatmap(run: "Run", record: dict) -> None:
 # --------------------------------------------------------------------------- the cats-analyze command
 
 
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """`<save_dir>/analysis/<checkpoint name>`: outside the folders a re-save replaces."""
+    ckpt = Path(checkpoint).resolve()
+    return ckpt.parent / "analysis" / ckpt.name
+
+
 def analyze(checkpoint: Optional[str | Path] = None, pairs: Optional[str] = None, runs: Sequence[str] = (),
             out: Optional[str | Path] = None, report: bool = False, device: str = "cpu",
             overrides: Optional[Sequence[str]] = None) -> dict:
-    """What `cats-analyze` does. Into `out` (default <checkpoint>/analysis):
+    """What `cats-analyze` does. Into `out` (default <save_dir>/analysis/<checkpoint name>/,
+    beside the checkpoint, not inside it: training replaces best/ and latest/ whole):
       analysis.json        the checkpoint's analysis record (with --checkpoint)
       tensorboard/         its scalars, and every figure as an image
       *.png                the figures there is data for (figures.py; needs matplotlib)
@@ -356,7 +363,7 @@ def analyze(checkpoint: Optional[str | Path] = None, pairs: Optional[str] = None
     if report and not loaded:
         raise AnalysisError("--report compares training runs: give --run DIR (or a checkpoint inside a run folder)")
 
-    out_dir = Path(out) if out is not None else Path(checkpoint) / "analysis"
+    out_dir = Path(out) if out is not None else default_out_dir(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = None
     if checkpoint is not None:
