@@ -331,10 +331,17 @@ def recover_interrupted_saves(save_dir: Path) -> list[str]:
     return done
 
 
+RUN_OUTPUTS = ("train_log.jsonl", "analysis.jsonl", "tensorboard", "eval", "analysis")
+"""What a run and the tools run on its checkpoints write into train.save_dir beside the
+checkpoints: logs, TensorBoard events (the default path), evaluate's and analyze's
+default output folders."""
+
+
 def prepare_save_dir(cfg: Config, rank: int) -> None:
     """Before a run writes into train.save_dir: recover interrupted saves, and refuse to
     start from step 0 over existing checkpoints unless train.overwrite=true (which then
-    deletes them and train_log.jsonl, so nothing of the old run is mixed in)."""
+    deletes them and RUN_OUTPUTS, so nothing of the old run is mixed in: no old scores in
+    eval/, no old curves in TensorBoard)."""
     save_dir = Path(cfg.train.save_dir)
     if rank == 0 and save_dir.is_dir():
         for line in recover_interrupted_saves(save_dir):
@@ -353,8 +360,10 @@ def prepare_save_dir(cfg: Config, rank: int) -> None:
     if rank == 0:
         for p in existing:
             shutil.rmtree(p)
-        (save_dir / "train_log.jsonl").unlink(missing_ok=True)
-        print0(f"| train.overwrite=true: deleted {found} and train_log.jsonl")
+        derived = [save_dir / n for n in RUN_OUTPUTS if (save_dir / n).exists()]
+        for p in derived:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print0(f"| train.overwrite=true: deleted {found}" + "".join(f", {p.name}" for p in derived))
     dist.barrier()
 
 

@@ -6,8 +6,8 @@
 # sentences per language), and compare.py puts the arms side by side with mean ± sd over
 # seeds and paired-bootstrap marks against the baseline arm.
 #
-#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, CATS (mirror, loss term on/off; literal),
-#                                                   # GradNorm, MGDA; baseline T5
+#   bash launch/gettext8_experiments.sh weighting   # T=1, T=5, T=inf, T=1 distinct, CATS (mirror with the
+#                                                   # loss term on/off; literal), GradNorm, MGDA; baseline T5
 #   bash launch/gettext8_experiments.sh gramspace   # PCGrad, GradVac, CAGrad, Nash-MTL, IMTL-G next to T5 and CATS
 #   bash launch/gettext8_experiments.sh experts     # dense, Table 1 rows, LayerNorm w/o gain+bias; baseline dense
 #   bash launch/gettext8_experiments.sh all
@@ -72,12 +72,14 @@ if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
   run t5 sampling.temperature=5; T5=$DIRS
   run tinf sampling.temperature=inf; TINF=$DIRS
   run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
-  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false cats.lr_alpha=0.01; NOLOSS=$DIRS
+  # CATS' alpha = 1 reference: T=1 with the K distinct languages per update the Gram methods draw
+  run t1d sampling.temperature=1 sampling.distinct=true; T1D=$DIRS
+  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false; NOLOSS=$DIRS
   run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian; LITERAL=$DIRS
   run gradnorm sampling.temperature=1 weighting.method=gradnorm; GRADNORM=$DIRS
   run mgda sampling.temperature=1 weighting.method=mgda; MGDA=$DIRS
   do_cmd python launch/compare.py --baseline T5 --out "$OUT/weighting.md" \
-    "T1=$T1" "T5=$T5" "Tinf=$TINF" "CATS=$CATS" "CATS-noloss=$NOLOSS" "CATS-literal=$LITERAL" \
+    "T1=$T1" "T5=$T5" "Tinf=$TINF" "T1-distinct=$T1D" "CATS=$CATS" "CATS-noloss=$NOLOSS" "CATS-literal=$LITERAL" \
     "GradNorm=$GRADNORM" "MGDA=$MGDA"
 fi
 if [ "$WHAT" = gramspace ] || [ "$WHAT" = all ]; then

@@ -229,8 +229,12 @@ def test_fresh_start_over_checkpoints_needs_overwrite(tmp_path, trained):
             f"{save_dir / 'best'} (step ") in out.stderr
     assert "Set train.overwrite=true to replace them" in out.stderr
     assert digest(save_dir / "best") == before
+    (save_dir / "eval" / "best-test").mkdir(parents=True)
+    (save_dir / "eval" / "best-test" / "bleu.json").write_text("{}")
     out = launch(args + ["train.resume=none", "train.overwrite=true", "train.max_updates=1"], 1)
-    assert "train.overwrite=true: deleted" in out.stdout
+    deleted = next(l for l in out.stdout.splitlines() if "train.overwrite=true: deleted" in l)
+    assert ", train_log.jsonl" in deleted and deleted.endswith(", eval")
+    assert not (save_dir / "eval").exists()  # the old run's scores would pass for the new one's
     assert [r["step"] for r in read_log(save_dir)] == [1]
     assert json.loads((save_dir / "latest" / "cats_ds.json").read_text())["step"] == 1
 

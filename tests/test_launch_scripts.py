@@ -31,7 +31,7 @@ def dry_run(tmp_path: Path, what: str, **env) -> list[str]:
 def test_experiments_dry_run_trains_every_seed_and_compares_with_a_baseline(tmp_path):
     lines = dry_run(tmp_path, "weighting", SEEDS="3", UPDATES="50")
     trains = [l for l in lines if l.startswith("+ deepspeed")]
-    arms = ("t1", "t5", "tinf", "cats", "cats_noloss", "cats_literal", "gradnorm", "mgda")
+    arms = ("t1", "t5", "tinf", "cats", "t1d", "cats_noloss", "cats_literal", "gradnorm", "mgda")
     assert len(trains) == len(arms) * 3
     for arm in arms:
         for seed in (1, 2, 3):
@@ -44,6 +44,7 @@ def test_experiments_dry_run_trains_every_seed_and_compares_with_a_baseline(tmp_
     seeds = ",".join(f"{tmp_path}/t5-s{s}/eval/best-test" for s in (1, 2, 3))
     assert f" T5={seeds} " in compare[0] + " "
     assert "cats.update=lagrangian" in next(l for l in trains if "/cats_literal-s1 " in l)
+    assert "sampling.distinct=true" in next(l for l in trains if "/t1d-s1 " in l)
     assert " CATS-literal=" in compare[0] and " GradNorm=" in compare[0] and " MGDA=" in compare[0]
 
 
