@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cats_ds.checkpoint import CHECKPOINT_META, STEP_PREFIX, read_meta
+from cats_ds.checkpoint import CHECKPOINT_META, STEP_PREFIX, numbered_checkpoints, read_meta
 from cats_ds.evaluate import EvalError, default_out_dir
 
 GROUP_ORDER = ("Lo", "Mid", "Hi", "All")
@@ -67,9 +67,7 @@ def checkpoint_minutes(path: Path, meta: dict) -> float:
 def curve_checkpoints(run: str | Path) -> list[Path]:
     """`step_<n>/` in update order, then `latest/` if it is past the last of them."""
     run = Path(run)
-    steps = sorted((p for p in run.glob(f"{STEP_PREFIX}*")
-                    if p.name[len(STEP_PREFIX):].isdigit() and (p / CHECKPOINT_META).is_file()),
-                   key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    steps = numbered_checkpoints(run)
     out = list(steps)
     latest = run / "latest"
     if (latest / CHECKPOINT_META).is_file():
@@ -104,11 +102,9 @@ def curve_points(run: str | Path, split: str = "test", evaluate_missing: bool = 
     losses = _valid_losses(run)
     points = []
     ckpts = curve_checkpoints(run)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency; this only keeps the module importable without it
-        tqdm = None
-    it = tqdm(ckpts, desc="curve", unit="ckpt") if (tqdm and evaluate_missing) else ckpts
+    from tqdm import tqdm
+
+    it = tqdm(ckpts, desc="curve", unit="ckpt") if evaluate_missing else ckpts
     for ckpt in it:
         meta = read_meta(ckpt)
         scores_file = default_out_dir(ckpt, split) / "bleu.json"
