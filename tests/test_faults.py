@@ -69,6 +69,48 @@ def test_watchdog_exits_when_the_watched_process_dies(tmp_path, sig):
     assert f"error: rank test: its launcher (pid {parent.pid}" in text and "is gone" in text
 
 
+SAVING = """
+import sys, time, psutil
+from cats_ds import preempt
+from cats_ds.watchdog import watch
+watch([psutil.Process(int(sys.argv[1]))], "rank test", poll=0.05, grace=float(sys.argv[3]))
+preempt.requested.set()  # as the SIGTERM handler does: this rank is saving latest/
+print("watching", flush=True)
+time.sleep(float(sys.argv[2]))
+print("saved", flush=True)
+"""
+
+SAVING_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())] + sys.argv[2:])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("save_s, grace_s, finishes", [(1.5, 30.0, True), (60.0, 1.0, False)])
+def test_watchdog_lets_a_stopping_rank_finish_its_save(tmp_path, save_s, grace_s, finishes):
+    """The grace path of a SIGTERM to the whole process group, with the save's length under
+    the test's control: a real rank's save can end before the watchdog's next look."""
+    err = open(tmp_path / "err.txt", "w")
+    parent = subprocess.Popen([sys.executable, "-c", SAVING_PARENT, SAVING, str(save_s), str(grace_s)],
+                              stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline() == "watching\n"
+    parent.kill()
+    parent.wait(10)
+    child.wait(30)
+    rest = parent.stdout.read()
+    text = (tmp_path / "err.txt").read_text()
+    assert f"| rank test: its launcher (pid {parent.pid}" in text
+    assert f"is gone after a stop signal; finishing the save (at most {grace_s:.0f} s)" in text, text
+    assert "no rank trains on orphaned" not in text
+    if finishes:
+        assert rest == "saved\n" and "still running" not in text
+    else:
+        assert rest == "" and f"error: rank test: still running {grace_s:.0f} s after its launcher went away" in text
+
+
 def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
     """kill -9 to the `deepspeed` runner alone: the launch process and both ranks go too."""
     recipe = tiny_recipe("orphan", train={"max_updates": 100000, "valid_every": 100000})

@@ -125,8 +125,9 @@ def test_sigterm_to_the_process_group_saves_before_the_watchdog_acts(tmp_path, t
     finally:
         cleanup(tree, port)
     text = (tmp_path / "out.txt").read_text()
-    assert "no rank trains on orphaned" not in text, text[-4000:]
-    assert "is gone after a stop signal; finishing the save" in text, text[-4000:]
+    # the watchdog's "is gone after a stop signal" line shows only when it looked while the
+    # tiny model's save was still running (not always: tests/test_faults.py tests that path)
+    assert "no rank trains on orphaned" not in text and "after its launcher went away" not in text, text[-4000:]
     k = saved_step(tmp_path / "run")
     assert f"| SIGTERM: stopped at step {k}, latest/ saved; exit {REQUEUE_EXIT}" in text, text[-4000:]
     assert read_log(tmp_path / "run")[-1]["step"] == k
