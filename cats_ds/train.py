@@ -817,7 +817,7 @@ def shutdown_distributed() -> None:
     interpreter is fully alive. Left to interpreter shutdown, gloo's worker threads were
     torn down in whatever order exit chose, and now and then a rank ended in "terminate
     called without an active exception" (SIGABRT; the launcher exits 250) instead of its
-    own exit status: seen about once in 15 runs of a 2-rank start that refused a damaged
+    own exit status: seen once in 14 runs of a 2-rank start that refused a damaged
     checkpoint (pytorch/pytorch#190489 reports the same for a missing destroy)."""
     import deepspeed.comm as ds_dist
 

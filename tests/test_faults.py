@@ -49,7 +49,7 @@ time.sleep(60)
 
 PARENT = """
 import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())])
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())] + sys.argv[2:])
 print(child.pid, flush=True)
 time.sleep(60)
 """
@@ -80,20 +80,12 @@ time.sleep(float(sys.argv[2]))
 print("saved", flush=True)
 """
 
-SAVING_PARENT = """
-import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())] + sys.argv[2:])
-print(child.pid, flush=True)
-time.sleep(60)
-"""
-
-
 @pytest.mark.parametrize("save_s, grace_s, finishes", [(1.5, 30.0, True), (60.0, 1.0, False)])
 def test_watchdog_lets_a_stopping_rank_finish_its_save(tmp_path, save_s, grace_s, finishes):
     """The grace path of a SIGTERM to the whole process group, with the save's length under
     the test's control: a real rank's save can end before the watchdog's next look."""
     err = open(tmp_path / "err.txt", "w")
-    parent = subprocess.Popen([sys.executable, "-c", SAVING_PARENT, SAVING, str(save_s), str(grace_s)],
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, SAVING, str(save_s), str(grace_s)],
                               stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     child = psutil.Process(int(parent.stdout.readline()))
     assert parent.stdout.readline() == "watching\n"
