@@ -73,12 +73,13 @@ if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
   run t5 sampling.temperature=5; T5=$DIRS
   run tinf sampling.temperature=inf; TINF=$DIRS
   run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
-  # CATS' alpha = 1 reference: T=1 with the K distinct languages per update the Gram methods draw
-  run t1d sampling.temperature=1 sampling.distinct=true; T1D=$DIRS
-  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false; NOLOSS=$DIRS
   run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian; LITERAL=$DIRS
   run gradnorm sampling.temperature=1 weighting.method=gradnorm; GRADNORM=$DIRS
   run mgda sampling.temperature=1 weighting.method=mgda; MGDA=$DIRS
+  # ablations after the methods: CATS' alpha = 1 reference (T=1 with the K distinct languages
+  # per update the Gram methods draw) and CATS without the loss term
+  run t1d sampling.temperature=1 sampling.distinct=true; T1D=$DIRS
+  run cats_noloss sampling.temperature=1 weighting.method=cats cats.loss_term=false; NOLOSS=$DIRS
   do_cmd python launch/compare.py --baseline T5 --out "$OUT/weighting.md" \
     "T1=$T1" "T5=$T5" "Tinf=$TINF" "T1-distinct=$T1D" "CATS=$CATS" "CATS-noloss=$NOLOSS" "CATS-literal=$LITERAL" \
     "GradNorm=$GRADNORM" "MGDA=$MGDA"
