@@ -20,7 +20,7 @@ from cats_ds.config import ConfigError, load_config
 
 
 def _fail(msg: str) -> "None":
-    print(f"error: {msg}", file=sys.stderr)
+    sys.stderr.write(f"error: {msg}\n")  # one write: ranks that fail together do not interleave mid-line
     sys.exit(2)
 
 

@@ -73,9 +73,12 @@ if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
   run t5 sampling.temperature=5; T5=$DIRS
   run tinf sampling.temperature=inf; TINF=$DIRS
   run cats sampling.temperature=1 weighting.method=cats cats.loss_term=true; CATS=$DIRS
-  run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian; LITERAL=$DIRS
   run gradnorm sampling.temperature=1 weighting.method=gradnorm; GRADNORM=$DIRS
   run mgda sampling.temperature=1 weighting.method=mgda; MGDA=$DIRS
+  # the literal update with the paper's lr_alpha 0.1 leaves [0, N] at its second meta step (step 10);
+  # smaller steps and a budget near gettext8's curvature (README, "CATS on gettext8")
+  run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian cats.lr_alpha=0.001 \
+    cats.lr_lambda=0.03 cats.budget=5; LITERAL=$DIRS
   # ablations after the methods: CATS' alpha = 1 reference (T=1 with the K distinct languages
   # per update the Gram methods draw) and CATS without the loss term
   run t1d sampling.temperature=1 sampling.distinct=true; T1D=$DIRS
