@@ -321,14 +321,21 @@ def bench_cats(args) -> dict:
     from cats_ds.config import load_config
 
     langs100 = load_config(args.recipe100, []).data.languages
-    n8_args = common + ["--config", args.recipe100, "--k", "8", f"data.languages=[{','.join(langs100[:8])}]"]
-    n100_args = common + ["--config", args.recipe100, "--k", "8"]
+
+    def g100(n: int, k: int, extra: tuple = ()) -> list[str]:  # gettext100's first n languages, K=k
+        first = [f"data.languages=[{','.join(langs100[:n])}]"] if n < len(langs100) else []
+        return common + ["--config", args.recipe100, "--k", str(k), *extra] + first
+
+    n8_args, n100_args = g100(8, 8), g100(100, 8)
     runs8, runs100 = [], []
     for _ in range(2):
         runs8.append(_launch_worker("meta", 2, n8_args)["meta_step_s"])
         runs100.append(_launch_worker("meta", 2, n100_args)["meta_step_s"])
     n8 = {"meta_step_s": sum(runs8) / len(runs8)}
     n100 = {"meta_step_s": sum(runs100) / len(runs100)}
+    if methods:  # each method's meta step over the plain step at K=4, N=8 and N=100 (gettext100 model)
+        by_n = {n: _launch_worker("meta", 2, g100(n, 4, ("--methods", ",".join(methods))))["methods"]
+                for n in (8, 100)}
     t_plain, t_meta = res["plain_step_s"], res["meta_step_s"]
     out = {
         "plain_step_s": t_plain, "meta_step_s": t_meta, "meta_over_plain": t_meta / t_plain,
@@ -352,9 +359,14 @@ def bench_cats(args) -> dict:
         per = res["methods"]
         for m in methods:
             solve[m].update(per[m])
-        print_table(f"meta step over plain step per method, 2 ranks, K=4 ({args.recipe}; alternating blocks)",
-                    ["method", "plain s", "meta s", "meta/plain", "us solve N=8", "us solve N=100"],
+            for n, rows_n in by_n.items():
+                solve[m].update({f"{k}_n{n}": v for k, v in rows_n[m].items()})
+        print_table(f"meta step over plain step per method, 2 ranks, K=4, alternating steps: {args.recipe} "
+                    f"(its N), and {args.recipe100} with its first 8 / all languages",
+                    ["method", "plain s", "meta s", "meta/plain", "meta/plain N=8", "meta/plain N=100",
+                     "us solve N=8", "us solve N=100"],
                     [[m, per[m]["plain_step_s"], per[m]["meta_step_s"], per[m]["meta_over_plain"],
+                      solve[m]["meta_over_plain_n8"], solve[m]["meta_over_plain_n100"],
                       solve[m]["solve_us_n8"], solve[m]["solve_us_n100"]] for m in methods])
         out["methods"] = solve
     return out
@@ -552,6 +564,27 @@ def _use_cats(run, cfg, every: int):
         run.grads = PartitionGrads(run.engine, include=lambda n, p: not is_expert_param(p))
 
 
+def _method_steps(run, cfg, dist, args) -> dict:
+    """Per `--methods` entry: the same batches through its meta step (M=1), alternating
+    with plain steps so drift in machine load hits both; seconds per step and the ratio."""
+    from cats_ds.train import meta_update, plain_update
+    from cats_ds.weighting import make_weighting
+
+    out = {}
+    for method in [m for m in (args.methods or "").split(",") if m]:
+        cfg.weighting.method = method
+        cfg.cats.meta_every = [[None, 1]]
+        run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
+        _timed(run, dist, 1, meta_update)
+        t_plain = t_meta = 0.0
+        for _ in range(args.steps):
+            t_plain += _timed(run, dist, 1, plain_update)
+            t_meta += _timed(run, dist, 1, meta_update)
+        out[method] = {"plain_step_s": t_plain / args.steps, "meta_step_s": t_meta / args.steps,
+                       "meta_over_plain": t_meta / t_plain}
+    return out
+
+
 def worker_cats(args) -> None:
     """Plain vs meta step cost (alternating blocks), measured M=10 end to end, the Gram
     error against a 1-process full-gradient reference, and the meta step's extra memory.
@@ -607,21 +640,7 @@ def worker_cats(args) -> None:
         run.weighting = TemperatureWeighting(run.languages)
         t_temp = _timed(run, dist, 10, train_step_no_count)
         measured.append(t_cats / t_temp)
-    per_method = {}
-    for method in [m for m in (args.methods or "").split(",") if m]:
-        # the same K=4 batches through each method's meta step, alternating with plain steps
-        from cats_ds.weighting import make_weighting
-
-        cfg.weighting.method = method
-        cfg.cats.meta_every = [[None, 1]]
-        run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
-        _timed(run, dist, 1, meta_update)
-        t_plain = t_meta = 0.0
-        for _ in range(args.steps):
-            t_plain += _timed(run, dist, 1, plain_update)
-            t_meta += _timed(run, dist, 1, meta_update)
-        per_method[method] = {"plain_step_s": t_plain / args.steps, "meta_step_s": t_meta / args.steps,
-                              "meta_over_plain": t_meta / t_plain}
+    per_method = _method_steps(run, cfg, dist, args)
     result = {"plain_step_s": plain, "meta_step_s": meta, "measured_ratio_m10": sum(measured) / len(measured),
               "methods": per_method,
               "gram_rel_err": gram_err, "extra_mem_bytes": extra, "meta_buffer_bytes": buffer_bytes,
@@ -645,8 +664,9 @@ def worker_meta(args) -> None:
     _use_cats(run, cfg, 1)
     _timed(run, dist, args.warmup, meta_update)
     dt = _timed(run, dist, args.steps, meta_update)
+    result = {"meta_step_s": dt / args.steps, "languages": len(run.languages), "methods": _method_steps(run, cfg, dist, args)}
     if run.rank == 0:
-        Path(args.out).write_text(json.dumps({"meta_step_s": dt / args.steps, "languages": len(run.languages)}))
+        Path(args.out).write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -683,7 +703,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
     s.add_argument("--methods", default=None,
                    help="comma-separated Gram-based weighting.method values: a row each (meta step over "
-                        "plain step at K=4 on 2 ranks, coefficient solve in us at K=8 for N=8 and N=100)")
+                        "plain step at K=4 on 2 ranks: the recipe, and the gettext100 model at N=8 and N=100; "
+                        "coefficient solve in us at K=8 for N=8 and N=100)")
     s.add_argument("--solve-only", action="store_true",
                    help="with --methods: only the coefficient-solve timings (1 process, no data, no launches)")
     s.add_argument("--steps", type=int, default=6)
