@@ -664,7 +664,8 @@ def worker_meta(args) -> None:
     _use_cats(run, cfg, 1)
     _timed(run, dist, args.warmup, meta_update)
     dt = _timed(run, dist, args.steps, meta_update)
-    result = {"meta_step_s": dt / args.steps, "languages": len(run.languages), "methods": _method_steps(run, cfg, dist, args)}
+    result = {"meta_step_s": dt / args.steps, "languages": len(run.languages),
+              "methods": _method_steps(run, cfg, dist, args)}
     if run.rank == 0:
         Path(args.out).write_text(json.dumps(result))
 

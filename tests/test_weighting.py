@@ -406,7 +406,7 @@ def test_weighting_png_from_a_train_log(tmp_path):
     import json
 
     from cats_ds.analysis.figures import write_figures
-    from cats_ds.analysis.records import load_run, weighting_series
+    from cats_ds.analysis.records import load_run, weight_name, weighting_series
     from cats_ds.cli import analyze_main
 
     run_dir = tmp_path / "run"
@@ -426,9 +426,15 @@ def test_weighting_png_from_a_train_log(tmp_path):
     series = weighting_series(run)
     assert set(series["weights"]) == set(langs) and len(series["sum"]["sum"][0]) == 40
     assert series["sum"]["sum"][1][-1] == pytest.approx(8.0) and len(series["curvature_ratio"]["curvature_ratio"][0]) == 40
+    assert len(series["mean_cos"]["mean_cos"][0]) == 40 and weight_name(run) == "alpha"
     analyze_main(["--run", str(run_dir), "--out", str(tmp_path / "figs")])
     png = (tmp_path / "figs" / "weighting.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     run.resource = {l: ("Hi" if i < 4 else "Lo") for i, l in enumerate(langs)}  # as a checkpoint's manifest gives
     paths = write_figures([run, run], None, tmp_path / "coloured")
     assert paths["weighting"].read_bytes().startswith(b"\x89PNG")
+    other = tmp_path / "gramspace"  # the other methods log weight/<lang>, and no lambda_c
+    other.mkdir()
+    (other / "train_log.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 5.0, "loss_lang": {},
+                                                       "weighting": {"weight/de": 1.2, "meta/mean_cos": 0.1}}) + "\n")
+    assert weight_name(load_run(other)) == "weight" and not weighting_series(load_run(other))["lambda_c"]

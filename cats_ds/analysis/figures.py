@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from cats_ds.analysis.records import RunData, lambda_series, loss_by_resource, pair_type_series, weighting_series
+from cats_ds.analysis.records import (RunData, lambda_series, loss_by_resource, pair_type_series, weight_name,
+                                      weighting_series)
 from cats_ds.analysis.similarity import ALL, GROUPS, PAIR_TYPES
 
 if TYPE_CHECKING:
@@ -152,16 +153,19 @@ RESOURCE_COLORS = {"Hi": "Blues", "Mid": "Greens", "Lo": "Reds", None: "Greys"}
 
 def weighting_figure(runs: Sequence[RunData]) -> "Figure":
     """One row per run: weights per language (Hi blues, Mid greens, Lo reds; shades tell
-    languages apart), their sum, lambda_c, and f / f0 where logged."""
+    languages apart), their sum, and the panels any run logged: lambda_c, f / f0 (CATS),
+    the meta batch's mean gradient cosine (Gram-based methods)."""
     from matplotlib import colormaps
 
-    panels = ["weights", "sum", "lambda_c", "curvature_ratio"]
-    titles = {"weights": "alpha per language", "sum": "sum alpha", "lambda_c": "lambda_c",
-              "curvature_ratio": "curvature f / f0"}
+    all_series = [weighting_series(run) for run in runs]
+    panels = ["weights", "sum"] + [p for p in ("lambda_c", "curvature_ratio", "mean_cos")
+                                   if any(s[p] for s in all_series)]
+    titles = {"lambda_c": "lambda_c", "curvature_ratio": "curvature f / f0",
+              "mean_cos": "mean gradient cosine (meta batch)"}
     fig = _figure(3.4 * len(panels) + 1.4, 3.0 * len(runs))
     axes = fig.subplots(len(runs), len(panels), squeeze=False)
-    for row, run in zip(axes, runs):
-        series = weighting_series(run)
+    for row, run, series in zip(axes, runs, all_series):
+        name = weight_name(run)
         by_group: dict = {}
         for lang in series["weights"]:
             by_group.setdefault(run.resource.get(lang), []).append(lang)
@@ -171,12 +175,14 @@ def weighting_figure(runs: Sequence[RunData]) -> "Figure":
                 shade = 0.45 + 0.5 * (i / max(len(langs) - 1, 1))
                 label = f"{lang} ({group})" if group else lang
                 row[0].plot(*series["weights"][lang], "-" if group != "Lo" else "--", color=cmap(shade), label=label)
-        row[0].axhline(1.0, color="k", lw=0.6, ls=":")  # alpha = 1: the temperature baseline
-        for ax, name in zip(row[1:], panels[1:]):
-            for steps, values in series[name].values():
+        row[0].axhline(1.0, color="k", lw=0.6, ls=":")  # weight 1: the temperature baseline
+        for ax, panel in zip(row[1:], panels[1:]):
+            for steps, values in series[panel].values():
                 ax.plot(steps, values, "-", color="k")
-        for ax, name in zip(row, panels):
-            ax.set_title(f"{run.label}: {titles[name]}" if name == "weights" else titles[name])
+        row[1].ticklabel_format(axis="y", useOffset=False)  # CATS keeps sum alpha = N: no 1e-11 offset label
+        for ax, panel in zip(row, panels):
+            own = {"weights": f"{run.label}: {name} per language", "sum": f"sum of {name}s"}
+            ax.set_title(own.get(panel, titles.get(panel)))
             ax.set_xlabel("update")
             ax.grid(alpha=0.3)
         if series["weights"]:

@@ -178,10 +178,12 @@ def loss_by_resource(run: RunData) -> dict[str, dict[str, Series]]:
 
 def weighting_series(run: RunData) -> dict[str, dict[str, Series]]:
     """The weighting state logged with each train record (train_log.jsonl "weighting"):
-    {"weights": {lang: series of alpha (CATS) or w (GradNorm, MGDA)}, "sum": series of
-    their sum, "lambda_c": series, "curvature_ratio": series of f / f0 (CATS)}.
+    {"weights": {lang: series of alpha (CATS) or w (the other methods)}, "sum": series of
+    their sum, "lambda_c": series, "curvature_ratio": series of f / f0 (CATS), "mean_cos":
+    series of the meta batch's mean pairwise gradient cosine (Gram-based methods)}.
     Empty dicts for a temperature run."""
-    out: dict[str, dict[str, Series]] = {"weights": {}, "sum": {}, "lambda_c": {}, "curvature_ratio": {}}
+    out: dict[str, dict[str, Series]] = {"weights": {}, "sum": {}, "lambda_c": {}, "curvature_ratio": {},
+                                         "mean_cos": {}}
     for r in run.train:
         w = r.get("weighting") or {}
         weights = {k.split("/", 1)[1]: v for k, v in w.items() if k.startswith(("alpha/", "weight/"))}
@@ -193,10 +195,16 @@ def weighting_series(run: RunData) -> dict[str, dict[str, Series]]:
             steps, values = out["sum"].setdefault("sum", ([], []))
             steps.append(r["step"])
             values.append(float(sum(weights.values())))
-        for key, name in (("cats/lambda_c", "lambda_c"), ("cats/curvature_ratio", "curvature_ratio")):
+        for key, name in (("cats/lambda_c", "lambda_c"), ("cats/curvature_ratio", "curvature_ratio"),
+                          ("meta/mean_cos", "mean_cos")):
             if key in w and w[key] is not None and math.isfinite(w[key]):
                 steps, values = out[name].setdefault(name, ([], []))
                 steps.append(r["step"])
                 values.append(w[key])
     return out
+
+
+def weight_name(run: RunData) -> str:
+    """What the run's per-language weights are called: "alpha" (CATS) or "weight"."""
+    return "alpha" if any(k.startswith("alpha/") for r in run.train for k in (r.get("weighting") or {})) else "weight"
 
