@@ -438,3 +438,14 @@ def test_weighting_png_from_a_train_log(tmp_path):
     (other / "train_log.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 5.0, "loss_lang": {},
                                                        "weighting": {"weight/de": 1.2, "meta/mean_cos": 0.1}}) + "\n")
     assert weight_name(load_run(other)) == "weight" and not weighting_series(load_run(other))["lambda_c"]
+    # mixed rows: CATS' constant sum gets a readable range; a panel only CATS logs says so in the other row
+    from cats_ds.analysis.figures import weighting_figure
+
+    fig = weighting_figure([run, load_run(other)])
+    cats_row, other_row = fig.axes[:5], fig.axes[5:]
+    assert [a.get_title() for a in cats_row[2:]] == ["lambda_c", "curvature f / f0", "mean gradient cosine (meta batch)"]
+    lo, hi = cats_row[1].get_ylim()
+    assert lo < 8.0 < hi and hi - lo > 0.5  # not zoomed into rounding noise
+    for ax in other_row[2:4]:  # lambda_c, f / f0: not logged by the Gram method
+        assert not ax.lines and "not logged" in ax.texts[0].get_text()
+    assert other_row[4].lines and not other_row[4].texts  # its mean cosine is drawn

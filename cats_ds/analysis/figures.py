@@ -151,6 +151,20 @@ def loss_curves_figure(runs: Sequence[RunData]) -> "Figure":
 RESOURCE_COLORS = {"Hi": "Blues", "Mid": "Greens", "Lo": "Reds", None: "Greys"}
 
 
+def _hold_flat_axis(ax, values: Sequence[float]) -> None:
+    """A series that stays (numerically) constant, as CATS' sum alpha = N does, gets a y
+    range of +-5% around its value: without it matplotlib zooms into the 1e-12 rounding
+    noise and labels ticks 8.000000000005."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    mid = (lo + hi) / 2
+    if hi - lo <= 1e-9 * max(1.0, abs(mid)):
+        pad = 0.05 * max(1.0, abs(mid))
+        ax.set_ylim(mid - pad, mid + pad)
+    ax.ticklabel_format(axis="y", useOffset=False)
+
+
 def weighting_figure(runs: Sequence[RunData]) -> "Figure":
     """One row per run: weights per language (Hi blues, Mid greens, Lo reds; shades tell
     languages apart), their sum, and the panels any run logged: lambda_c, f / f0 (CATS),
@@ -179,10 +193,16 @@ def weighting_figure(runs: Sequence[RunData]) -> "Figure":
         for ax, panel in zip(row[1:], panels[1:]):
             for steps, values in series[panel].values():
                 ax.plot(steps, values, "-", color="k")
-        row[1].ticklabel_format(axis="y", useOffset=False)  # CATS keeps sum alpha = N: no 1e-11 offset label
+        _hold_flat_axis(row[1], [v for _, vs in series["sum"].values() for v in vs])
         for ax, panel in zip(row, panels):
             own = {"weights": f"{run.label}: {name} per language", "sum": f"sum of {name}s"}
             ax.set_title(own.get(panel, titles.get(panel)))
+            if panel not in ("weights", "sum") and not series[panel]:  # a panel another run logged
+                ax.text(0.5, 0.5, f"not logged\nby {run.label}", ha="center", va="center",
+                        transform=ax.transAxes, color="0.4")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             ax.set_xlabel("update")
             ax.grid(alpha=0.3)
         if series["weights"]:
