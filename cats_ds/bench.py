@@ -555,11 +555,17 @@ def worker_train(args) -> None:
 
 
 def _use_cats(run, cfg, every: int):
-    from cats_ds.grads import PartitionGrads, is_expert_param
     from cats_ds.weighting.cats import CatsWeighting
 
     cfg.cats.meta_every = [[None, every]]
     run.weighting = CatsWeighting(run.languages, cfg.cats)
+    _ensure_grads(run)
+
+
+def _ensure_grads(run) -> None:
+    """The partition-gradient hook that meta steps need (a temperature recipe has none)."""
+    from cats_ds.grads import PartitionGrads, is_expert_param
+
     if run.grads is None:
         run.grads = PartitionGrads(run.engine, include=lambda n, p: not is_expert_param(p))
 
@@ -575,6 +581,7 @@ def _method_steps(run, cfg, dist, args) -> dict:
         cfg.weighting.method = method
         cfg.cats.meta_every = [[None, 1]]
         run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
+        _ensure_grads(run)
         _timed(run, dist, 1, meta_update)
         t_plain = t_meta = 0.0
         for _ in range(args.steps):
@@ -657,15 +664,19 @@ def train_step_no_count(run) -> None:
 
 
 def worker_meta(args) -> None:
-    """Meta-step time alone (for N=8 vs N=100 at the same K)."""
-    from cats_ds.train import meta_update
+    """CATS' meta-step time alone (for N=8 vs N=100 at the same K) or, with `--methods`,
+    only each method's meta step against the plain step."""
+    from cats_ds.train import meta_update, plain_update
 
     cfg, run, dist = _worker_setup(args)
-    _use_cats(run, cfg, 1)
-    _timed(run, dist, args.warmup, meta_update)
-    dt = _timed(run, dist, args.steps, meta_update)
-    result = {"meta_step_s": dt / args.steps, "languages": len(run.languages),
-              "methods": _method_steps(run, cfg, dist, args)}
+    result = {"languages": len(run.languages)}
+    if args.methods:
+        _timed(run, dist, args.warmup, plain_update)  # first-step allocations count in no row
+        result["methods"] = _method_steps(run, cfg, dist, args)
+    else:
+        _use_cats(run, cfg, 1)
+        _timed(run, dist, args.warmup, meta_update)
+        result["meta_step_s"] = _timed(run, dist, args.steps, meta_update) / args.steps
     if run.rank == 0:
         Path(args.out).write_text(json.dumps(result))
 

@@ -81,15 +81,16 @@ def test_bench_train_against_bare_step(tmp_path, tiny_data, tiny_recipe, capsys)
 
 
 def test_bench_meta_worker_rows_per_method(tmp_path, tiny_data, tiny_recipe):
-    """The N=8 / N=100 worker on 2 gloo ranks: CATS' meta step and, per `--methods` entry,
-    its meta step against the plain step on the same batches."""
+    """The N=8 / N=100 worker on 2 gloo ranks with `--methods`: per entry, its meta step
+    against the plain step on the same batches (and no CATS timing, which the plain
+    launches give)."""
     from cats_ds.bench import DS_CONFIG, _launch_worker
 
     recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
                                "vocab_temperature": 1.0})
     result = _launch_worker("meta", 2, ["--config", str(recipe), "--deepspeed_config", DS_CONFIG,
                                         "--steps", "1", "--warmup", "1", "--k", "2", "--methods", "pcgrad,imtl"])
-    assert result["languages"] == 3 and result["meta_step_s"] > 0
+    assert result["languages"] == 3 and "meta_step_s" not in result
     assert set(result["methods"]) == {"pcgrad", "imtl"}
     for r in result["methods"].values():
         assert r["plain_step_s"] > 0 and r["meta_step_s"] > 0
