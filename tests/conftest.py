@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,54 @@ def tiny_recipe(tmp_path, tiny_data):
         return path
 
     return make
+
+
+# --- the launcher tier -------------------------------------------------------------------
+# A test is marked `launcher` when it (or a function of its module, helpers.py or a fixture
+# it uses) starts other processes: the deepspeed launcher (helpers.launch), a subprocess, or
+# a multiprocessing pool. `pytest -m "not launcher"` is the everyday fast tier.
+SPAWNING_NAMES = {"launch", "subprocess", "Popen", "multiprocessing", "spawn"}
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):  # lambdas, comprehensions, nested functions
+            names |= _code_names(const)
+    return names
+
+
+def _spawns(func, seen: set) -> bool:
+    func = inspect.unwrap(func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _code_names(code)
+    if names & SPAWNING_NAMES:
+        return True
+    scope = getattr(func, "__globals__", {})
+    for name in names:
+        obj = scope.get(name)
+        if inspect.isfunction(obj) and obj.__module__ in (func.__module__, "helpers", "conftest"):
+            if _spawns(obj, seen):
+                return True
+    return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launcher: starts the deepspeed launcher or other processes "
+                                       "(applied automatically; deselect with -m 'not launcher')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        funcs = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for name in getattr(item, "fixturenames", ()):
+            defs = info.name2fixturedefs.get(name) if info else None
+            if defs:
+                funcs.append(defs[-1].func)
+        seen: set = set()
+        if any(f is not None and _spawns(f, seen) for f in funcs):
+            item.add_marker(pytest.mark.launcher)
