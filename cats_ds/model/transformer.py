@@ -200,7 +200,11 @@ class Transformer(nn.Module):
         t = tokens.size(1)
         if start + t > self.positions.size(0):
             raise ValueError(f"sequence of {start + t} tokens exceeds model.max_positions={self.positions.size(0)}")
-        x = table(tokens) * math.sqrt(self.cfg.embed_dim) + self.positions[start:start + t]
+        emb = table(tokens)  # (B, T, D) in the parameters' dtype
+        # the sum is taken in fp32 and rounded once to the parameters' dtype: under bf16 the
+        # sinusoids (kept fp32: DeepSpeed casts parameters, not buffers) would otherwise
+        # promote the activations back to fp32 ahead of bf16 LayerNorm weights
+        x = (emb.float() * math.sqrt(self.cfg.embed_dim) + self.positions[start:start + t].float()).to(emb.dtype)
         return F.dropout(x, self.cfg.dropout, self.training)
 
     def encode(self, src: torch.Tensor, langs: Optional[torch.Tensor] = None):
