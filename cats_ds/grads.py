@@ -17,8 +17,13 @@ Which fragment a rank owns:
   ZeRO-0      the whole (already averaged) param.grad; replicated on every rank of the
               parameter's data-parallel group, so its dot products are divided by that
               group's size before the all_reduce.
-  ZeRO-1/2    the fragment DeepSpeed maps to this rank (param._hp_mapping); also the
-              BF16 optimizer, whose buffer may hold the whole parameter.
+  ZeRO-1/2    the fragment DeepSpeed maps to this rank (param._hp_mapping).
+  BF16_Optimizer  (bf16 with ZeRO-1 and fp32 gradient accumulation) keeps the WHOLE
+              averaged gradient of every parameter in a flat fp32 buffer on every rank
+              and computes its clipping norm over all of it: treated like ZeRO-0 (whole
+              parameters, replicated), read from and written to that buffer. Capturing
+              only the rank's own part would leave the other parts to be summed into the
+              next language's all-reduce.
   ZeRO-3      deepspeed.utils.safe_get_local_grad / safe_set_local_grad.
 """
 
@@ -52,15 +57,22 @@ class PartitionGrads:
     are captured and written back)."""
 
     def __init__(self, engine, include: Callable[[str, torch.nn.Parameter], bool] = lambda n, p: True):
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
         self.engine = engine
         self.stage = engine.zero_optimization_stage()
         world = dist.get_world_size() if dist.is_initialized() else 1
+        self._bf16_grads: dict[int, torch.Tensor] = {}  # id(param) -> its fp32 gradient in the flat buffer
+        if isinstance(engine.optimizer, BF16_Optimizer):
+            opt = engine.optimizer
+            for group, grads in zip(opt.bf16_groups, opt.fp32_groups_gradients):
+                self._bf16_grads.update((id(p), g) for p, g in zip(group, grads))
         slots = []
         for name, p in engine.module.named_parameters():
             if not p.requires_grad:
                 continue
             replicas = 1
-            if self.stage == 0:
+            if self.stage == 0 or self._bf16_grads:
                 group = getattr(p, "group_name", None) if is_expert_param(p) else None
                 replicas = _expert_dp_size(group) if group else world
             slots.append(_Slot(name, p, bool(include(name, p)), replicas))
@@ -72,6 +84,8 @@ class PartitionGrads:
 
     def _fragment(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         """A flat view of the part of p's gradient this rank owns (None: owns none)."""
+        if self._bf16_grads:
+            return self._bf16_grads[id(p)].view(-1)
         if self.stage == 0:
             return None if p.grad is None else p.grad.view(-1)
         mapping = getattr(p, "_hp_mapping", None)
