@@ -10,7 +10,7 @@ A checkpoint folder (`<save_dir>/best/` or `<save_dir>/latest/`, written by save
   layer_*_expert_*_mp_rank_00_model_states.pt
                                         family-expert models only: DeepSpeed MoE writes each expert's
                                         parameters to its own file (keys use GLOBAL expert ids)
-  zero_pp_rank_*_optim_states.pt        optimizer partitions (ZeRO-3: the only copy of the weights)
+  [bf16_]zero_pp_rank_*_optim_states.pt optimizer partitions (ZeRO-3: the only copy of the weights)
 
 Trust: every file this module reads is opened with torch.load(weights_only=True), which
 unpickles tensors and plain containers only, so a crafted file cannot run code here (it is
@@ -50,7 +50,7 @@ CHECKPOINT_META = "cats_ds.json"
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_*_expert_*_mp_rank_00_model_states.pt"
-ZERO3_STATES = "zero_pp_rank_*_mp_rank_00_optim_states.pt"
+ZERO3_STATES = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # bf16 runs: bf16_zero_pp_rank_...
 ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 
 
