@@ -85,6 +85,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                                                           "(source / reference / hypothesis)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="decode on the CPU or on this process' GPU (cuda:<local rank>)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the weights while decoding (fp16: CUDA only)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
     args = p.parse_args(argv)
@@ -93,7 +95,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
     try:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
                             languages=args.languages.split(",") if args.languages else None,
-                            overrides=args.overrides, device=args.device, samples=args.samples)
+                            overrides=args.overrides, device=args.device, samples=args.samples,
+                            dtype=args.dtype)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -53,6 +53,9 @@ from cats_ds.data.sampler import chunk_by_budget, pad_stack
 from cats_ds.groups import GROUPS, group_of
 from cats_ds.model.transformer import Transformer
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class EvalError(Exception):
     """Evaluation cannot run as asked; the message names the setting, file or language."""
 
@@ -284,20 +287,25 @@ def resolve_device(device: str, local_rank: int) -> str:
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Optional[int] = None,
                         out_dir: Optional[str | Path] = None, languages: Optional[list[str]] = None,
-                        overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0) -> dict:
+                        overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0,
+                        dtype: str = "fp32") -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
     docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
     data-parallel run). `limit`: the first N sentences of each language. `samples`: also
-    print that many sample translations. `device`: cpu or cuda (this process' GPU)."""
+    print that many sample translations. `device`: cpu or cuda (this process' GPU).
+    `dtype`: fp32, bf16 or fp16, the precision of the weights and activations while
+    decoding (beam scores are accumulated in fp32 whatever it is)."""
     check_override_sections(list(overrides or []))  # before any loading: fail fast
+    if dtype not in DTYPES:
+        raise EvalError(f"--dtype {dtype}: choices: {', '.join(DTYPES)}")
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     ckpt = Path(checkpoint)
     rank, world, created = process_group()
     device = resolve_device(device, int(os.environ.get("LOCAL_RANK", rank)))
     try:
-        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world)
+        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world, dtype)
     finally:
         if created:
             import torch.distributed as dist
@@ -306,12 +314,16 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
 
 
 def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, overrides, device: str,
-              samples: int, rank: int, world: int) -> dict:
+              samples: int, rank: int, world: int, dtype: str = "fp32") -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
+    if dtype == "fp16" and device == "cpu":
+        raise EvalError("--dtype fp16 needs --device cuda (CPU kernels for fp16 decoding are slow or missing); "
+                        "use --dtype bf16 or fp32 on the CPU")
+    model = model.to(DTYPES[dtype])
     meta = read_meta(ckpt)
     cfg = apply_eval_overrides(cfg, overrides)
     ecfg = cfg.eval
@@ -337,7 +349,7 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
     say(f"| evaluating {ckpt} (step {meta.get('step')}) on {split}: {len(langs)} languages, beam {ecfg.beam}, "
         f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
-        + (f", first {limit} sentences each" if limit else "") + f"; {world} process(es) on {device}")
+        + (f", first {limit} sentences each" if limit else "") + f"; {world} process(es) on {device}, {dtype}")
 
     counts = {lang: len(splits[lang]) if limit is None else min(limit, len(splits[lang])) for lang in langs}
     jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(splits[lang], counts[lang], ecfg.batch_tokens)]
@@ -402,7 +414,7 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
         "averages": avg,
         "timing": {"processes": world, "decode_seconds": seconds, "sentences_per_s": total / max(seconds, 1e-9)},
         "settings": {"checkpoint": str(ckpt), "step": meta.get("step"), "split": split, "limit": limit,
-                     "processes": world,
+                     "processes": world, "dtype": dtype,
                      "beam": ecfg.beam, "lenpen": ecfg.lenpen, "max_len_a": ecfg.max_len_a,
                      "max_len_b": ecfg.max_len_b, "lo_max": ecfg.lo_max, "hi_min": ecfg.hi_min,
                      "chrf_signature": chrf_signature, "references": "raw text"},
