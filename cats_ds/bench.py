@@ -38,7 +38,8 @@ def _launch_worker(name: str, nproc: int, args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        if not _has_cuda():  # a GPU node keeps DeepSpeed's own accelerator detection
+            env.setdefault("DS_ACCELERATOR", "cpu")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                "--master_port", str(_free_port()), "--module", "cats_ds.bench", f"worker-{name}",
                "--out", str(out), "--save_dir", str(Path(tmp) / "run")] + args
@@ -47,6 +48,12 @@ def _launch_worker(name: str, nproc: int, args: list[str]) -> dict:
             raise SystemExit(f"benchmark worker {name} on {nproc} rank(s) failed (exit {proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -90,11 +97,14 @@ def bench_train(args) -> dict:
     results = [_launch_worker("train", n, common) for n in args.ranks]
     rows = [[r["ranks"], r["tokens_per_s"], r["bare_tokens_per_s"], r["ratio_to_bare"], r["tokens_per_cpu_s"],
              r["cpu_ratio_to_bare"], r["forwards_per_update"], r["pad_src"], r["pad_tgt"], r["tokens_per_update"],
-             r["peak_rss_mb"]] for r in results]
+             r["peak_rss_mb"], r["model_tflops_per_s"], "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
+            for r in results]
     print_table(f"training throughput ({args.recipe}, {args.rounds} rounds x {args.steps} updates each, "
                 f"full step and bare PyTorch step interleaved; target tokens)",
                 ["ranks", "tokens/s", "bare tokens/s", "full/bare", "tokens/CPU-s", "full/bare CPU", "forwards/update",
-                 "pad src", "pad tgt", "tokens/update", "peak RSS/rank MB"], rows)
+                 "pad src", "pad tgt", "tokens/update", "peak RSS/rank MB", "model TFLOP/s", "MFU"], rows)
+    print(f"precision {results[0]['precision']} on {results[0]['device']}; MFU = model FLOPs (cats_ds/flops.py) / "
+          f"(peak x ranks), n/a where the peak is unknown (set PEAK_TFLOPS)")
     print_table("full step by phase (s per update, rank 0; reduction = DeepSpeed's backward epilogue, "
                 "backward excludes it)", ["ranks"] + PHASES + ["other", "total"],
                 [[r["ranks"]] + [r["phases_s"][p] for p in PHASES] + [r["phases_s"]["other"], r["step_s"]]
@@ -195,7 +205,8 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
                     "zero_stage": 0}
             (ckpt / CHECKPOINT_META).write_text(json.dumps(meta))
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        if not _has_cuda():  # a GPU node keeps DeepSpeed's own accelerator detection
+            env.setdefault("DS_ACCELERATOR", "cpu")
         for nproc in args.processes:
             res = Path(tmp) / f"eval{nproc}"
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
@@ -417,15 +428,20 @@ class BareStep:
     def __init__(self, run):
         import torch
 
+        from cats_ds.flops import precision_of
         from cats_ds.model.build import model_from_config
 
         cfg = run.cfg
-        model = model_from_config(cfg, len(run.vocab), run.languages)
-        model.load_state_dict(run.model.state_dict())
+        model = model_from_config(cfg, len(run.vocab), run.languages).to(run.device)
+        model.load_state_dict(run.model.state_dict())  # fp32 weights, also from a bf16 engine
         self.module = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                     eps=cfg.train.adam_eps)
         self.smoothing, self.world, self.vocab = cfg.train.label_smoothing, run.world, len(run.vocab)
+        # a bf16/fp16 engine is compared with PyTorch autocast at the same precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_of(run.engine.config))
+        self.autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16)
 
     def update(self, micro_batches) -> None:
         """micro_batches: [(global target tokens, [(local batch, live), ...] one per forward)]."""
@@ -437,12 +453,14 @@ class BareStep:
         for tokens, forwards in micro_batches:
             loss = 0.0
             for batch, live in forwards:
-                logits = self.module(batch.src, batch.prev, batch.langs)
-                ce = F.cross_entropy(logits.view(-1, self.vocab), batch.tgt.view(-1), ignore_index=PAD,
+                with self.autocast:
+                    logits = self.module(batch.src, batch.prev, batch.langs)
+                ce = F.cross_entropy(logits.float().view(-1, self.vocab), batch.tgt.view(-1), ignore_index=PAD,
                                      label_smoothing=self.smoothing, reduction="sum")
                 loss = loss + ce * (self.world / tokens if live else 0.0)
-            loss.backward()
-        self.opt.step()
+            self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
 
 
 def _local_forwards(run, plans) -> list:
@@ -468,6 +486,7 @@ def worker_train(args) -> None:
     import torch
 
     from cats_ds.data.manifest import PAD
+    from cats_ds.flops import peak_flops, precision_of, train_flops
     from cats_ds.train import draws_as_drawn, plain_update
 
     cfg, run, dist = _worker_setup(args)
@@ -512,7 +531,7 @@ def worker_train(args) -> None:
     full_s = bare_s = 0.0
     cpu = torch.zeros(2, dtype=torch.float64)  # full, bare CPU seconds
     tokens = 0
-    counts = torch.zeros(5, dtype=torch.float64)  # forwards, src real, src padded, tgt real, tgt padded
+    counts = torch.zeros(6, dtype=torch.float64)  # forwards, src real, src padded, tgt real, tgt padded, FLOPs
     run.timers = {}
     for r in range(args.rounds):
         batches = upcoming(args.steps)
@@ -520,8 +539,9 @@ def worker_train(args) -> None:
         for _, forwards in batches:
             for b, live in forwards:
                 if live:
-                    counts += torch.tensor([0, int(b.src.ne(PAD).sum()), b.src.numel(), int(b.tgt.ne(PAD).sum()),
-                                            b.tgt.numel()], dtype=torch.float64)
+                    src, tgt = int(b.src.ne(PAD).sum()), int(b.tgt.ne(PAD).sum())
+                    flops = train_flops(cfg.model, len(run.vocab), src, tgt, b.src.size(1), b.tgt.size(1))
+                    counts += torch.tensor([0, src, b.src.numel(), tgt, b.tgt.numel(), flops], dtype=torch.float64)
             counts[0] += len(forwards)
         for side in ((0, 1) if r % 2 == 0 else (1, 0)):
             if side == 0:
@@ -540,6 +560,10 @@ def worker_train(args) -> None:
     phases = {p: timers.get(p, 0.0) / n for p in PHASES}
     phases["backward"] -= phases["reduction"]
     phases["other"] = full_s / n - sum(phases.values())
+    precision = precision_of(run.engine.config)
+    device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name, precision)
+    model_flops_per_s = float(counts[5]) / full_s  # all ranks' model FLOPs over the full step's wall time
     result = {"ranks": run.world, "tokens_per_s": tokens / full_s, "bare_tokens_per_s": tokens / bare_s,
               "ratio_to_bare": bare_s / full_s, "step_s": full_s / n, "bare_step_s": bare_s / n,
               "cpu_ratio_to_bare": float(cpu[1] / cpu[0]), "tokens_per_cpu_s": tokens / float(cpu[0]),
@@ -549,7 +573,9 @@ def worker_train(args) -> None:
               "phases_s": phases, "rounds": args.rounds, "steps_per_round": args.steps,
               "zero_stage": run.engine.zero_optimization_stage(), "length_pool": run.sampler.length_pool,
               "peak_rss_mb": _peak_rss_mb(dist), "params": sum(p.numel() for p in run.model.parameters()),
-              "max_tokens": cfg.train.max_tokens}
+              "max_tokens": cfg.train.max_tokens, "precision": precision, "device": device_name,
+              "model_tflops_per_s": model_flops_per_s / 1e12,
+              "mfu": None if peak is None else model_flops_per_s / (peak * run.world)}
     if run.rank == 0:
         Path(args.out).write_text(json.dumps(result))
 
