@@ -14,11 +14,12 @@ def losses(save_dir):
 
 
 def test_two_ranks_zero2_match_one_rank_zero0(tmp_path, tiny_recipe):
-    """Batch B on each of 2 ZeRO-2 ranks == batch 2B on 1 ZeRO-0 rank, update by update."""
+    """Batch B on each of 2 ZeRO-2 ranks == batch 2B on 1 ZeRO-0 rank, update by update
+    (the shipped CPU configs as they are)."""
     one = tiny_recipe("one", train={"max_tokens": 512, "max_updates": 5})
     two = tiny_recipe("two", train={"max_tokens": 256, "max_updates": 5})
-    launch([TRAIN, "--deepspeed_config", write_json(tmp_path / "z0.json", ds_config(0)), "--config", one], 1)
-    launch([TRAIN, "--deepspeed_config", write_json(tmp_path / "z2.json", ds_config(2)), "--config", two], 2)
+    launch([TRAIN, "--deepspeed_config", "ds_configs/cpu_zero0.json", "--config", one], 1)
+    launch([TRAIN, "--deepspeed_config", "ds_configs/cpu_zero2.json", "--config", two], 2)
     ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in ref] == [1, 2, 3, 4, 5] == [s for s, _ in got]
     for (_, a), (_, b) in zip(ref, got):

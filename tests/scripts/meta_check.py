@@ -26,7 +26,12 @@ from checkscript import setup_from_command_line
 
 
 def main():
-    args, cfg, run = setup_from_command_line(lambda ap: ap.add_argument("--methods", default=None))
+    def flags(ap):
+        ap.add_argument("--methods", default=None)
+        ap.add_argument("--sync", action="store_true", help="with --methods: before each step, load the engine's "
+                        "current weights into the reference (bf16: compare Grams at the same point)")
+
+    args, cfg, run = setup_from_command_line(flags)
     if args.methods:
         check_methods(args, cfg, run)
         return
@@ -100,8 +105,12 @@ def check_methods(args, cfg, run):
         plans = [run.sampler.next_plan() for _ in range(run.gas)]
         run.sampler.load_state_dict(state)  # meta_update draws the same plans
         lr = run.engine.get_lr()[0]
+        if args.sync:
+            load_engine_weights(run, ref)
         before = [p.detach().clone() for p in params]
+        seen = spy_on_update(run.weighting)
         meta_update(run)
+        del run.weighting.update  # the class's method again
         ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
                                                          cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
         shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
@@ -119,14 +128,40 @@ def check_methods(args, cfg, run):
         got = dict(run.engine.module.named_parameters())
         diff = max(float((got[name].detach().float() - p.detach()).abs().max()) for name, p in ref.named_parameters())
         moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
-        rows_out.append({"method": method, "langs": ref_langs, "param_diff": diff, "param_moved": moved,
+        rows_out.append({"method": method, "optimizer": type(run.engine.optimizer).__name__,
+                         "langs": ref_langs, "param_diff": diff, "param_moved": moved,
                          "weights": [run.weighting.weight(l) for l in ref_langs],
                          "ref_weights": [ref_weighting.weight(l) for l in ref_langs],
                          "ref_coeffs": [coeffs[l] for l in ref_langs],
-                         "shares": [shares[l] for l in ref_langs]})
+                         "shares": [shares[l] for l in ref_langs],
+                         "gram": seen["gram"].tolist(), "ref_gram": (ref_rows @ ref_rows.T).tolist(),
+                         "losses": seen["losses"].tolist(), "ref_losses": ref_losses.tolist()})
         run.step += 1
     with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(rows_out, f)
+
+
+def load_engine_weights(run, ref) -> None:
+    """Copy the engine's weights (gathered under ZeRO-3, cast to fp32) into the reference."""
+    params = list(run.engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=run.engine.zero_optimization_stage() == 3):
+        got = {k: v.detach().float().clone() for k, v in run.engine.module.named_parameters()}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(got[name])
+
+
+def spy_on_update(weighting) -> dict:
+    """Record the Gram matrix and losses the training code hands to weighting.update."""
+    seen = {}
+    update = weighting.update
+
+    def spy(step, langs, losses, gram, shares):
+        seen.update(gram=gram.detach().clone(), losses=losses.detach().clone())
+        return update(step, langs, losses, gram, shares)
+
+    weighting.update = spy
+    return seen
 
 
 def build_and_load(cfg, run):
