@@ -18,6 +18,7 @@
 # is in $OUT/<path>.log.
 #
 # Knobs (environment): NPROC (1), UPDATES (100), RESUME_UPDATES (20), EP (1), EVAL_LIMIT (100),
+# MAX_TOKENS (4000 tokens per rank and micro-batch: the CPU recipe's 1000 leaves a GPU idle),
 # DEVICE (cuda), DS_CONFIG (ds_configs/zero2_bf16.json), RECIPE (launch/recipes/gettext8.yaml),
 # FAMILIES (default), OUT (runs/gpu_check/<date-time>), BENCH_STEPS (8), BENCH_ROUNDS (2),
 # EXTRA (more section.key=value overrides for every run, space-separated).
@@ -31,6 +32,7 @@ UPDATES=${UPDATES:-100}
 RESUME_UPDATES=${RESUME_UPDATES:-20}
 EP=${EP:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-100}
+MAX_TOKENS=${MAX_TOKENS:-4000}
 DEVICE=${DEVICE:-cuda}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_bf16.json}
 RECIPE=${RECIPE:-launch/recipes/gettext8.yaml}
@@ -38,7 +40,7 @@ FAMILIES=${FAMILIES:-default}
 OUT=${OUT:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}
 BENCH_STEPS=${BENCH_STEPS:-8}
 BENCH_ROUNDS=${BENCH_ROUNDS:-2}
-read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+read -r -a EXTRA_ARGS <<< "train.max_tokens=$MAX_TOKENS ${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then

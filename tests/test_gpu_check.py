@@ -25,7 +25,7 @@ def test_gpu_check_runs_every_path_on_cpu(tmp_path, tiny_recipe, tiny_data):
                          cats={"meta_every": [[None, 2]]})
     out = tmp_path / "check"
     env = dict(os.environ, DS_ACCELERATOR="cpu", DEVICE="cpu", NPROC="2", UPDATES="4", RESUME_UPDATES="2",
-               EP="2", EVAL_LIMIT="10", RECIPE=str(recipe), FAMILIES=str(families), OUT=str(out),
+               EP="2", EVAL_LIMIT="10", MAX_TOKENS="256", RECIPE=str(recipe), FAMILIES=str(families), OUT=str(out),
                BENCH_STEPS="2", BENCH_ROUNDS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.run(["bash", "launch/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
