@@ -192,6 +192,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock_save_dir(cfg, rank, world)
     ds = load_ds_config(ds_config_path, world, cfg)
     prepare_save_dir(cfg, rank)
     if needs_universal(cfg, world, ds):  # a ZeRO-1/2 checkpoint saved on another number of ranks
@@ -265,6 +266,25 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
     return run
+
+
+def lock_save_dir(cfg: Config, rank: int, world: int) -> None:
+    """One training per train.save_dir (cats_ds/runlock.py): rank 0 takes <save_dir>/train.lock
+    before anything is written there; every rank raises its refusal."""
+    from cats_ds.runlock import LockError, acquire
+
+    error = ""
+    if rank == 0:
+        try:
+            acquire(cfg.train.save_dir, log=print0)
+        except LockError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainError(error)
 
 
 def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
@@ -809,6 +829,9 @@ def train(cfg: Config, ds_config_path: str) -> Run:
         fit(run)
     finally:  # done, stopped by a signal, or an error every rank raised outside a collective
         shutdown_distributed()
+        from cats_ds.runlock import release
+
+        release()  # <save_dir>/train.lock (rank 0)
     return run
 
 
