@@ -166,6 +166,10 @@ class Run:
     """Consecutive updates whose training loss was NaN or inf on some rank."""
     last_good: str = "none yet"
     """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
+    good_step: int = -1
+    """The step of a checkpoint saved after validation (last_good)."""
+    unconfirmed: Optional[str] = None
+    """A checkpoint saved without validation (step_<n>/): last_good once the next update's loss is finite."""
     stop_signal: bool = False
     """Some rank received SIGTERM/SIGUSR1 (agreed over all ranks after each update)."""
     requeue: bool = False
@@ -557,6 +561,10 @@ def check_finite_update(run: Run) -> None:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, signalled = flags.tolist()
     run.stop_signal = signalled > 0
+    if run.unconfirmed is not None:  # saved after the previous update: its weights gave a finite loss (or not)
+        if bad == 0:
+            run.last_good = run.unconfirmed
+        run.unconfirmed = None
     run.nonfinite = run.nonfinite + 1 if bad > 0 else 0
     limit = run.cfg.train.max_nonfinite
     if run.nonfinite >= limit:

@@ -233,6 +233,39 @@ def test_non_finite_loss_stops_and_keeps_latest(tmp_path, trained):
     assert all(math.isfinite(v) for v in logged[:4]) and not math.isfinite(logged[-1])
 
 
+def test_last_good_checkpoint_names_a_numbered_one_once_the_next_update_is_finite(tmp_path):
+    """train.save_every=2, no validation yet, NaN from update 5 on: the error names step_4/
+    (it said "none yet" though step_<n>/ existed); step_4/ counts only once update 5's loss
+    is finite, since it holds the weights after update 4."""
+    from types import SimpleNamespace
+
+    from cats_ds.checkpoint import note_saved
+    from cats_ds.train import Run, TrainError, check_finite_update
+
+    cfg = config_from_dict({"train": {"max_nonfinite": 2}})
+    run = SimpleNamespace(step=0, world=1, update_loss=0.0, nonfinite=0, stop_signal=False, cfg=cfg,
+                          **{k: getattr(Run, k) for k in ("last_good", "good_step", "unconfirmed")})
+
+    def update(loss: float) -> None:  # what fit() does around one update
+        run.update_loss = loss
+        run.step += 1
+        check_finite_update(run)
+        if run.step % 2 == 0 and not run.nonfinite:
+            note_saved(run, tmp_path / f"step_{run.step}", validated=False)
+
+    for _ in range(4):
+        update(1.0)
+    assert run.last_good == f"{tmp_path / 'step_2'} (step 2)"  # step_4/ not confirmed yet
+    update(1.0)
+    assert run.last_good == f"{tmp_path / 'step_4'} (step 4)"
+    update(1.0)  # step_6/ saved ...
+    with pytest.raises(TrainError, match=re.escape(f"Last good checkpoint: {tmp_path / 'step_4'} (step 4).")):
+        update(float("nan"))  # ... but update 7 gave NaN: its weights are not good
+        update(float("nan"))
+    note_saved(run, tmp_path / "latest", validated=True)
+    assert run.last_good == f"{tmp_path / 'latest'} (step 8)" and run.good_step == 8
+
+
 def test_non_finite_validation_loss_stops_without_saving(tmp_path, trained):
     save_dir, args = copy_run(trained, tmp_path)
     before = {name: digest(save_dir / name) for name in ("latest", "best")}
