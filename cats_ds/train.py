@@ -105,11 +105,43 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu":
-        deepspeed.init_distributed()
-        return
-    deepspeed.init_distributed(dist_backend="gloo")
+    one_process_without_launcher()
+    try:
+        if get_accelerator().device_name() != "cpu":
+            deepspeed.init_distributed()
+            return
+        deepspeed.init_distributed(dist_backend="gloo")
+    except ImportError as e:  # DeepSpeed's MPI discovery (an mpirun without mpi4py)
+        raise TrainError(f"cannot set up the ranks ({e}): start training with the deepspeed launcher, e.g. "
+                         f"`deepspeed --num_gpus 2 launch/train.py --deepspeed_config ... --config ...`, or "
+                         f"install mpi4py for mpirun") from None
     release_shm_workspace()
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def one_process_without_launcher() -> None:
+    """`python launch/train.py ...` with no launcher: DeepSpeed would go looking for MPI
+    (an mpi4py traceback). Train as rank 0 of 1 instead, and say how to start several
+    ranks. Several SLURM tasks started without the launcher would each train alone on
+    the same save_dir: refused."""
+    if any(k in os.environ for k in LAUNCHER_ENV) or any(k in os.environ for k in MPI_ENV):
+        return  # a launcher (torchrun, deepspeed, mpirun) set up the ranks
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    if "SLURM_PROCID" in os.environ and tasks > 1:
+        raise TrainError(f"launch/train.py was started as {tasks} SLURM tasks without the deepspeed launcher, so "
+                         f"each would train alone; use launch/slurm/train.sbatch (one deepspeed launcher per node)")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    print("| not started by a launcher: training as one process (rank 0 of 1). For N ranks: "
+          "`deepspeed --num_gpus N launch/train.py --deepspeed_config ... --config ...`, or the same command "
+          "after `python launch/supervise.py` for an exit status that says how the ranks ended", flush=True)
 
 
 def release_shm_workspace() -> None:

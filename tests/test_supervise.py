@@ -178,3 +178,20 @@ def test_kill_9_of_the_launch_process_saves_and_the_wrapper_exits_75(tmp_path, t
     assert f"stopped at step {step}, latest/ saved; exit {REQUEUE_EXIT}" in text
     assert "| supervise: deepspeed exited 0; the ranks stopped with latest/ saved" in text, text[-3000:]
     assert not (tmp_path / "run" / "train.lock").exists()
+
+
+def test_train_py_without_a_launcher_runs_as_one_process(tmp_path, tiny_recipe):
+    """`python launch/train.py ...`: DeepSpeed looked for MPI (an mpi4py traceback); now one
+    process trains, and the output says how to start several ranks."""
+    ds = write_json(tmp_path / "z0.json", ds_config(0))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SLURM_PROCID")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, TRAIN, "--deepspeed_config", str(ds), "--config",
+                           str(tiny_recipe("one", train={"max_updates": 2}))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| not started by a launcher: training as one process (rank 0 of 1). For N ranks: `deepspeed " \
+           "--num_gpus N launch/train.py" in done.stdout
+    assert "mpi4py" not in done.stderr and "world 1" in done.stdout
+    assert json.loads((tmp_path / "one" / "latest" / "cats_ds.json").read_text())["step"] == 2
