@@ -46,7 +46,7 @@ if how == "vanish":  # kill -9: nothing recorded
 code = {"done": 0, "fail": 2}.get(how)
 if how == "stop":  # the training loop: a stop request, then latest/ saved and exit 75
     code = 75 if preempt.requested.wait(60) else 0
-print("rank", os.environ["RANK"], "stops on", preempt.received, flush=True)
+os.write(1, f"rank {os.environ['RANK']} stops on {preempt.received}\\n".encode())  # one write: ranks share stdout
 supervise.record_exit(code)
 sys.exit(code)
 """
