@@ -247,8 +247,20 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Op
         if old.exists():
             shutil.rmtree(old)
     dist.barrier()
-    if name == "latest":
-        run.last_good = f"{save_dir / name} (step {run.step})"
+    if name != "best":
+        note_saved(run, save_dir / name, validated=valid_loss is not None)
+
+
+def note_saved(run: Run, path: Path, validated: bool) -> None:
+    """Keep run.last_good, the checkpoint a NaN stop names to resume from: one saved after
+    a validation is good now; one saved without (step_<n>/, latest/ on a signal) holds the
+    weights after update n, whose loss nobody computed yet: it becomes last_good when
+    update n+1's loss is finite on every rank (train.py check_finite_update)."""
+    where = f"{path} (step {run.step})"
+    if validated:
+        run.last_good, run.good_step = where, run.step
+    elif run.step > run.good_step:  # (step_<n>/ at a validated step: latest/ is the same weights)
+        run.unconfirmed = where
 
 
 def numpy_rng_to_tensors(state: tuple) -> tuple:

@@ -48,6 +48,24 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
 
 
 def train_main(argv: Optional[list[str]] = None) -> None:
+    """launch/train.py. Under launch/supervise.py each rank records how it ended
+    (cats_ds/supervise.py), since DeepSpeed's runner does not always pass it on."""
+    from cats_ds import preempt, supervise
+
+    preempt.install()  # before the record: the wrapper forwards stop signals to recorded ranks
+    supervise.record_start()
+    code = 1
+    try:
+        _train(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
+    finally:
+        supervise.record_exit(code)
+
+
+def _train(argv: Optional[list[str]]) -> None:
     p = _config_parser("cats-train", "Train under the DeepSpeed launcher")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (precision, ZeRO, accumulation)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -61,7 +79,7 @@ def train_main(argv: Optional[list[str]] = None) -> None:
     from cats_ds.watchdog import watch_launcher
     from cats_ds.weighting.base import WeightingError
 
-    watch_launcher()  # exit when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
+    watch_launcher()  # stop (save latest/) when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
     try:
         run = train(cfg, args.deepspeed_config)
     except (TrainError, CheckpointError, ConfigError, WeightingError) as e:

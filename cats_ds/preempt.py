@@ -8,10 +8,11 @@ does (the non-finite check, MAX over ranks), so all ranks stop after the same up
 `latest` (the usual atomic save) and exit with REQUEUE_EXIT. A rank whose signal arrives
 while another rank is inside a collective is fine: the flag waits for the next boundary.
 
-The watchdog (cats_ds/watchdog.py) normally ends a rank at once when its launcher is
-gone; a SIGTERM to the whole process group kills the `deepspeed` runner (it installs no
-handler), so once a stop was requested the watchdog gives the rank STOP_GRACE_SECONDS to
-finish that update and the save before it ends it.
+The watchdog (cats_ds/watchdog.py) treats a launcher that is gone while this node's
+ranks live (SIGTERM or kill -9 to the `deepspeed` runner, which installs no handler;
+kill -9 of DeepSpeed's launch process) as the same stop request (`request`); once a stop
+was requested it gives the rank STOP_GRACE_SECONDS to finish that update and the save
+before it ends it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def install() -> None:
     """Catch SIGTERM and SIGUSR1 in this process (main thread only: Python's rule)."""
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+
+
+def request(reason: str) -> None:
+    """A stop request from inside the process (the watchdog, when its launcher is gone):
+    the same path as a signal; `reason` names it in the log line."""
+    received.append(reason)
+    requested.set()
 
 
 def reset() -> None:

@@ -105,11 +105,43 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu":
-        deepspeed.init_distributed()
-        return
-    deepspeed.init_distributed(dist_backend="gloo")
+    one_process_without_launcher()
+    try:
+        if get_accelerator().device_name() != "cpu":
+            deepspeed.init_distributed()
+            return
+        deepspeed.init_distributed(dist_backend="gloo")
+    except ImportError as e:  # DeepSpeed's MPI discovery (an mpirun without mpi4py)
+        raise TrainError(f"cannot set up the ranks ({e}): start training with the deepspeed launcher, e.g. "
+                         f"`deepspeed --num_gpus 2 launch/train.py --deepspeed_config ... --config ...`, or "
+                         f"install mpi4py for mpirun") from None
     release_shm_workspace()
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def one_process_without_launcher() -> None:
+    """`python launch/train.py ...` with no launcher: DeepSpeed would go looking for MPI
+    (an mpi4py traceback). Train as rank 0 of 1 instead, and say how to start several
+    ranks. Several SLURM tasks started without the launcher would each train alone on
+    the same save_dir: refused."""
+    if any(k in os.environ for k in LAUNCHER_ENV) or any(k in os.environ for k in MPI_ENV):
+        return  # a launcher (torchrun, deepspeed, mpirun) set up the ranks
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    if "SLURM_PROCID" in os.environ and tasks > 1:
+        raise TrainError(f"launch/train.py was started as {tasks} SLURM tasks without the deepspeed launcher, so "
+                         f"each would train alone; use launch/slurm/train.sbatch (one deepspeed launcher per node)")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    print("| not started by a launcher: training as one process (rank 0 of 1). For N ranks: "
+          "`deepspeed --num_gpus N launch/train.py --deepspeed_config ... --config ...`, or the same command "
+          "after `python launch/supervise.py` for an exit status that says how the ranks ended", flush=True)
 
 
 def release_shm_workspace() -> None:
@@ -166,6 +198,10 @@ class Run:
     """Consecutive updates whose training loss was NaN or inf on some rank."""
     last_good: str = "none yet"
     """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
+    good_step: int = -1
+    """The step of a checkpoint saved after validation (last_good)."""
+    unconfirmed: Optional[str] = None
+    """A checkpoint saved without validation (step_<n>/): last_good once the next update's loss is finite."""
     stop_signal: bool = False
     """Some rank received SIGTERM/SIGUSR1 (agreed over all ranks after each update)."""
     requeue: bool = False
@@ -192,6 +228,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock_save_dir(cfg, rank, world)
     ds = load_ds_config(ds_config_path, world, cfg)
     prepare_save_dir(cfg, rank)
     if needs_universal(cfg, world, ds):  # a ZeRO-1/2 checkpoint saved on another number of ranks
@@ -265,6 +302,25 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
     return run
+
+
+def lock_save_dir(cfg: Config, rank: int, world: int) -> None:
+    """One training per train.save_dir (cats_ds/runlock.py): rank 0 takes <save_dir>/train.lock
+    before anything is written there; every rank raises its refusal."""
+    from cats_ds.runlock import LockError, acquire
+
+    error = ""
+    if rank == 0:
+        try:
+            acquire(cfg.train.save_dir, log=print0)
+        except LockError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainError(error)
 
 
 def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
@@ -537,6 +593,10 @@ def check_finite_update(run: Run) -> None:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, signalled = flags.tolist()
     run.stop_signal = signalled > 0
+    if run.unconfirmed is not None:  # saved after the previous update: its weights gave a finite loss (or not)
+        if bad == 0:
+            run.last_good = run.unconfirmed
+        run.unconfirmed = None
     run.nonfinite = run.nonfinite + 1 if bad > 0 else 0
     limit = run.cfg.train.max_nonfinite
     if run.nonfinite >= limit:
@@ -809,6 +869,9 @@ def train(cfg: Config, ds_config_path: str) -> Run:
         fit(run)
     finally:  # done, stopped by a signal, or an error every rank raised outside a collective
         shutdown_distributed()
+        from cats_ds.runlock import release
+
+        release()  # <save_dir>/train.lock (rank 0)
     return run
 
 

@@ -11,7 +11,8 @@
 # language, VENV (.venv), RUN (runs/gettext8). A plain parallel folder instead of gettext:
 #   CORPUS=plain RAW=/path/to/folder LANGS=de,fr bash launch/quickstart.sh
 # (files train.en-xx.en / train.en-xx.xx, optional dev.* and test.*; see README).
-# Running it again resumes from $RUN/latest, so a finished run only re-evaluates.
+# Running it again resumes from $RUN/latest, so a finished run only re-evaluates. SIGTERM or
+# Ctrl-C while it trains: latest/ saved after the current update, exit 75 ("resume me").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,8 +61,24 @@ echo "== 3/5 prepare -> $DATA"
 python launch/prepare.py --config "$RECIPE" "${DATA_ARGS[@]}"
 
 echo "== 4/5 train ~$MINUTES minutes on $NPROC ranks -> $RUN"
-deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config ds_configs/cpu_zero2.json \
-  --config "$RECIPE" "${DATA_ARGS[@]}" "train.save_dir=$RUN" "train.max_minutes=$MINUTES"
+# launch/supervise.py: exit 75 when the ranks stopped with $RUN/latest saved (SIGTERM/Ctrl-C to
+# this script, which passes it on; deepspeed or its launch process killed), non-zero on any failure
+python launch/supervise.py deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config ds_configs/cpu_zero2.json \
+  --config "$RECIPE" "${DATA_ARGS[@]}" "train.save_dir=$RUN" "train.max_minutes=$MINUTES" &
+train_pid=$!
+trap 'kill -TERM "$train_pid" 2>/dev/null' TERM INT
+rc=0
+wait "$train_pid" || rc=$?
+while kill -0 "$train_pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the save
+  rc=0
+  wait "$train_pid" || rc=$?
+done
+trap - TERM INT
+if [ "$rc" -eq 75 ]; then
+  echo "Training stopped with $RUN/latest saved; run the quickstart again to resume it." >&2
+  exit 75
+fi
+[ "$rc" -eq 0 ] || exit "$rc"
 
 echo "== 5/5 evaluate $RUN/best on test (first $EVAL_LIMIT sentences per language; model vs copy baseline)"
 python launch/evaluate.py --checkpoint "$RUN/best" --split test --limit "$EVAL_LIMIT" --samples 5

@@ -41,22 +41,28 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
 
 WATCHED = """
 import sys, time, psutil
+from cats_ds import preempt
 from cats_ds.watchdog import watch
-watch([psutil.Process(int(sys.argv[1]))], "rank test", poll=0.1)
+parent = psutil.Process(int(sys.argv[1]))
+watch([parent], "rank test", poll=0.1, launch=parent)
 print("watching", flush=True)
-time.sleep(60)
+# the training loop's part: stop at the next update boundary once a stop is requested
+print("stop requested:", preempt.requested.wait(30) and preempt.received, flush=True)
 """
 
 PARENT = """
 import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())] + sys.argv[2:])
-print(child.pid, flush=True)
+for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 1):
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())] + sys.argv[3:])
+    print(child.pid, flush=True)
 time.sleep(60)
 """
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_watchdog_exits_when_the_watched_process_dies(tmp_path, sig):
+def test_watchdog_turns_a_lost_launcher_into_a_stop(tmp_path, sig):
+    """The launcher (here the parent) dies while this node's ranks live: a stop request,
+    as on SIGTERM (the ranks save latest/ and exit 75), not an exit that loses the work."""
     err = open(tmp_path / "err.txt", "w")
     parent = subprocess.Popen([sys.executable, "-c", PARENT, WATCHED], stdout=subprocess.PIPE, stderr=err,
                               text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -65,8 +71,30 @@ def test_watchdog_exits_when_the_watched_process_dies(tmp_path, sig):
     parent.send_signal(sig)
     parent.wait(10)
     child.wait(10)  # psutil.TimeoutExpired if it is still running
+    assert parent.stdout.read() == f"stop requested: ['launcher pid {parent.pid} gone']\n"
     text = (tmp_path / "err.txt").read_text()
-    assert f"error: rank test: its launcher (pid {parent.pid}" in text and "is gone" in text
+    assert f"| rank test: its launcher (pid {parent.pid}" in text and "is gone; stopping as on SIGTERM" in text
+    assert "error:" not in text
+
+
+def test_watchdog_exits_at_once_when_a_peer_rank_is_gone_too(tmp_path):
+    """Launcher and a peer rank both gone: no all_reduce can complete, so the other rank
+    exits at once (code 1) instead of waiting for a save that cannot happen."""
+    err = open(tmp_path / "err.txt", "w")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, WATCHED, "2"], stdout=subprocess.PIPE, stderr=err,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    a, b = (psutil.Process(int(parent.stdout.readline())) for _ in range(2))
+    assert [parent.stdout.readline() for _ in range(2)] == ["watching\n"] * 2
+    time.sleep(0.5)  # each watchdog has seen its peer
+    b.kill()
+    parent.kill()
+    parent.wait(10)
+    a.wait(10)  # long before its 30 s wait for a stop request would end
+    assert parent.stdout.read() == ""  # no stop was requested
+    text = (tmp_path / "err.txt").read_text()
+    assert (f"error: rank test: its launcher (pid {parent.pid}: " in text
+            and f"is gone and so is rank process pid {b.pid}: no save possible" in text), text
+    assert "stopping as on SIGTERM" not in text
 
 
 SAVING = """
@@ -85,7 +113,7 @@ def test_watchdog_lets_a_stopping_rank_finish_its_save(tmp_path, save_s, grace_s
     """The grace path of a SIGTERM to the whole process group, with the save's length under
     the test's control: a real rank's save can end before the watchdog's next look."""
     err = open(tmp_path / "err.txt", "w")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, SAVING, str(save_s), str(grace_s)],
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, SAVING, "1", str(save_s), str(grace_s)],
                               stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     child = psutil.Process(int(parent.stdout.readline()))
     assert parent.stdout.readline() == "watching\n"
@@ -103,16 +131,21 @@ def test_watchdog_lets_a_stopping_rank_finish_its_save(tmp_path, save_s, grace_s
         assert rest == "" and f"error: rank test: still running {grace_s:.0f} s after its launcher went away" in text
 
 
-def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
-    """kill -9 to the `deepspeed` runner alone: the launch process and both ranks go too."""
+def test_sigterm_to_the_deepspeed_runner_saves_and_leaves_no_orphans(tmp_path, tiny_recipe):
+    """SIGTERM to the `deepspeed` runner alone (`kill <pid>`, docker stop, systemd: the main
+    process; it installs no handler and dies at once): the ranks' watchdogs find it gone
+    while both ranks live, so they stop as on SIGTERM: latest/ at the update reached, exit
+    75, and the launch process and both ranks are gone (it used to be exit 1, nothing saved)."""
     recipe = tiny_recipe("orphan", train={"max_updates": 100000, "valid_every": 100000})
     ds = write_json(tmp_path / "z2.json", ds_config(2))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               CATS_WATCHDOG_POLL_S="0.1")
     port = free_port()
     out = open(tmp_path / "out.txt", "w")
     runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                                "--master_port", str(port), TRAIN, "--deepspeed_config", str(ds),
-                               "--config", str(recipe)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                               "--config", str(recipe)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     tree: list[psutil.Process] = []
     try:
         log = tmp_path / "orphan" / "train_log.jsonl"
@@ -121,12 +154,17 @@ def test_ranks_exit_when_the_deepspeed_runner_is_killed(tmp_path, tiny_recipe):
         launchers = [p for p in tree if "deepspeed.launcher.launch" in p.cmdline()]
         ranks = [p for p in tree if p not in launchers and TRAIN in p.cmdline()]
         assert len(launchers) == 1 and len(ranks) == 2 and len(tree) == 3
-        runner.kill()
-        runner.wait()
-        gone, alive = psutil.wait_procs(tree, timeout=20)
-        assert not alive, f"still running after the runner was killed: {alive}"
+        runner.terminate()
+        assert runner.wait() == -signal.SIGTERM
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, f"still running after the runner was terminated: {alive}"
         text = (tmp_path / "out.txt").read_text()
-        assert "its launcher (pid" in text and "is gone; exiting" in text
+        assert f"its launcher (pid {runner.pid}" in text and "is gone; stopping as on SIGTERM" in text
+        assert "no rank trains on orphaned" not in text, text[-3000:]
+        step = json.loads((tmp_path / "orphan" / "latest" / "cats_ds.json").read_text())["step"]
+        assert f"| launcher pid {runner.pid} gone: stopped at step {step}, latest/ saved; exit 75" in text
+        assert read_log(tmp_path / "orphan")[-1]["step"] == step >= 2
+        assert not (tmp_path / "orphan" / "train.lock").exists()
     finally:  # on failure the orphans are no longer our children: kill them by pid
         if runner.poll() is None:
             tree = psutil.Process(runner.pid).children(recursive=True) + [psutil.Process(runner.pid)]
@@ -193,6 +231,39 @@ def test_non_finite_loss_stops_and_keeps_latest(tmp_path, trained):
     assert not list(save_dir.glob("*.tmp")) and not list(save_dir.glob("*.old"))
     logged = [r["loss"] for r in read_log(save_dir)]
     assert all(math.isfinite(v) for v in logged[:4]) and not math.isfinite(logged[-1])
+
+
+def test_last_good_checkpoint_names_a_numbered_one_once_the_next_update_is_finite(tmp_path):
+    """train.save_every=2, no validation yet, NaN from update 5 on: the error names step_4/
+    (it said "none yet" though step_<n>/ existed); step_4/ counts only once update 5's loss
+    is finite, since it holds the weights after update 4."""
+    from types import SimpleNamespace
+
+    from cats_ds.checkpoint import note_saved
+    from cats_ds.train import Run, TrainError, check_finite_update
+
+    cfg = config_from_dict({"train": {"max_nonfinite": 2}})
+    run = SimpleNamespace(step=0, world=1, update_loss=0.0, nonfinite=0, stop_signal=False, cfg=cfg,
+                          **{k: getattr(Run, k) for k in ("last_good", "good_step", "unconfirmed")})
+
+    def update(loss: float) -> None:  # what fit() does around one update
+        run.update_loss = loss
+        run.step += 1
+        check_finite_update(run)
+        if run.step % 2 == 0 and not run.nonfinite:
+            note_saved(run, tmp_path / f"step_{run.step}", validated=False)
+
+    for _ in range(4):
+        update(1.0)
+    assert run.last_good == f"{tmp_path / 'step_2'} (step 2)"  # step_4/ not confirmed yet
+    update(1.0)
+    assert run.last_good == f"{tmp_path / 'step_4'} (step 4)"
+    update(1.0)  # step_6/ saved ...
+    with pytest.raises(TrainError, match=re.escape(f"Last good checkpoint: {tmp_path / 'step_4'} (step 4).")):
+        update(float("nan"))  # ... but update 7 gave NaN: its weights are not good
+        update(float("nan"))
+    note_saved(run, tmp_path / "latest", validated=True)
+    assert run.last_good == f"{tmp_path / 'latest'} (step 8)" and run.good_step == 8
 
 
 def test_non_finite_validation_loss_stops_without_saving(tmp_path, trained):

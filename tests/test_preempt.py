@@ -150,14 +150,22 @@ if [ "$1" = show ]; then echo node1; else echo "$@" >> "$CALLS"; fi
 """
 FAKE_DEEPSPEED = """#!/usr/bin/env python3
 import os, signal, sys
+from cats_ds import supervise
 ignored = [s.name for s in (signal.SIGUSR1, signal.SIGTERM) if signal.getsignal(s) == signal.SIG_IGN]
 open(os.environ["CALLS"], "a").write("deepspeed ignores " + ",".join(ignored) + "\\n")
+os.environ["RANK"] = "0"  # as its rank would: started, and (unless killed) how it ended
+supervise.record_start()
+if os.environ["FAKE_RANK"] != "killed":
+    supervise.record_exit(int(os.environ["FAKE_RANK"]))
 sys.exit(int(os.environ["FAKE_RC"]))
 """
 
 
-@pytest.mark.parametrize("rc, requeued", [(REQUEUE_EXIT, True), (2, False), (0, False)])
-def test_sbatch_requeues_on_the_requeue_exit_code(tmp_path, rc, requeued):
+@pytest.mark.parametrize("rc, rank, want, requeued", [
+    (REQUEUE_EXIT, REQUEUE_EXIT, 0, True), (2, 2, 2, False), (0, 0, 0, False),
+    (0, REQUEUE_EXIT, 0, True),  # the launch process was killed: deepspeed returns 0, the ranks saved
+    (0, "killed", 1, False)])  # ... and the ranks were killed too: not a success
+def test_sbatch_requeues_on_the_requeue_exit_code(tmp_path, rc, rank, want, requeued):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("deepspeed", FAKE_DEEPSPEED)):
@@ -165,13 +173,13 @@ def test_sbatch_requeues_on_the_requeue_exit_code(tmp_path, rc, requeued):
         (bin_dir / name).chmod(stat.S_IRWXU)
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), FAKE_RC=str(rc),
-               SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO),
-               HOSTFILE=str(tmp_path / "hostfile"))
+               FAKE_RANK=str(rank), SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO),
+               HOSTFILE=str(tmp_path / "hostfile"), PYTHONPATH=str(REPO))
     done = subprocess.run(["bash", "launch/slurm/train.sbatch", "ds.json", "recipe.yaml"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     lines = calls.read_text().splitlines()
     assert lines[0] == "deepspeed ignores SIGUSR1,SIGTERM"  # only the ranks act on them
     assert (lines[1:] == ["requeue 4242"]) == requeued and len(lines) == 1 + requeued
-    assert done.returncode == (0 if requeued else rc), done.stderr
+    assert done.returncode == want, done.stderr
     header = (REPO / "launch/slurm/train.sbatch").read_text()
     assert "#SBATCH --signal=USR1@" in header and "#SBATCH --requeue" in header
