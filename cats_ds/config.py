@@ -28,7 +28,7 @@ class DataConfig:
     dir: str = "data-bin/gettext8"
     """Prepared data folder (manifest.json, spm.model, binarized shards)."""
     corpus: Literal["gettext", "plain", "opus100", "ted8", "wmt"] = "gettext"
-    """Raw corpus layout read by `prepare` (see DATA.md)."""
+    """Raw corpus layout read by `prepare` (see docs/data.md, "Corpus layouts")."""
     raw: str = "/usr/share/locale"
     """Root of the raw corpus."""
     languages: list[str] = field(default_factory=list)
@@ -136,8 +136,8 @@ class WeightingConfig:
 @dataclass
 class CatsConfig:
     update: Literal["mirror", "lagrangian"] = "mirror"
-    """How alpha moves at a meta step (DESIGN.md, "CATS, precisely"). mirror: exponentiated-
-    gradient steps on dimensionless loss/curvature scores, in-batch languages keep their
+    """How alpha moves at a meta step (docs/design.md, section 4, "CATS as implemented").
+    mirror: exponentiated-gradient steps on dimensionless loss/curvature scores, in-batch languages keep their
     mass, relative curvature budget kappa, exact floor alpha_min. lagrangian: the paper's
     Eq. 6 read literally (SGD on alpha, ascent on the multipliers, absolute budget)."""
     weight_by: Literal["tokens", "language"] = "tokens"

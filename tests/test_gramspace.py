@@ -285,7 +285,8 @@ def null_weights(method: str, steps: int = 1000, **cfg):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_null_identical_languages_sampled_unequally(method):
-    """DESIGN.md's null test: gettext8's 8 languages, statistically identical (g_n = u + z_n,
+    """The null test (docs/design.md, "Behaviour tests every weighting is held to"):
+    gettext8's 8 languages, statistically identical (g_n = u + z_n,
     mean pairwise cosine ~0.2, so PCGrad/GradVac do see conflicts), drawn at gettext8's
     T=1 rates (de/es/it/uk ~12x af/cy/is/kk), K=4 distinct per meta batch, token shares
     from random token counts. Each meta step sets the batch's weights afresh, so the test

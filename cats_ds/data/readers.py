@@ -7,7 +7,7 @@ so memory holds one language at a time (WMT German alone is 27.8M pairs):
     scan = scan_corpus(layout, data)          # reads every language once: counts, warnings, errors
     lang_data = read_language(layout, lang, data)   # pairs per split, read again when needed
 
-Layouts (DATA.md has the full description):
+Layouts (docs/data.md, "Corpus layouts", has the full description):
 
 - ``gettext``: ``<raw>/<locale>/LC_MESSAGES/*.mo``; every locale directory (``pt_BR``,
   ``sr@latin``, ``zh_CN``) is a language of its own, except ``en`` itself (the source);
@@ -129,7 +129,7 @@ def _select(found: Iterable[str], data: DataConfig, root: Path) -> list[str]:
     """data.languages checked against the languages the corpus has (all of them if empty)."""
     found = sorted(set(found) - {ENGLISH})
     if not found:
-        raise CorpusError(f"{root}: no {data.corpus} corpus files found (see DATA.md for the layout)")
+        raise CorpusError(f"{root}: no {data.corpus} corpus files found (see docs/data.md, 'Corpus layouts')")
     if not data.languages:
         return found
     if ENGLISH in data.languages:

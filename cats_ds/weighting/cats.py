@@ -1,5 +1,5 @@
-"""Curvature-Aware Task Scaling (Li & Gong, Eq. 6): the two updates of DESIGN.md,
-"CATS, precisely".
+"""Curvature-Aware Task Scaling (Li & Gong, Eq. 6): the two updates described in
+docs/design.md, section 4, "CATS as implemented".
 
 Notation: N languages, alpha (init 1, sum N), B the distinct languages of the meta batch,
 L_n their mean token losses, G their Gram matrix, f = alpha_B^T G alpha_B = |sum_B alpha_n g_n|^2
