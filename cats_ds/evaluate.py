@@ -92,9 +92,12 @@ def apply_eval_overrides(cfg: Config, overrides: Optional[list[str]]) -> Config:
 def check_override_sections(overrides: list[str]) -> None:
     for text in overrides:
         path, _ = parse_override(text)
+        if path[0] == "data" and path[1:] == ["dir"]:
+            raise EvalError(f"override '{text}': the data folder is given as --data-dir {text.split('=', 1)[1]}")
         if path[0] != "eval" or len(path) < 2:
             raise EvalError(f"override '{text}': only eval.* settings can change at evaluation time, "
-                            f"not '{path[0]}' (the model and data are fixed by the checkpoint)")
+                            f"not '{path[0]}' (the model and data are fixed by the checkpoint; a moved data "
+                            f"folder is given as --data-dir)")
 
 
 def tokenizer_for(lang: str, ecfg: EvalConfig) -> str:
@@ -162,8 +165,11 @@ def format_table(results: list[LangResult], avg: dict[str, Optional[dict]], titl
 
 def default_out_dir(checkpoint: str | Path, split: str) -> Path:
     """`<save_dir>/eval/<checkpoint name>-<split>`: beside the checkpoint, not inside it
-    (training replaces best/ and latest/ whole when it saves them again)."""
+    (training replaces best/ and latest/ whole when it saves them again). The model folder
+    training writes into best/ (best/model) evaluates to `<save_dir>/eval/best.model-<split>`."""
     ckpt = Path(checkpoint).resolve()
+    if (ckpt.parent / "cats_ds.json").is_file():  # a folder inside a checkpoint: beside that checkpoint
+        return ckpt.parent.parent / "eval" / f"{ckpt.parent.name}.{ckpt.name}-{split}"
     return ckpt.parent / "eval" / f"{ckpt.name}-{split}"
 
 
@@ -284,12 +290,15 @@ def resolve_device(device: str, local_rank: int) -> str:
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Optional[int] = None,
                         out_dir: Optional[str | Path] = None, languages: Optional[list[str]] = None,
-                        overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0) -> dict:
+                        overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0,
+                        data_dir: Optional[str | Path] = None) -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
     docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
     data-parallel run). `limit`: the first N sentences of each language. `samples`: also
-    print that many sample translations. `device`: cpu or cuda (this process' GPU)."""
+    print that many sample translations. `device`: cpu or cuda (this process' GPU).
+    `checkpoint`: a DeepSpeed checkpoint or a model folder; `data_dir`: the prepared data
+    to score against (default: the data.dir the model was trained with)."""
     check_override_sections(list(overrides or []))  # before any loading: fail fast
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
@@ -297,7 +306,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     rank, world, created = process_group()
     device = resolve_device(device, int(os.environ.get("LOCAL_RANK", rank)))
     try:
-        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world)
+        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world, data_dir)
     finally:
         if created:
             import torch.distributed as dist
@@ -306,10 +315,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
 
 
 def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, overrides, device: str,
-              samples: int, rank: int, world: int) -> dict:
+              samples: int, rank: int, world: int, data_dir=None) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device)
+        cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device, data_dir)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
     meta = read_meta(ckpt)

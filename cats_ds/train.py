@@ -809,6 +809,10 @@ def train(cfg: Config, ds_config_path: str) -> Run:
         fit(run)
     finally:  # done, stopped by a signal, or an error every rank raised outside a collective
         shutdown_distributed()
+    if run.rank == 0 and not run.requeue:
+        from cats_ds.model_folder import write_best_model
+
+        write_best_model(cfg.train.save_dir)
     return run
 
 
