@@ -330,6 +330,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctran
         from cats_ds.hf_export import export_transformers
 
         return export_transformers(cfg, model, vocab, languages, out, force=force, checkpoint=str(checkpoint),
-                                   step=meta.get("step"), spm_dir=spm_dir)
+                                   step=meta.get("step"), spm_dir=spm_dir,
+                                   family_names=(meta.get("families") or {}).get("names"))
     return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,
                               checkpoint=str(checkpoint), step=meta.get("step"), spm_dir=spm_dir)
