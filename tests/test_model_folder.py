@@ -175,3 +175,45 @@ def test_damaged_or_incomplete_folders_are_named(tmp_path, tiny_data):
         load_model(out)
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(out), "--format", "pytorch", "--out", str(tmp_path / "x")])
+
+
+def test_analyze_takes_a_model_folder_with_data_dir(tmp_path, tiny_data):
+    """analyze on a model folder whose recorded data folder is gone: --data-dir gives the
+    data, and the record equals the checkpoint's (same weights, same batches)."""
+    from cats_ds.analysis.analyze import analyze_checkpoint, default_out_dir
+
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "best", tiny_data)
+    folder = export_checkpoint(ckpt, ckpt / "model", "pytorch")
+    assert default_out_dir(folder) == (tmp_path / "run" / "analysis" / "best.model").resolve()
+    conf = json.loads((folder / "config.json").read_text())
+    conf["training"]["config"]["data"]["dir"] = str(tmp_path / "gone")
+    (folder / "config.json").write_text(json.dumps(conf))
+    overrides = ["analysis.sentences=8", "analysis.hessian_iters=2"]
+    with pytest.raises(CheckpointError, match="gone.*does not exist.*--data-dir"):
+        analyze_checkpoint(folder, overrides=overrides)
+    got = analyze_checkpoint(folder, overrides=overrides, data_dir=tiny_data)
+    ref = analyze_checkpoint(ckpt, overrides=overrides)
+    assert got["step"] == ref["step"] == 7
+    assert got["pair_types"] == ref["pair_types"] and got["lambda_max"] == ref["lambda_max"]
+
+
+def test_training_ends_with_a_model_folder_in_best(tmp_path, tiny_recipe, tiny_data, monkeypatch):
+    """The default end of train: best/model/, which loads to best/'s weights and, copied to
+    a fresh directory, evaluates there like best/."""
+    from helpers import ds_config, launch, write_json
+
+    ds = write_json(tmp_path / "z0.json", ds_config(0))
+    launch(["launch/train.py", "--deepspeed_config", ds, "--config", tiny_recipe("run", train={"max_updates": 3})], 1)
+    best = tmp_path / "run" / "best"
+    assert (best / "model" / "model.safetensors").is_file()
+    _, from_ckpt, *_ = load_for_inference(best)
+    _, from_folder, *_ = load_model(best / "model")
+    for k, v in from_ckpt.state_dict().items():
+        assert torch.equal(from_folder.state_dict()[k], v), k
+    assert "updates: 3" in (best / "model" / "README.md").read_text()
+    fresh = tmp_path / "fresh" / "model"
+    shutil.copytree(best / "model", fresh)
+    monkeypatch.chdir(fresh.parent)
+    report = evaluate_checkpoint("model", limit=2, data_dir=tiny_data, overrides=["eval.beam=1"])
+    ref = evaluate_checkpoint(best, limit=2, out_dir=tmp_path / "ref", overrides=["eval.beam=1"])
+    assert report["languages"] == {**ref["languages"]}

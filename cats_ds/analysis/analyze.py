@@ -325,8 +325,11 @@ def _tensorboard_heatmap(run: "Run", record: dict) -> None:
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
-    """`<save_dir>/analysis/<checkpoint name>`: outside the folders a re-save replaces."""
+    """`<save_dir>/analysis/<checkpoint name>`: outside the folders a re-save replaces (the
+    model folder best/model/ inside a checkpoint: `<save_dir>/analysis/best.model`)."""
     ckpt = Path(checkpoint).resolve()
+    if (ckpt.parent / "cats_ds.json").is_file():
+        return ckpt.parent.parent / "analysis" / f"{ckpt.parent.name}.{ckpt.name}"
     return ckpt.parent / "analysis" / ckpt.name
 
 
