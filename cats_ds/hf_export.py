@@ -26,9 +26,15 @@ so that the outputs are the same, not just similar:
   translation into an arbitrary language.
 - Search. `suppress_tokens` = <pad>, <unk>, <s> (what our search bans), `early_stopping`
   True (stop a sentence at `num_beams` finished hypotheses, as ours does), length_penalty
-  from eval.lenpen (both divide by the length counting </s>, not the tag). Our maximum
-  length rule is per sentence, int(max_len_a * source tokens incl. </s> + max_len_b)
-  including </s>: give generate `max_new_tokens` = that (the README's example does).
+  from eval.lenpen (both divide by the length counting </s>, not the tag),
+  `forced_eos_token_id` </s> (a hypothesis at the length limit ends in </s>, as ours).
+  Our maximum length rule is per sentence, int(max_len_a * source tokens incl. </s> +
+  max_len_b) including </s>: give generate `max_new_tokens` = that (the README's example
+  does; the default, max_positions - 1, is the model's own limit). Greedy search is then
+  ours token for token. One difference remains in beam search: at the limit transformers'
+  forced </s> scores log-probability 0 where ours keeps </s>'s own log-probability, so
+  hypotheses that reach the limit can be ranked differently (sentences that end before
+  it get the same n-best list, tested).
 - Norms: layernorm (eps 1e-5); layernorm_noaffine is the same with gain 1, bias 0.
   rmsnorm(_noaffine) and post-norm have no M2M100 equivalent and are refused by name
   (the CTranslate2 export maps them).
@@ -162,7 +168,8 @@ def generation_config(cfg: Config) -> dict:
     e = cfg.eval
     return {"decoder_start_token_id": None, "bos_token_id": None, "eos_token_id": EOS, "pad_token_id": PAD,
             "suppress_tokens": [PAD, UNK, BOS], "num_beams": e.beam, "length_penalty": e.lenpen,
-            "early_stopping": True, "do_sample": False}
+            "early_stopping": True, "do_sample": False, "forced_eos_token_id": EOS,
+            "max_new_tokens": cfg.model.max_positions - 1}
 
 
 def build_tokenizer(spm_model: str | Path, languages: list[str]):
@@ -223,10 +230,12 @@ out = model.generate(**batch, decoder_start_token_id=tag, num_beams={beam}, leng
 print(tok.batch_decode(out, skip_special_tokens=True))
 ```
 
-generation_config.json bans <pad>, <unk> and <s> and stops a sentence at `num_beams`
-finished hypotheses, as cats_ds' own search does; with the same maximum length per
-sentence (int({max_len_a} * source tokens including </s> + {max_len_b}) new tokens, </s>
-included) greedy search gives cats_ds' tokens exactly (tested).
+generation_config.json bans <pad>, <unk> and <s>, stops a sentence at `num_beams` finished
+hypotheses and ends one that reaches the length limit with </s>, as cats_ds' own search
+does. With cats_ds' maximum length per sentence (int({max_len_a} * source tokens including
+</s> + {max_len_b}) new tokens, </s> included; the example above applies it to the longest
+source of the batch) greedy search gives cats_ds' tokens exactly (tested); beam search
+differs only in how it ranks hypotheses that reach that limit.
 Languages and tags: languages.json. Language families: see ../families.json if present.
 """
 

@@ -14,7 +14,7 @@ import yaml
 
 from cats_ds import search
 from cats_ds.cli import export_main
-from cats_ds.data.manifest import load_split, load_texts
+from cats_ds.data.manifest import EOS, load_split, load_texts
 from cats_ds.evaluate import corpus_scores
 from cats_ds.export import ExportError, export_checkpoint
 from cats_ds.hf_export import export_transformers
@@ -32,11 +32,10 @@ def load_hf(folder: Path):
 
 
 def hf_tokens(out: torch.Tensor) -> list[int]:
-    """A generated row without its first token (the tag) and trailing padding."""
+    """A generated row without its first token (the tag) and what follows its first </s>
+    (padding: <pad> after greedy, </s> after beam search)."""
     row = out.tolist()[1:]
-    while row and row[-1] == 0:
-        row.pop()
-    return row
+    return row[:row.index(EOS) + 1] if EOS in row else row
 
 
 def compare_greedy(cfg, model, manifest, vocab, langs, out: Path, n: int = 10) -> int:
@@ -62,13 +61,9 @@ def compare_greedy(cfg, model, manifest, vocab, langs, out: Path, n: int = 10) -
         for i, (hyp, limit) in enumerate(zip(ours, limits)):
             one = src[i:i + 1, :int(batch["attention_mask"][i].sum())]
             got = hf_tokens(hf.generate(one, decoder_start_token_id=tag, num_beams=1, max_new_tokens=limit)[0])
-            if len(hyp.tokens) < limit:
-                assert got == hyp.tokens, (lang, i)
-                stopped += 1
-            else:  # ours ends at the limit with a forced </s>; transformers just stops there
-                assert got[:limit - 1] == hyp.tokens[:-1], (lang, i)
-            # the detokenized text is ours
-            assert tok.decode(got, skip_special_tokens=True) == vocab.decode(hyp.tokens) or len(hyp.tokens) == limit
+            assert got == hyp.tokens, (lang, i)  # also at the limit: </s> forced there in both
+            assert tok.decode(got, skip_special_tokens=True) == vocab.decode(hyp.tokens)  # and so is the text
+            stopped += len(hyp.tokens) < limit
         # a padded batch, one tag per sentence (a list of decoder start tokens)
         rows = hf.generate(**batch, decoder_start_token_id=[tag] * n, num_beams=1, max_new_tokens=max(limits))
         for i, (hyp, limit) in enumerate(zip(ours, limits)):
@@ -95,13 +90,17 @@ def test_transformers_greedy_equals_ours(tmp_path, tiny_data, model):
 
 
 def test_transformers_beam5_within_0_1_bleu_of_ours(tmp_path, tiny_data):
-    """50 test sentences (20 aa, 15 bb, 15 cc), beam 5, each with our length limit."""
-    cfg, net, manifest, vocab, langs = trained_model(tiny_data)
+    """50 test sentences (20 aa, 15 bb, 15 cc), beam 5, each with our length limit, on a
+    model trained long enough that many hypotheses end before the limit and many reach it.
+    Sentences whose hypotheses all end before it get our best hypothesis; those that reach
+    it may be ranked differently (forced </s> scores 0 there), so the
+    corpus scores are compared: BLEU within 0.1."""
+    cfg, net, manifest, vocab, langs = trained_model(tiny_data, steps=300)
     out = export_transformers(cfg, net, vocab, langs, tmp_path / "hf")
     hf, tok = load_hf(out)
     assert hf.generation_config.num_beams == 5 and hf.generation_config.early_stopping is True
     test = load_split(tiny_data, manifest, "test", langs)
-    ours_text, hf_text, refs, same = [], [], [], 0
+    ours_text, hf_text, refs, before_limit, same = [], [], [], 0, 0
     for li, (lang, n) in enumerate(zip(langs, (20, 15, 15))):
         refs += load_texts(tiny_data, manifest, "test", lang, len(test[lang]))[1][:n]
         tag = vocab.lang_ids[lang]
@@ -110,16 +109,21 @@ def test_transformers_beam5_within_0_1_bleu_of_ours(tmp_path, tiny_data):
             limit = int(search.max_lengths(net, src, cfg.eval.max_len_a, cfg.eval.max_len_b))
             ours = search.beam_search(net, src, torch.tensor([tag]), torch.tensor([li]), beam=5,
                                       lenpen=cfg.eval.lenpen, max_len_a=cfg.eval.max_len_a,
-                                      max_len_b=cfg.eval.max_len_b)[0][0].tokens
-            got = hf_tokens(hf.generate(src, decoder_start_token_id=tag, max_new_tokens=limit)[0])
-            same += got == ours
-            ours_text.append(vocab.decode(ours))
-            hf_text.append(tok.decode(got, skip_special_tokens=True))
-    assert len(refs) == 50
+                                      max_len_b=cfg.eval.max_len_b)[0]
+            rows = hf.generate(src, decoder_start_token_id=tag, max_new_tokens=limit, num_return_sequences=5)
+            got = [hf_tokens(r) for r in rows]
+            if all(len(h.tokens) < limit for h in ours):
+                assert got[0] == ours[0].tokens, (lang, i)
+                before_limit += 1
+            same += got[0] == ours[0].tokens
+            ours_text.append(vocab.decode(ours[0].tokens))
+            hf_text.append(tok.decode(got[0], skip_special_tokens=True))
+    assert len(refs) == 50 and 5 <= before_limit <= 45, before_limit  # both cases are exercised
     ours_bleu = corpus_scores(ours_text, refs, "13a").bleu
     hf_bleu = corpus_scores(hf_text, refs, "13a").bleu
+    print(f"beam 5, 50 sentences: BLEU ours {ours_bleu:.4f}, transformers {hf_bleu:.4f}; same best hypothesis "
+          f"{same}/50; all hypotheses before the limit in {before_limit}")
     assert abs(ours_bleu - hf_bleu) <= 0.1, (ours_bleu, hf_bleu, same)
-    assert same >= 45, same  # and nearly every hypothesis is the same
 
 
 @pytest.mark.parametrize("model, name", [
