@@ -21,9 +21,8 @@ so that the outputs are the same, not just similar:
 - The first decoder token. M2M100 starts from </s> and forces the language token next; we
   start from the `<2xx>` tag itself at position 0. So generation_config has no
   decoder_start_token_id (nor bos_token_id, which generate would fall back to), and the
-  tag is passed as `decoder_start_token_id` (one language per call) or as
-  `decoder_input_ids` (one tag per sentence): generate without it is an error, not a
-  translation into an arbitrary language.
+  tag is passed as `decoder_start_token_id` (one id, or a list with one per sentence):
+  generate without it is an error, not a translation into an arbitrary language.
 - Search. `suppress_tokens` = <pad>, <unk>, <s> (what our search bans), `early_stopping`
   True (stop a sentence at `num_beams` finished hypotheses, as ours does), length_penalty
   from eval.lenpen (both divide by the length counting </s>, not the tag),
@@ -214,8 +213,8 @@ An M2M100-architecture model (cats_ds, step {step}): English -> {n} languages: {
 Exported by `python launch/export.py --checkpoint {checkpoint} --format transformers --out {out}`.
 
 The target language is chosen by its tag, given as the decoder's first token
-(`decoder_start_token_id`, or `decoder_input_ids` with one tag per sentence); the tag
-is the first token of each output (skip_special_tokens drops it).
+(`decoder_start_token_id`: one id, or a list with one per sentence); the tag is the first
+token of each output (skip_special_tokens drops it). Without a tag generate refuses.
 
 ```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
