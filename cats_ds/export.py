@@ -242,10 +242,12 @@ def _write_ctranslate2(spec, data_dir: str, languages: list[str], out: Path, qua
 
 def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages: list[str], out: str | Path,
                        force: bool = False, quantization: Optional[str] = None,
-                       checkpoint: str = "", step: Optional[int] = None, spm_dir: Optional[str | Path] = None) -> Path:
+                       checkpoint: str = "", step: Optional[int] = None, spm_dir: Optional[str | Path] = None,
+                       family_names: Optional[list[str]] = None) -> Path:
     """Write the CTranslate2 model, spm.model, languages.json and README.md to `out`; for
     a family-expert model, one such folder per family under `out` plus families.json.
-    `spm_dir`: the folder holding spm.model (default cfg.data.dir)."""
+    `spm_dir`: the folder holding spm.model (default cfg.data.dir); `family_names`: the
+    expert families in id order (a model folder's; default: read experts.families)."""
     _ctranslate2()
     out = Path(out)
     if out.exists() and not force:
@@ -263,7 +265,8 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
                             max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b) + note
 
     try:
-        _write_all(cfg, model, tokens, languages, tmp, quantization, readme, out, str(spm_dir or cfg.data.dir))
+        _write_all(cfg, model, tokens, languages, tmp, quantization, readme, out, str(spm_dir or cfg.data.dir),
+                   family_names)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
         raise
@@ -274,7 +277,8 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
 
 
 def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: list[str], tmp: Path,
-               quantization: Optional[str], readme, out: Path, spm_dir: str) -> None:
+               quantization: Optional[str], readme, out: Path, spm_dir: str,
+               family_names: Optional[list[str]] = None) -> None:
     """The dense model into tmp, or one folder per family plus families.json."""
     if not model.routed:
         _write_ctranslate2(transformer_spec(cfg, model, tokens), spm_dir, languages, tmp, quantization,
@@ -282,7 +286,10 @@ def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: li
     else:
         from cats_ds.families import load_family_map
 
-        families, lang_family = load_family_map(cfg.experts.families or "default").assign(languages)
+        if family_names is not None:  # a model folder's stored assignment: no map file needed
+            families, lang_family = list(family_names), model.lang_family.tolist()
+        else:
+            families, lang_family = load_family_map(cfg.experts.families or "default").assign(languages)
         if list(model.lang_family.tolist()) != list(lang_family):
             raise ExportError(f"experts.families={cfg.experts.families}: the family map now routes the "
                               f"languages differently from the model ({lang_family} vs "
@@ -333,4 +340,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctran
                                    step=meta.get("step"), spm_dir=spm_dir,
                                    family_names=(meta.get("families") or {}).get("names"))
     return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,
-                              checkpoint=str(checkpoint), step=meta.get("step"), spm_dir=spm_dir)
+                              checkpoint=str(checkpoint), step=meta.get("step"), spm_dir=spm_dir,
+                              family_names=(meta.get("families") or {}).get("names"))

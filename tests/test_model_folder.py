@@ -161,6 +161,13 @@ def test_expert_model_folder_routes_without_the_family_map_file(tmp_path, tiny_d
     assert loaded.lang_family.tolist() == [0, 0, 1]
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    # the per-family exports take the folder's families too
+    pytest.importorskip("transformers")
+    hf = export_checkpoint(out, tmp_path / "hf", "transformers")
+    assert json.loads((hf / "families.json").read_text())["folder"] == {"aa": "x", "bb": "x", "cc": "y"}
+    pytest.importorskip("ctranslate2")
+    ct2 = export_checkpoint(out, tmp_path / "ct2", "ctranslate2")
+    assert json.loads((ct2 / "families.json").read_text())["folder"] == {"aa": "x", "bb": "x", "cc": "y"}
 
 
 def test_damaged_or_incomplete_folders_are_named(tmp_path, tiny_data):
