@@ -180,9 +180,17 @@ python launch/evaluate.py --checkpoint {out} --data-dir <prepared data folder> -
 python launch/export.py --checkpoint {out} --format transformers --out <folder>
 ```
 ```python
-from cats_ds.checkpoint import load_model
+import torch
 from cats_ds import search
+from cats_ds.checkpoint import load_model
+
 cfg, model, vocab, languages, meta = load_model("{out}")
+lang = "{example}"
+src = torch.tensor([vocab.encode("Open the file.")])          # pieces + </s>
+hyp = search.generate(model, src, torch.tensor([vocab.lang_ids[lang]]), torch.tensor([languages.index(lang)]),
+                      beam=cfg.eval.beam, lenpen=cfg.eval.lenpen, max_len_a=cfg.eval.max_len_a,
+                      max_len_b=cfg.eval.max_len_b)[0][0]
+print(vocab.decode(hyp.tokens))
 ```
 The target language is chosen by its tag (`<2xx>`), the decoder's first input token.
 """
@@ -220,7 +228,8 @@ def _readme(conf: dict, out: Path, checkpoint: str, pair_counts: Optional[dict],
         families_note=", families" if conf.get("families") else "",
         corpus=train["config"]["data"].get("corpus"), data_dir=train.get("data_dir"),
         fingerprint=str(train.get("manifest_fingerprint", ""))[:12], pairs=pairs, step=train.get("step"),
-        valid=valid, checkpoint=checkpoint or "(in-memory model)", scores=score_text, out=out)
+        valid=valid, checkpoint=checkpoint or "(in-memory model)", scores=score_text, out=out,
+        example=conf["languages"][0])
 
 
 def write_model_folder(cfg: Config, model: torch.nn.Module, languages: list[str], spm_path: str | Path,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_folder_holds_weights_once_config_spm_and_readme(tmp_path, tiny_data):
     readme = (out / "README.md").read_text()
     assert "updates: 7" in readme and "aa 400, bb 150, cc 50" in readme and "dev loss 4.5000" in readme
     assert "No test scores yet" in readme
+    # the README's Python example translates with the folder alone
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    exec(code, {})
+    assert "print(vocab.decode(hyp.tokens))" in code
     # once evaluate has written test scores beside the checkpoint, the README shows them
     evaluate_checkpoint(ckpt, limit=3, overrides=["eval.beam=1"])
     export_checkpoint(ckpt, out, "pytorch", force=True)
