@@ -49,7 +49,10 @@ The tokenizer is SentencePiece's unigram model rebuilt for the `tokenizers` libr
 (tokenizer.json): the same pieces and scores, SentencePiece's own normalization table
 (nmt_nfkc), whitespace as `▁` with a leading one, </s> appended to each source; the
 `<2xx>` tags and <pad>/<unk>/<s>/</s> are special tokens. Encoding gives our ids and
-decoding (skip_special_tokens=True) our detokenized text (tested on the test sets).
+decoding (skip_special_tokens=True) our detokenized text (tested on the test sets). One
+known difference: a source text that contains one of those special strings literally
+("<s>", "<2de>", ...) is encoded by transformers as that special token, while SentencePiece
+splits the control symbols as text and puts its `▁` before a tag.
 """
 
 from __future__ import annotations
