@@ -199,7 +199,8 @@ def data_dir_for(path: str | Path, cfg: Config, data_dir: Optional[str | Path] =
     chosen = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)
     if not (chosen / "manifest.json").is_file():
         where = (f"--data-dir {chosen}" if data_dir is not None else
-                 f"data.dir={cfg.data.dir} (from {meta_file}, relative to the current directory {Path.cwd()})")
+                 f"data.dir={cfg.data.dir} (from {meta_file}"
+                 + (")" if chosen.is_absolute() else f", relative to the current directory {Path.cwd()})"))
         what = "does not exist" if not chosen.exists() else "has no manifest.json"
         raise CheckpointError(
             f"{path}: the prepared data folder {where} {what}. It is needed to score (and, for a DeepSpeed "

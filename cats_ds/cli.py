@@ -4,9 +4,10 @@
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
     cats-evaluate --checkpoint DIR [--data-dir DIR] [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda] [a.b=v ...]
                   (data-parallel under `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`)
-    cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
+    cats-analyze  --checkpoint DIR [--data-dir DIR] [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
     cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
-    cats-export   --checkpoint DIR --format pytorch|transformers|ctranslate2 --out DIR [--quantization int8] [--force]
+    cats-export   --checkpoint DIR --format pytorch|transformers|ctranslate2 --out DIR [--data-dir DIR]
+                  [--quantization int8] [--force]
     (DIR of --checkpoint: a DeepSpeed checkpoint or a model folder, for evaluate, analyze, average, export)
     cats-curve    --run DIR [--split test] [--evaluate] [--limit N] [--minutes 10,30,60] [--out DIR]
 """
@@ -132,9 +133,8 @@ def export_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best, or a model folder")
     p.add_argument("--format", default="ctranslate2", choices=["pytorch", "transformers", "ctranslate2"])
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                   help="the prepared data folder the model was trained on (default: its data.dir); "
-                        "needed to score, e.g. when the data or the checkpoint moved")
-
+                   help="the prepared data folder a DeepSpeed checkpoint was trained on, for its spm.model, "
+                        "when it is not at the checkpoint's data.dir (a model folder needs none)")
     p.add_argument("--out", required=True, help="export folder (must not exist unless --force)")
     p.add_argument("--quantization", default=None,
                    help="CTranslate2 weight type, e.g. int8, int8_float16, float16 (default: float32)")
@@ -175,9 +175,8 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint (or model) folder to analyze, e.g. "
                                                       "runs/gettext8/best")
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
-                   help="the prepared data folder the model was trained on (default: its data.dir); "
-                        "needed to score, e.g. when the data or the checkpoint moved")
-
+                   help="the prepared data folder the model was trained on (default: its data.dir), for the "
+                        "dev/train batches, e.g. when the data or the checkpoint moved")
     p.add_argument("--pairs", default=None, help="language pairs to report one by one, e.g. de:af,uk:kk "
                                                  "(default: analysis.pairs, empty = all pairs)")
     p.add_argument("--run", action="append", default=[], dest="runs", metavar="[LABEL=]DIR",

@@ -92,8 +92,6 @@ def apply_eval_overrides(cfg: Config, overrides: Optional[list[str]]) -> Config:
 def check_override_sections(overrides: list[str]) -> None:
     for text in overrides:
         path, _ = parse_override(text)
-        if path[0] == "data" and path[1:] == ["dir"]:
-            raise EvalError(f"override '{text}': the data folder is given as --data-dir {text.split('=', 1)[1]}")
         if path[0] != "eval" or len(path) < 2:
             raise EvalError(f"override '{text}': only eval.* settings can change at evaluation time, "
                             f"not '{path[0]}' (the model and data are fixed by the checkpoint; a moved data "
@@ -298,8 +296,16 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     data-parallel run). `limit`: the first N sentences of each language. `samples`: also
     print that many sample translations. `device`: cpu or cuda (this process' GPU).
     `checkpoint`: a DeepSpeed checkpoint or a model folder; `data_dir`: the prepared data
-    to score against (default: the data.dir the model was trained with)."""
-    check_override_sections(list(overrides or []))  # before any loading: fail fast
+    to score against (default: the data.dir the model was trained with; a `data.dir=DIR`
+    override means the same)."""
+    overrides = list(overrides or [])
+    for text in [t for t in overrides if parse_override(t)[0] == ["data", "dir"]]:  # = --data-dir
+        value = text.split("=", 1)[1]
+        if data_dir is not None and Path(data_dir) != Path(value):
+            raise EvalError(f"--data-dir {data_dir} and the override '{text}' disagree; give one of them")
+        data_dir = value
+        overrides.remove(text)
+    check_override_sections(overrides)  # before any loading: fail fast
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     ckpt = Path(checkpoint)

@@ -92,9 +92,13 @@ def test_folder_copied_to_a_fresh_directory_translates_and_scores_there(tmp_path
         err = capsys.readouterr().err
         assert "does not exist" in err and "--data-dir" in err and "run prepare" not in err, err
         with pytest.raises(SystemExit):
-            evaluate_main(["--checkpoint", str(fresh), "--limit", "2", "data.dir=" + str(moved)])
-        assert f"--data-dir {moved}" in capsys.readouterr().err
+            evaluate_main(["--checkpoint", str(fresh), "--data-dir", str(tmp_path), "data.dir=" + str(moved)])
+        assert "disagree" in capsys.readouterr().err
         report = evaluate_checkpoint(fresh, limit=4, data_dir=moved, overrides=["eval.beam=2"])
+        # data.dir=DIR as an override is the same as --data-dir DIR
+        again = evaluate_checkpoint(fresh, limit=4, out_dir=tmp_path / "again",
+                                    overrides=["eval.beam=2", f"data.dir={moved}"])
+        assert again["languages"] == report["languages"]
     finally:
         os.rename(hidden, tiny_data)
     assert (fresh.parent / "eval" / "copy-test" / "bleu.json").is_file()
