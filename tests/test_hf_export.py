@@ -100,7 +100,7 @@ def test_transformers_beam5_within_0_1_bleu_of_ours(tmp_path, tiny_data):
     hf, tok = load_hf(out)
     assert hf.generation_config.num_beams == 5 and hf.generation_config.early_stopping is True
     test = load_split(tiny_data, manifest, "test", langs)
-    ours_text, hf_text, refs, before_limit, same = [], [], [], 0, 0
+    ours_text, hf_text, refs, before_limit, same, greedy_at_limit = [], [], [], 0, 0, 0
     for li, (lang, n) in enumerate(zip(langs, (20, 15, 15))):
         refs += load_texts(tiny_data, manifest, "test", lang, len(test[lang]))[1][:n]
         tag = vocab.lang_ids[lang]
@@ -116,13 +116,20 @@ def test_transformers_beam5_within_0_1_bleu_of_ours(tmp_path, tiny_data):
                 assert got[0] == ours[0].tokens, (lang, i)
                 before_limit += 1
             same += got[0] == ours[0].tokens
+            # greedy: equal also where it runs into the limit (</s> forced there by both)
+            greedy = search.greedy_search(net, src, torch.tensor([tag]), torch.tensor([li]))[0].tokens
+            assert hf_tokens(hf.generate(src, decoder_start_token_id=tag, num_beams=1,
+                                         max_new_tokens=limit)[0]) == greedy, (lang, i)
+            greedy_at_limit += len(greedy) == limit
             ours_text.append(vocab.decode(ours[0].tokens))
             hf_text.append(tok.decode(got[0], skip_special_tokens=True))
     assert len(refs) == 50 and 5 <= before_limit <= 45, before_limit  # both cases are exercised
+    assert greedy_at_limit >= 5, greedy_at_limit
     ours_bleu = corpus_scores(ours_text, refs, "13a").bleu
     hf_bleu = corpus_scores(hf_text, refs, "13a").bleu
     print(f"beam 5, 50 sentences: BLEU ours {ours_bleu:.4f}, transformers {hf_bleu:.4f}; same best hypothesis "
-          f"{same}/50; all hypotheses before the limit in {before_limit}")
+          f"{same}/50; all hypotheses before the limit in {before_limit}; greedy equal in 50/50, "
+          f"{greedy_at_limit} of them at the limit")
     assert abs(ours_bleu - hf_bleu) <= 0.1, (ours_bleu, hf_bleu, same)
 
 
