@@ -21,11 +21,14 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.22",
         "psutil>=5.8",  # ranks watch their launcher (cats_ds/watchdog.py); DeepSpeed needs it too
+        "safetensors>=0.4",  # model folders (cats_ds/model_folder.py)
     ],
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "export": ["ctranslate2>=4.0"],  # launch/export.py --format ctranslate2
-        "dev": ["pytest>=7", "matplotlib>=3.5", "ctranslate2>=4.0"],
+        # launch/export.py --format transformers (tested with 5.25; its tokenizers and protobuf for spm's proto)
+        "hf": ["transformers>=5.25,<6", "protobuf>=3.20"],
+        "dev": ["pytest>=7", "matplotlib>=3.5", "ctranslate2>=4.0", "transformers>=5.25,<6", "protobuf>=3.20"],
     },
     entry_points={
         "console_scripts": [

@@ -9,11 +9,15 @@ Each input's consolidated weights come from checkpoint.gather_state_dict: ZeRO-0
 model states, ZeRO-3 partitions (zero_to_fp32), and family-expert parameters from
 DeepSpeed MoE's per-expert files (keyed by global expert id, so expert e of one checkpoint
 is averaged with expert e of the others). Sums are taken in float64, the mean is stored
-in float32. The output folder holds
-  mp_rank_00_model_states.pt   {"module": averaged state dict} (expert parameters included)
+in float32. Inputs may also be model folders (cats_ds/model_folder.py). The output folder
+holds
+  mp_rank_00_model_states.pt   {"module": averaged state dict} (expert parameters included;
+                               the tied embedding once, as `embed.weight`)
   cats_ds.json                 the newest input's metadata; step = its step, zero_stage 0,
                                world_size 1, averaged_from = the inputs and their steps
-It is for inference: it has no optimizer state, so training cannot resume from it.
+or, when the first input is a model folder, a model folder (model.safetensors, config.json
+with averaged_from, spm.model, README.md). It is for inference: it has no optimizer state,
+so training cannot resume from it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from typing import Optional
 import torch
 
 from cats_ds.checkpoint import (CHECKPOINT_META, MODEL_STATES, CheckpointError, build_for_checkpoint, fill_tied,
-                                gather_state_dict, load_config_from_checkpoint, numbered_checkpoints, read_meta)
+                                gather_state_dict, numbered_checkpoints, read_meta)
+from cats_ds.config import config_from_dict
+from cats_ds.model_folder import SPM, untied_state, write_model_folder
 
 MUST_MATCH = ("languages", "vocab_size", "manifest_fingerprint")
 
@@ -106,8 +112,8 @@ def average_checkpoints(inputs: list[str | Path], out: str | Path, force: bool =
         raise AverageError(f"{out} exists; choose another --out or pass --force to replace it")
     metas = [read_meta(p) for p in paths]
     _check_compatible(paths, metas)
-    cfg = load_config_from_checkpoint(paths[0])
-    model = build_for_checkpoint(cfg, metas[0]["vocab_size"], list(metas[0]["languages"]), paths[0])
+    cfg = config_from_dict(metas[0]["config"])
+    model = build_for_checkpoint(cfg, metas[0]["vocab_size"], list(metas[0]["languages"]), paths[0], metas[0])
     # every input as a full state dict under every name the model uses (ZeRO-3 saves tied weights once)
     states = [fill_tied(model, gather_state_dict(p, m)) for p, m in zip(paths, metas)]
     avg = average_state_dicts(states, [str(p) for p in paths])
@@ -118,6 +124,13 @@ def average_checkpoints(inputs: list[str | Path], out: str | Path, force: bool =
     newest = max(range(len(paths)), key=lambda i: (metas[i].get("step") or 0, i))
     meta = dict(metas[newest], step=metas[newest].get("step"), valid_loss=None, zero_stage=0, world_size=1,
                 averaged_from=[{"checkpoint": str(p), "step": m.get("step")} for p, m in zip(paths, metas)])
+    if metas[0].get("model_folder"):
+        model.load_state_dict(avg, strict=True)
+        meta.pop("model_folder")
+        meta.pop("valid_scores", None)
+        return write_model_folder(cfg, model, list(metas[0]["languages"]), paths[0] / SPM, out, meta,
+                                  checkpoint=", ".join(map(str, paths)), force=True)
+    avg = {k: v for k, v in avg.items() if k in untied_state(model)}  # the tied embedding once
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -140,6 +153,6 @@ def average_main_impl(inputs: Optional[list[str]], last: Optional[int], save_dir
             raise AverageError("give --inputs DIR ... or --last N --save-dir DIR")
         inputs = [str(p) for p in last_checkpoints(save_dir, last)]
     result = average_checkpoints(inputs, out, force=force)
-    steps = [a["step"] for a in json.loads((result / CHECKPOINT_META).read_text())["averaged_from"]]
+    steps = [read_meta(p).get("step") for p in inputs]
     print(f"| averaged {len(inputs)} checkpoints (steps {', '.join(map(str, steps))}) -> {result}")
     return result

@@ -59,10 +59,17 @@ class CheckpointError(Exception):
 
 
 def read_meta(path: str | Path) -> dict:
-    """The checkpoint's cats_ds.json, or FileNotFoundError naming the folder."""
+    """The checkpoint's cats_ds.json; for a model folder (cats_ds/model_folder.py) the same
+    keys from its config.json, with `model_folder: True`. FileNotFoundError naming the
+    folder when it is neither."""
+    from cats_ds.model_folder import folder_meta, is_model_folder
+
     meta_path = Path(path) / CHECKPOINT_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {CHECKPOINT_META} inside)")
+        if is_model_folder(path):
+            return folder_meta(path)
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {CHECKPOINT_META} of a DeepSpeed checkpoint, "
+                                f"or config.json + model.safetensors of a model folder, inside)")
     try:
         return json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -121,6 +128,10 @@ def gather_state_dict(path: str | Path, meta: dict) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     main = path / MODEL_STATES
+    if meta.get("model_folder"):
+        from cats_ds.model_folder import load_state
+
+        return load_state(path)
     if meta.get("zero_stage") == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -161,47 +172,118 @@ def fill_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     return state
 
 
-def build_for_checkpoint(cfg: Config, vocab_size: int, languages: list[str], path: str | Path) -> Transformer:
+def build_for_checkpoint(cfg: Config, vocab_size: int, languages: list[str], path: str | Path,
+                         meta: Optional[dict] = None) -> Transformer:
     """The model a checkpoint's config describes, on one process: family experts are all
-    local (ep_size 1), so local expert ids are the global ids of the expert files."""
+    local (ep_size 1), so local expert ids are the global ids of the expert files. A model
+    folder's meta carries its family assignment (no family-map file needed)."""
+    families = None
+    stored = (meta or {}).get("families")
+    if stored:
+        names = list(stored["names"])
+        try:
+            families = (names, [names.index(stored["of_language"][lang]) for lang in languages])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: config.json 'families' does not place every language "
+                                  f"({e}); export the model folder again") from None
     try:
-        return model_from_config(cfg, vocab_size, languages, ep_size=1)
+        return model_from_config(cfg, vocab_size, languages, ep_size=1, families=families)
     except ConfigError as e:  # e.g. the family map the run used is gone or changed
         raise CheckpointError(f"{path}: cannot rebuild the model its config describes: {e}") from None
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"
-                       ) -> tuple[Config, Transformer, Manifest, Vocab, list[str]]:
-    """(config, fp32 model in eval mode, manifest, vocab, training languages) of a checkpoint.
+def data_dir_for(path: str | Path, cfg: Config, data_dir: Optional[str | Path] = None) -> Path:
+    """The prepared data folder of a checkpoint: `data_dir` (--data-dir) if given, else the
+    data.dir it was trained with. CheckpointError with the fix when it is not there."""
+    meta_file = Path(path) / (CHECKPOINT_META if (Path(path) / CHECKPOINT_META).is_file() else "config.json")
+    chosen = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)
+    if not (chosen / "manifest.json").is_file():
+        where = (f"--data-dir {chosen}" if data_dir is not None else
+                 f"data.dir={cfg.data.dir} (from {meta_file}"
+                 + (")" if chosen.is_absolute() else f", relative to the current directory {Path.cwd()})"))
+        what = "does not exist" if not chosen.exists() else "has no manifest.json"
+        raise CheckpointError(
+            f"{path}: the prepared data folder {where} {what}. It is needed to score (and, for a DeepSpeed "
+            f"checkpoint, for its spm.model). If the data moved or you run from another directory, pass "
+            f"--data-dir <the prepared folder the model was trained on, with manifest.json and spm.model>; "
+            f"a model folder (launch/export.py --format pytorch) translates without it")
+    return chosen
 
-    The data folder is the checkpoint's `data.dir`; it must be the data the model was
-    trained on (same manifest fingerprint and vocabulary size). Language index i in the
-    model (expert routing) means languages[i], as in training.
-    """
-    meta = read_meta(path)
-    cfg = load_config_from_checkpoint(path)
+
+def _checked_manifest(path: str | Path, meta: dict, data: Path, languages: list[str]) -> Manifest:
     try:
-        manifest = Manifest.load(cfg.data.dir)
-        vocab = Vocab(cfg.data.dir, manifest.languages)
-    except ValueError as e:  # wrong manifest version, a language tag missing from spm.model
-        raise CheckpointError(f"{path}: data.dir={cfg.data.dir} cannot be used: {e}") from None
-    languages = list(meta["languages"])
+        manifest = Manifest.load(data)
+    except ValueError as e:  # wrong manifest version
+        raise CheckpointError(f"{path}: data folder {data} cannot be used: {e}") from None
     unknown = [lang for lang in languages if lang not in manifest.languages]
     if unknown:
-        raise CheckpointError(f"{path}: checkpoint languages {', '.join(unknown)} are not in {cfg.data.dir} "
-                              f"(which has {', '.join(manifest.languages)})")
-    if meta["vocab_size"] != len(vocab) or meta["manifest_fingerprint"] != manifest.fingerprint:
+        raise CheckpointError(f"{path}: checkpoint languages {', '.join(unknown)} are not in {data} "
+                              f"(which has {', '.join(manifest.languages)}); pass --data-dir with the data "
+                              f"the model was trained on")
+    if meta["vocab_size"] != manifest.vocab_size or (meta.get("manifest_fingerprint")
+                                                     and meta["manifest_fingerprint"] != manifest.fingerprint):
         raise CheckpointError(f"{path}: checkpoint was trained on data with vocab {meta['vocab_size']} / fingerprint "
-                              f"{meta['manifest_fingerprint'][:12]}, but data.dir={cfg.data.dir} has vocab "
-                              f"{len(vocab)} / fingerprint {manifest.fingerprint[:12]}")
+                              f"{meta['manifest_fingerprint'][:12]}, but {data} has vocab "
+                              f"{manifest.vocab_size} / fingerprint {manifest.fingerprint[:12]}; pass --data-dir "
+                              f"with the data the model was trained on")
+    return manifest
 
-    model = build_for_checkpoint(cfg, len(vocab), languages, path)
+
+def _load_weights(path: str | Path, meta: dict, cfg: Config, vocab_size: int, languages: list[str],
+                  device: str | torch.device) -> Transformer:
+    model = build_for_checkpoint(cfg, vocab_size, languages, path, meta)
     state = {k: v.float() if v.is_floating_point() else v for k, v in gather_state_dict(path, meta).items()}
     try:
         model.load_state_dict(fill_tied(model, state), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the saved weights do not fit the model its config describes: {e}") from None
-    return cfg, model.float().to(device).eval(), manifest, vocab, languages
+    return model.float().to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", data_dir: Optional[str | Path] = None
+               ) -> tuple[Config, Transformer, Vocab, list[str], dict]:
+    """(config, fp32 model in eval mode, vocab, training languages, meta) of a checkpoint
+    or a model folder, for translating: a model folder needs nothing outside itself (its
+    spm.model; `data_dir` is then only checked when given); a DeepSpeed checkpoint needs
+    its data folder for spm.model (`data_dir`, default its data.dir)."""
+    meta = read_meta(path)
+    cfg = config_from_dict(meta["config"])
+    languages = list(meta["languages"])
+    if meta.get("model_folder"):
+        if data_dir is not None:
+            _checked_manifest(path, meta, data_dir_for(path, cfg, data_dir), languages)
+            cfg.data.dir = str(data_dir)
+        vocab_dir = Path(path)
+    else:
+        vocab_dir = data_dir_for(path, cfg, data_dir)
+        _checked_manifest(path, meta, vocab_dir, languages)
+        cfg.data.dir = str(vocab_dir)
+    try:
+        vocab = Vocab(vocab_dir, languages)
+    except ValueError as e:  # a language tag missing from spm.model
+        raise CheckpointError(f"{path}: {vocab_dir / 'spm.model'} cannot be used: {e}") from None
+    if meta["vocab_size"] != len(vocab):
+        raise CheckpointError(f"{path}: trained with vocab {meta['vocab_size']}, but {vocab_dir / 'spm.model'} "
+                              f"has {len(vocab)} pieces")
+    return cfg, _load_weights(path, meta, cfg, len(vocab), languages, device), vocab, languages, meta
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", data_dir: Optional[str | Path] = None
+                       ) -> tuple[Config, Transformer, Manifest, Vocab, list[str]]:
+    """(config, fp32 model in eval mode, manifest, vocab, training languages) of a checkpoint
+    or a model folder, with its prepared data (to score or analyze).
+
+    The data folder is `data_dir` (--data-dir) or the checkpoint's `data.dir`; it must be
+    the data the model was trained on (same manifest fingerprint and vocabulary size); the
+    returned config's data.dir is the folder used. Language index i in the model (expert
+    routing) means languages[i], as in training.
+    """
+    meta = read_meta(path)
+    cfg = config_from_dict(meta["config"])
+    data = data_dir_for(path, cfg, data_dir)
+    cfg, model, vocab, languages, meta = load_model(path, device, data)
+    manifest = _checked_manifest(path, meta, data, languages)
+    return cfg, model, manifest, vocab, languages
 
 
 # --------------------------------------------------------------------------- training: save, resume

@@ -2,11 +2,13 @@
 
     cats-prepare  --config R.yaml [a.b=v ...]
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
-    cats-evaluate --checkpoint DIR [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda] [a.b=v ...]
+    cats-evaluate --checkpoint DIR [--data-dir DIR] [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda] [a.b=v ...]
                   (data-parallel under `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`)
-    cats-analyze  --checkpoint DIR [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
+    cats-analyze  --checkpoint DIR [--data-dir DIR] [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
     cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
-    cats-export   --checkpoint DIR --format ctranslate2 --out DIR [--quantization int8] [--force]
+    cats-export   --checkpoint DIR --format pytorch|transformers|ctranslate2 --out DIR [--data-dir DIR]
+                  [--quantization int8] [--force]
+    (DIR of --checkpoint: a DeepSpeed checkpoint or a model folder, for evaluate, analyze, average, export)
     cats-curve    --run DIR [--split test] [--evaluate] [--limit N] [--minutes 10,30,60] [--out DIR]
 """
 
@@ -93,7 +95,11 @@ def _train(argv: Optional[list[str]]) -> None:
 def evaluate_main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="cats-evaluate", description="Beam search; BLEU, chrF++ and the copy "
                                                                    "baseline per language")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best, or a "
+                                                       "model folder, e.g. runs/gettext8/best/model")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                   help="the prepared data folder the model was trained on (default: its data.dir); "
+                        "needed to score, e.g. when the data or the checkpoint moved")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
     p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref/src files go "
@@ -114,7 +120,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
                             languages=args.languages.split(",") if args.languages else None,
                             overrides=args.overrides, device=args.device, samples=args.samples,
-                            dtype=args.dtype)
+                            dtype=args.dtype, data_dir=args.data_dir)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -140,11 +146,15 @@ def average_main(argv: Optional[list[str]] = None) -> None:
 
 
 def export_main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="cats-export", description="Export a checkpoint for inference "
-                                "(CTranslate2 model + spm.model + language tags; one model per family for "
-                                "family-expert checkpoints)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
-    p.add_argument("--format", default="ctranslate2", choices=["ctranslate2"])
+    p = argparse.ArgumentParser(prog="cats-export", description="Export a checkpoint for inference: a model "
+                                "folder (pytorch: model.safetensors + config.json + spm.model), a Hugging Face "
+                                "transformers folder, or a CTranslate2 model (the last two: one model per family "
+                                "for family-expert checkpoints)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best, or a model folder")
+    p.add_argument("--format", default="ctranslate2", choices=["pytorch", "transformers", "ctranslate2"])
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                   help="the prepared data folder a DeepSpeed checkpoint was trained on, for its spm.model, "
+                        "when it is not at the checkpoint's data.dir (a model folder needs none)")
     p.add_argument("--out", required=True, help="export folder (must not exist unless --force)")
     p.add_argument("--quantization", default=None,
                    help="CTranslate2 weight type, e.g. int8, int8_float16, float16 (default: float32)")
@@ -155,7 +165,7 @@ def export_main(argv: Optional[list[str]] = None) -> None:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force,
-                                quantization=args.quantization)
+                                quantization=args.quantization, data_dir=args.data_dir)
     except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
     print(f"| exported {args.checkpoint} -> {out} ({args.format}); usage: {out / 'README.md'}")
@@ -182,7 +192,11 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
         prog="cats-analyze",
         description="The paper's optimization analysis on a checkpoint, and/or figures (and a claims report) "
                     "from training runs that logged analyses (analysis.every > 0).")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder to analyze, e.g. runs/gettext8/best")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (or model) folder to analyze, e.g. "
+                                                      "runs/gettext8/best")
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                   help="the prepared data folder the model was trained on (default: its data.dir), for the "
+                        "dev/train batches, e.g. when the data or the checkpoint moved")
     p.add_argument("--pairs", default=None, help="language pairs to report one by one, e.g. de:af,uk:kk "
                                                  "(default: analysis.pairs, empty = all pairs)")
     p.add_argument("--run", action="append", default=[], dest="runs", metavar="[LABEL=]DIR",
@@ -205,7 +219,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
 
     try:
         analyze(checkpoint=args.checkpoint, pairs=args.pairs, runs=args.runs, out=args.out, report=args.report,
-                device=args.device, overrides=args.overrides)
+                device=args.device, overrides=args.overrides, data_dir=args.data_dir)
     except (AnalysisError, CheckpointError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 

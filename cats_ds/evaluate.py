@@ -97,7 +97,8 @@ def check_override_sections(overrides: list[str]) -> None:
         path, _ = parse_override(text)
         if path[0] != "eval" or len(path) < 2:
             raise EvalError(f"override '{text}': only eval.* settings can change at evaluation time, "
-                            f"not '{path[0]}' (the model and data are fixed by the checkpoint)")
+                            f"not '{path[0]}' (the model and data are fixed by the checkpoint; a moved data "
+                            f"folder is given as --data-dir)")
 
 
 def tokenizer_for(lang: str, ecfg: EvalConfig) -> str:
@@ -165,8 +166,11 @@ def format_table(results: list[LangResult], avg: dict[str, Optional[dict]], titl
 
 def default_out_dir(checkpoint: str | Path, split: str) -> Path:
     """`<save_dir>/eval/<checkpoint name>-<split>`: beside the checkpoint, not inside it
-    (training replaces best/ and latest/ whole when it saves them again)."""
+    (training replaces best/ and latest/ whole when it saves them again). The model folder
+    training writes into best/ (best/model) evaluates to `<save_dir>/eval/best.model-<split>`."""
     ckpt = Path(checkpoint).resolve()
+    if (ckpt.parent / "cats_ds.json").is_file():  # a folder inside a checkpoint: beside that checkpoint
+        return ckpt.parent.parent / "eval" / f"{ckpt.parent.name}.{ckpt.name}-{split}"
     return ckpt.parent / "eval" / f"{ckpt.name}-{split}"
 
 
@@ -288,15 +292,24 @@ def resolve_device(device: str, local_rank: int) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Optional[int] = None,
                         out_dir: Optional[str | Path] = None, languages: Optional[list[str]] = None,
                         overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0,
-                        dtype: str = "fp32") -> dict:
+                        dtype: str = "fp32", data_dir: Optional[str | Path] = None) -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
     docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
     data-parallel run). `limit`: the first N sentences of each language. `samples`: also
     print that many sample translations. `device`: cpu or cuda (this process' GPU).
-    `dtype`: fp32, bf16 or fp16, the precision of the weights and activations while
-    decoding (beam scores are accumulated in fp32 whatever it is)."""
-    check_override_sections(list(overrides or []))  # before any loading: fail fast
+    `checkpoint`: a DeepSpeed checkpoint or a model folder; `data_dir`: the prepared data
+    to score against (default: the data.dir the model was trained with; a `data.dir=DIR`
+    override means the same). `dtype`: fp32, bf16 or fp16, the precision of the weights
+    and activations while decoding (beam scores are accumulated in fp32 whatever it is)."""
+    overrides = list(overrides or [])
+    for text in [t for t in overrides if parse_override(t)[0] == ["data", "dir"]]:  # = --data-dir
+        value = text.split("=", 1)[1]
+        if data_dir is not None and Path(data_dir) != Path(value):
+            raise EvalError(f"--data-dir {data_dir} and the override '{text}' disagree; give one of them")
+        data_dir = value
+        overrides.remove(text)
+    check_override_sections(overrides)  # before any loading: fail fast
     if dtype not in DTYPES:
         raise EvalError(f"--dtype {dtype}: choices: {', '.join(DTYPES)}")
     if limit is not None and limit < 1:
@@ -305,7 +318,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     rank, world, created = process_group()
     device = resolve_device(device, int(os.environ.get("LOCAL_RANK", rank)))
     try:
-        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world, dtype)
+        return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world, dtype,
+                         data_dir)
     finally:
         if created:
             import torch.distributed as dist
@@ -314,10 +328,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
 
 
 def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, overrides, device: str,
-              samples: int, rank: int, world: int, dtype: str = "fp32") -> dict:
+              samples: int, rank: int, world: int, dtype: str = "fp32", data_dir=None) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device)
+        cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device, data_dir)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
     if dtype == "fp16" and device == "cpu":

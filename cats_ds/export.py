@@ -1,8 +1,13 @@
-"""Export a checkpoint for inference outside this project: a CTranslate2 model.
+"""Export a checkpoint (or a model folder) for inference outside this project:
 
+    python launch/export.py --checkpoint runs/gettext8/best --format pytorch --out models/gettext8
+    python launch/export.py --checkpoint runs/gettext8/best --format transformers --out hf/gettext8
     python launch/export.py --checkpoint runs/gettext8/best --format ctranslate2 --out exports/gettext8
 
-The export folder holds
+`pytorch` writes a model folder (cats_ds/model_folder.py), `transformers` a Hugging Face
+folder (cats_ds/hf_export.py); the rest of this file is the CTranslate2 export.
+
+The CTranslate2 export folder holds
   model.bin, config.json,           the CTranslate2 model (ctranslate2.Translator(DIR) loads it)
   shared_vocabulary.json
   spm.model                         the checkpoint's joint SentencePiece model
@@ -44,7 +49,7 @@ from cats_ds.config import Config
 from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
 from cats_ds.model.transformer import Attention, FeedForward, Transformer
 
-FORMATS = ("ctranslate2",)
+FORMATS = ("pytorch", "transformers", "ctranslate2")
 NORM_EPS = {"layernorm": 1e-5, "layernorm_noaffine": 1e-5, "rmsnorm": 1e-6, "rmsnorm_noaffine": 1e-6}
 
 
@@ -237,9 +242,12 @@ def _write_ctranslate2(spec, data_dir: str, languages: list[str], out: Path, qua
 
 def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages: list[str], out: str | Path,
                        force: bool = False, quantization: Optional[str] = None,
-                       checkpoint: str = "", step: Optional[int] = None) -> Path:
+                       checkpoint: str = "", step: Optional[int] = None, spm_dir: Optional[str | Path] = None,
+                       family_names: Optional[list[str]] = None) -> Path:
     """Write the CTranslate2 model, spm.model, languages.json and README.md to `out`; for
-    a family-expert model, one such folder per family under `out` plus families.json."""
+    a family-expert model, one such folder per family under `out` plus families.json.
+    `spm_dir`: the folder holding spm.model (default cfg.data.dir); `family_names`: the
+    expert families in id order (a model folder's; default: read experts.families)."""
     _ctranslate2()
     out = Path(out)
     if out.exists() and not force:
@@ -257,7 +265,8 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
                             max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b) + note
 
     try:
-        _write_all(cfg, model, tokens, languages, tmp, quantization, readme, out)
+        _write_all(cfg, model, tokens, languages, tmp, quantization, readme, out, str(spm_dir or cfg.data.dir),
+                   family_names)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
         raise
@@ -268,15 +277,19 @@ def export_ctranslate2(cfg: Config, model: Transformer, vocab: Vocab, languages:
 
 
 def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: list[str], tmp: Path,
-               quantization: Optional[str], readme, out: Path) -> None:
+               quantization: Optional[str], readme, out: Path, spm_dir: str,
+               family_names: Optional[list[str]] = None) -> None:
     """The dense model into tmp, or one folder per family plus families.json."""
     if not model.routed:
-        _write_ctranslate2(transformer_spec(cfg, model, tokens), cfg.data.dir, languages, tmp, quantization,
+        _write_ctranslate2(transformer_spec(cfg, model, tokens), spm_dir, languages, tmp, quantization,
                            readme(out, languages))
     else:
         from cats_ds.families import load_family_map
 
-        families, lang_family = load_family_map(cfg.experts.families or "default").assign(languages)
+        if family_names is not None:  # a model folder's stored assignment: no map file needed
+            families, lang_family = list(family_names), model.lang_family.tolist()
+        else:
+            families, lang_family = load_family_map(cfg.experts.families or "default").assign(languages)
         if list(model.lang_family.tolist()) != list(lang_family):
             raise ExportError(f"experts.families={cfg.experts.families}: the family map now routes the "
                               f"languages differently from the model ({lang_family} vs "
@@ -287,7 +300,7 @@ def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: li
             (tmp / family).mkdir()
             note = (f"\nFamily `{family}` of a family-expert model (experts.modules={cfg.experts.modules}): "
                     f"this folder translates {', '.join(langs)} only; ../families.json lists the others.\n")
-            _write_ctranslate2(transformer_spec(cfg, model, tokens, family=f), cfg.data.dir, langs, tmp / family,
+            _write_ctranslate2(transformer_spec(cfg, model, tokens, family=f), spm_dir, langs, tmp / family,
                                quantization, readme(out / family, langs, note))
             folders.update({lang: family for lang in langs})
         (tmp / "families.json").write_text(json.dumps({"families": families, "folder": folders}, indent=1),
@@ -295,14 +308,37 @@ def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: li
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctranslate2", force: bool = False,
-                      quantization: Optional[str] = None) -> Path:
-    """Export a training checkpoint folder (see cats_ds/checkpoint.py) as `fmt`."""
-    from cats_ds.checkpoint import load_for_inference, read_meta
+                      quantization: Optional[str] = None, data_dir: Optional[str | Path] = None) -> Path:
+    """Export a training checkpoint folder (see cats_ds/checkpoint.py) or a model folder
+    (cats_ds/model_folder.py) as `fmt`. A DeepSpeed checkpoint needs its data folder for
+    spm.model (`data_dir`, default its data.dir); a model folder needs nothing else."""
+    from cats_ds.checkpoint import load_model
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: supported formats: {', '.join(FORMATS)}")
-    meta = read_meta(checkpoint)
-    _ctranslate2()
-    cfg, model, _, vocab, languages = load_for_inference(checkpoint)
+    if quantization and fmt != "ctranslate2":
+        raise ExportError(f"--quantization is for --format ctranslate2; --format {fmt} writes float32 weights")
+    if fmt == "ctranslate2":
+        _ctranslate2()
+    cfg, model, vocab, languages, meta = load_model(checkpoint, data_dir=data_dir)
+    spm_dir = Path(checkpoint) if meta.get("model_folder") else Path(cfg.data.dir)
+    if fmt == "pytorch":
+        from cats_ds.model_folder import write_model_folder
+
+        pairs = None
+        if not meta.get("model_folder"):
+            from cats_ds.data.manifest import Manifest
+
+            manifest = Manifest.load(cfg.data.dir)
+            pairs = {lang: manifest.train_pairs(lang) for lang in languages}
+        return write_model_folder(cfg, model, languages, spm_dir / f"{SPM_PREFIX}.model", out, meta,
+                                  checkpoint=str(checkpoint), force=force, pair_counts=pairs)
+    if fmt == "transformers":
+        from cats_ds.hf_export import export_transformers
+
+        return export_transformers(cfg, model, vocab, languages, out, force=force, checkpoint=str(checkpoint),
+                                   step=meta.get("step"), spm_dir=spm_dir,
+                                   family_names=(meta.get("families") or {}).get("names"))
     return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,
-                              checkpoint=str(checkpoint), step=meta.get("step"))
+                              checkpoint=str(checkpoint), step=meta.get("step"), spm_dir=spm_dir,
+                              family_names=(meta.get("families") or {}).get("names"))

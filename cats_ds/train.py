@@ -859,18 +859,24 @@ def train(cfg: Config, ds_config_path: str) -> Run:
     """The whole run; run.requeue tells the caller it stopped on SIGTERM/SIGUSR1 (exit
     with preempt.REQUEUE_EXIT)."""
     preempt.install()  # before setup: a signal during start-up is honoured after the first update
-    try:
-        run = setup(cfg, ds_config_path)
-        seed_dropout(cfg.train.seed, run.rank)
-        run.t_start = time.time()
-        resume(run, inverse_sqrt(cfg.train))
-        run.first_step = run.step
-        run.t_start = run.t_log = time.time()
-        fit(run)
-    finally:  # done, stopped by a signal, or an error every rank raised outside a collective
-        shutdown_distributed()
-        from cats_ds.runlock import release
+    from cats_ds.runlock import release
 
+    try:
+        try:
+            run = setup(cfg, ds_config_path)
+            seed_dropout(cfg.train.seed, run.rank)
+            run.t_start = time.time()
+            resume(run, inverse_sqrt(cfg.train))
+            run.first_step = run.step
+            run.t_start = run.t_log = time.time()
+            fit(run)
+        finally:  # done, stopped by a signal, or an error every rank raised outside a collective
+            shutdown_distributed()
+        if run.rank == 0 and not run.requeue:
+            from cats_ds.model_folder import write_best_model
+
+            write_best_model(cfg.train.save_dir)  # still under the save_dir lock
+    finally:
         release()  # <save_dir>/train.lock (rank 0)
     return run
 

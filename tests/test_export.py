@@ -139,6 +139,6 @@ def test_expert_model_exports_one_model_per_family(tmp_path, tiny_data):
 
 def test_unknown_format_is_refused(tmp_path, tiny_data):
     ckpt, _ = make_checkpoint(tmp_path / "best", tiny_data)
-    with pytest.raises(ExportError, match="supported formats: ctranslate2"):
+    with pytest.raises(ExportError, match="supported formats: pytorch, transformers, ctranslate2"):
         export_checkpoint(ckpt, tmp_path / "out", fmt="onnx")
     assert not (tmp_path / "out").exists()

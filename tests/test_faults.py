@@ -211,7 +211,8 @@ def copy_run(trained: Path, tmp_path: Path) -> tuple[Path, list[str]]:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # best/ holds the model folder best/model/
 
 
 def test_non_finite_loss_stops_and_keeps_latest(tmp_path, trained):

@@ -163,15 +163,16 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, overrides: Optional[Sequence[str]] = None,
-                       device: str = "cpu") -> dict:
-    """The analysis record of a checkpoint folder (`<save_dir>/best` or `latest`), in one
-    process on a plain module. `pairs` ("de:af,uk:kk") replaces analysis.pairs.
+                       device: str = "cpu", data_dir: Optional[str | Path] = None) -> dict:
+    """The analysis record of a checkpoint folder (`<save_dir>/best` or `latest`) or a model
+    folder, in one process on a plain module. `pairs` ("de:af,uk:kk") replaces
+    analysis.pairs; `data_dir`: the prepared data (default: the data.dir it was trained with).
     Memory: K full gradients (K = number of languages) plus one double-backward graph."""
     from cats_ds.checkpoint import load_for_inference, read_meta
     from cats_ds.data.manifest import load_split
 
     check_override_keys(overrides)  # before the (slow) loading
-    cfg, model, manifest, vocab, languages = load_for_inference(checkpoint, device)
+    cfg, model, manifest, vocab, languages = load_for_inference(checkpoint, device, data_dir)
     cfg = apply_overrides(cfg, overrides)
     meta = read_meta(checkpoint)
     pair_list = (parse_pairs(pairs, languages, key="--pairs") if pairs is not None
@@ -324,14 +325,17 @@ def _tensorboard_heatmap(run: "Run", record: dict) -> None:
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
-    """`<save_dir>/analysis/<checkpoint name>`: outside the folders a re-save replaces."""
+    """`<save_dir>/analysis/<checkpoint name>`: outside the folders a re-save replaces (the
+    model folder best/model/ inside a checkpoint: `<save_dir>/analysis/best.model`)."""
     ckpt = Path(checkpoint).resolve()
+    if (ckpt.parent / "cats_ds.json").is_file():
+        return ckpt.parent.parent / "analysis" / f"{ckpt.parent.name}.{ckpt.name}"
     return ckpt.parent / "analysis" / ckpt.name
 
 
 def analyze(checkpoint: Optional[str | Path] = None, pairs: Optional[str] = None, runs: Sequence[str] = (),
             out: Optional[str | Path] = None, report: bool = False, device: str = "cpu",
-            overrides: Optional[Sequence[str]] = None) -> dict:
+            overrides: Optional[Sequence[str]] = None, data_dir: Optional[str | Path] = None) -> dict:
     """What `cats-analyze` does. Into `out` (default <save_dir>/analysis/<checkpoint name>/,
     beside the checkpoint, not inside it: training replaces best/ and latest/ whole):
       analysis.json        the checkpoint's analysis record (with --checkpoint)
@@ -367,7 +371,7 @@ def analyze(checkpoint: Optional[str | Path] = None, pairs: Optional[str] = None
     out_dir.mkdir(parents=True, exist_ok=True)
     record = None
     if checkpoint is not None:
-        record = analyze_checkpoint(checkpoint, pairs, overrides, device)
+        record = analyze_checkpoint(checkpoint, pairs, overrides, device, data_dir)
         (out_dir / "analysis.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
         print(summary_line(record) + f" | {record['seconds']:.1f}s")
     step = record["step"] if record else max((r.last_step for r in loaded), default=0)
