@@ -114,9 +114,10 @@ class SamplingConfig:
     false: K independent draws from p_l (token share exactly p_l, often fewer than K
     languages); null (default): true for the Gram-based methods (every method but
     temperature), false for temperature."""
-    length_pool: int = 128
+    length_pool: int = 1024
     """Plain updates pool the sentences of this many consecutive draws (K slots each), sort
-    them by length and cut micro-batches of train.max_tokens x world size padded tokens:
+    them by (source, target) length and cut micro-batches of train.max_tokens x world size
+    padded tokens (1024: README "Benchmarks" has the padding per pool size):
     one forward each, little padding, the same sentences as the draws (so the sampling
     law is unchanged). Only with token-share loss coefficients (temperature, or
     cats.weight_by=tokens); meta steps use the draws themselves (and so do all updates

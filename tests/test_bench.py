@@ -71,7 +71,7 @@ def test_bench_train_against_bare_step(tmp_path, tiny_data, tiny_recipe, capsys)
     result = json.loads(out.read_text())
     for ranks in (1, 2):
         r = result[f"ranks_{ranks}"]
-        assert r["ranks"] == ranks and r["length_pool"] == 128 and r["forwards_per_update"] == 1.0
+        assert r["ranks"] == ranks and r["length_pool"] == 1024 and r["forwards_per_update"] == 1.0
         assert r["tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0 and r["ratio_to_bare"] > 0
         assert 0 <= r["pad_src"] < 1 and 0 <= r["pad_tgt"] < 1
         assert set(r["phases_s"]) == set(PHASES) | {"other"}
