@@ -124,9 +124,11 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
         return []
     max_len = max_lengths(model, src, max_len_a, max_len_b)  # (B,)
 
+    # one encoder row per sentence: the decoder's cross-attention takes each sentence's k
+    # beams (consecutive rows) as a group, so its keys and values are computed and cached
+    # once per sentence and move only when sentences leave the batch
     enc, enc_pad = model.encode(src, langs)  # (B, S, D), (B, S)
     rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*k,) sentence of each row
-    enc, enc_pad = enc.index_select(0, rows), enc_pad.index_select(0, rows)  # (B*k, S, D), (B*k, S)
     row_langs = None if langs is None else langs.index_select(0, rows)  # (B*k,)
     tokens = tags.index_select(0, rows)[:, None]  # (B*k, 1): tag, then generated tokens
     token_lp = enc.new_zeros(b * k, 0)  # (B*k, t) log-prob of each generated token
@@ -148,11 +150,15 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
         lprobs = _constrain(lprobs, at_max.repeat_interleave(k), banned)
         vocab = lprobs.size(1)
 
-        cand = (scores[:, None] + lprobs).view(n, k * vocab)  # (N, k*V)
+        # a sentence's 2k best extensions are among the 2k best tokens of each of its beams:
+        # rank those (k * 2k per sentence) instead of all k * V
+        row_lp, row_tok = lprobs.topk(min(2 * k, vocab), dim=1)  # (N*k, c), c = 2k
+        c = row_lp.size(1)
+        cand = (scores[:, None] + row_lp).view(n, k * c)  # (N, k*c)
         top, idx = cand.topk(2 * k, dim=1)  # (N, 2k), best first
-        tok = idx % vocab  # (N, 2k)
-        src_row = idx // vocab + (torch.arange(n, device=device) * k)[:, None]  # (N, 2k) row it extends
-        top_lp = lprobs.view(n, k * vocab).gather(1, idx)  # (N, 2k) log-prob of the new token
+        tok = row_tok.view(n, k * c).gather(1, idx)  # (N, 2k)
+        src_row = idx // c + (torch.arange(n, device=device) * k)[:, None]  # (N, 2k) row it extends
+        top_lp = row_lp.view(n, k * c).gather(1, idx)  # (N, 2k) log-prob of the new token
         live = top.isfinite()
         is_eos = tok.eq(EOS) & live
 
@@ -184,13 +190,15 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
         scores = new_scores.masked_fill(stale, -torch.inf).view(-1)  # (N'*k,)
         tokens = torch.cat([tokens.index_select(0, order), new_tok], dim=1)  # (N'*k, t+2)
         token_lp = torch.cat([token_lp.index_select(0, order), new_lp], dim=1)  # (N'*k, t+1)
-        if keep.numel() < n:  # drop finished sentences; beams of one sentence share its encoder rows
+        if keep.numel() < n:  # drop finished sentences: their encoder rows and cross-attention caches
             sent_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)  # (N'*k,)
-            enc, enc_pad = enc.index_select(0, sent_rows), enc_pad.index_select(0, sent_rows)
+            enc, enc_pad = enc.index_select(0, keep), enc_pad.index_select(0, keep)
             row_langs = None if row_langs is None else row_langs.index_select(0, sent_rows)
             active = active.index_select(0, keep)
-        if caches is not None:
-            Transformer.reorder_caches(caches, order)
+            if caches is not None:
+                Transformer.reorder_caches(caches, keep, ("ck", "cv"))
+        if caches is not None:  # beams of one sentence stay in its block of k rows
+            Transformer.reorder_caches(caches, order, ("k", "v"))
 
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
 
