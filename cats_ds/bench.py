@@ -130,49 +130,69 @@ def bench_decode(args) -> dict:
         model = model_from_config(cfg, len(vocab), languages)
         trained = False
     model.eval()
+    torch.set_num_threads(args.threads)
     splits = load_split(cfg.data.dir, manifest, "test", languages)
     per_lang = max(1, args.sentences // len(splits))
-    rows, total_s, total_n, total_tok = [], 0.0, 0, 0
+    batches = decode_batches(splits, languages, per_lang, args.batch)
+    rows, total_s, total_n, total_tok, ours = [], 0.0, 0, 0, {}
     for li, lang in enumerate(languages):
         if lang not in splits:
             continue
-        n = min(per_lang, len(splits[lang]))
-        srcs = [torch.as_tensor(splits[lang].src[i].astype("int64")) for i in range(n)]
-        t0 = time.perf_counter()
-        hyp_tokens = 0
-        for start in range(0, n, args.batch):
-            chunk = srcs[start:start + args.batch]
-            width = max(len(s) for s in chunk)
-            src = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, s in enumerate(chunk):
-                src[i, :len(s)] = s
-            tags = torch.full((len(chunk),), vocab.lang_ids[lang], dtype=torch.long)
-            langs = torch.full((len(chunk),), li, dtype=torch.long)
+        t0, hyp_tokens, n = time.perf_counter(), 0, 0
+        for ids in batches[lang]:
+            src = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(splits[lang].src[i].astype("int64")) for i in ids],
+                                                  batch_first=True)
+            tags = torch.full((len(ids),), vocab.lang_ids[lang], dtype=torch.long)
+            langs = torch.full((len(ids),), li, dtype=torch.long)
             with torch.no_grad():
                 out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
             hyp_tokens += sum(len(nbest[0].tokens) for nbest in out)
+            n += len(ids)
+            ours.update({(lang, i): nbest[0].tokens for i, nbest in zip(ids, out)})
         dt = time.perf_counter() - t0
         rows.append([lang, n, n / dt, hyp_tokens / dt])
         total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
     note = "" if trained else " (untrained model: hypotheses tend to run to the length limit)"
-    print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process{note}",
+    print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process, {args.threads} thread(s){note}",
                 ["lang", "sentences", "sentences/s", "hyp tokens/s"], rows)
-    result = {"beam": args.beam, "batch": args.batch, "sentences": total_n, "sentences_per_s": total_n / total_s,
-              "hyp_tokens_per_s": total_tok / total_s, "trained_checkpoint": args.checkpoint,
+    result = {"beam": args.beam, "batch": args.batch, "threads": args.threads, "sentences": total_n,
+              "sentences_per_s": total_n / total_s, "hyp_tokens_per_s": total_tok / total_s,
+              "trained_checkpoint": args.checkpoint,
               "per_language": {r[0]: {"sentences": r[1], "sentences_per_s": r[2]} for r in rows},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
-    result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang)
-    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang)
+    result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) \
+        if args.processes else {}
+    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours)
     if result["ctranslate2"] is not None:
         ct2 = result["ctranslate2"]
         ct2["ratio_to_ours"] = ct2["sentences_per_s"] / result["sentences_per_s"]
-        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 (same model, "
-                    f"{torch.get_num_threads()} thread(s))", ["decoder", "sentences", "sentences/s", "ratio"],
-                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0],
-                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"]]])
+        result["ours_over_ctranslate2"] = result["sentences_per_s"] / ct2["sentences_per_s"]
+        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 float32 (same "
+                    f"model, sentences, batches, length rule {cfg.eval.max_len_a} x source + {cfg.eval.max_len_b}, "
+                    f"length penalty {cfg.eval.lenpen}; {args.threads} thread(s))",
+                    ["decoder", "sentences", "sentences/s", "ours / decoder", "identical best hypotheses"],
+                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0, "-"],
+                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], result["ours_over_ctranslate2"],
+                      f"{ct2['identical']}/{ct2['sentences']} ({ct2['identical_share']:.1%})"]])
+        print(f"ours / CTranslate2: {result['ours_over_ctranslate2']:.2f}x (target >= 0.8); "
+              f"{ct2['at_own_limit']} of our best hypotheses end at their own length limit, below the batch's")
     return result
+
+
+def decode_batches(splits, languages, per_lang: int, batch: int) -> dict[str, list[list[int]]]:
+    """The first per_lang test sentences of each language, sorted by source length (ties in
+    test order) and cut into batches of `batch`: what both decoders translate."""
+    import numpy as np
+
+    out = {}
+    for lang in languages:
+        if lang in splits:
+            n = min(per_lang, len(splits[lang]))
+            order = np.argsort(splits[lang].src.sizes[:n], kind="stable").tolist()
+            out[lang] = [order[i:i + batch] for i in range(0, n, batch)]
+    return out
 
 
 def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> dict:
@@ -214,11 +234,15 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     return out
 
 
-def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
-    """The same sentences through an in-memory CTranslate2 export of the same model (same
-    beam, batch, length limit per batch and banned tokens; family-expert models: each
-    language through its family's model); None when ctranslate2 is not installed or the
-    model cannot be exported."""
+def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours) -> Optional[dict]:
+    """The same batches through an in-memory float32 CTranslate2 export of the same model
+    (same beam, length penalty, banned tokens; family-expert models: each language through
+    its family's model), compared with our best hypotheses `ours` {(lang, id): tokens};
+    None when ctranslate2 is not installed or the model cannot be exported. Length rule:
+    CTranslate2 takes one maximum length per batch, so it gets the rule (int(max_len_a x
+    source length + max_len_b) tokens with </s>) of the batch's longest source; the
+    batches are sorted by source length, so it is a sentence's own limit or a few tokens
+    above it (`at_own_limit` counts our hypotheses that stopped at a lower own limit)."""
     import torch
 
     try:
@@ -239,30 +263,36 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> 
         index = root / "families.json"  # family-expert models: one CTranslate2 model per family
         folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
         translators = {}
-        total_s, total_n = 0.0, 0
+        total_s, total_n, identical, at_own_limit = 0.0, 0, 0, 0
         for lang in languages:
             if lang not in splits:
                 continue
             where = root / folder.get(lang, "")
             if where not in translators:
-                translators[where] = ctranslate2.Translator(str(where), device="cpu",
-                                                            intra_threads=torch.get_num_threads())
+                translators[where] = ctranslate2.Translator(str(where), device="cpu", intra_threads=args.threads)
             translator = translators[where]
-            n = min(per_lang, len(splits[lang]))
-            srcs = [splits[lang].src[i].astype("int64") for i in range(n)]
-            pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
-            limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
-                [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+            work = []
+            for ids in batches[lang]:
+                srcs = [splits[lang].src[i].astype("int64") for i in ids]
+                limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
+                    [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+                pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
+                work.append((ids, pieces, limits.tolist()))
             t0 = time.perf_counter()
-            for start in range(0, n, args.batch):
-                translator.translate_batch(
-                    pieces[start:start + args.batch], target_prefix=[[f"<2{lang}>"]] * len(pieces[start:start + args.batch]),
-                    beam_size=args.beam, length_penalty=cfg.eval.lenpen, min_decoding_length=0,
-                    max_decoding_length=int(limits[start:start + args.batch].max()) - 1, disable_unk=True,
-                    suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
+            results = [translator.translate_batch(
+                pieces, target_prefix=[[f"<2{lang}>"]] * len(pieces), beam_size=args.beam,
+                length_penalty=cfg.eval.lenpen, min_decoding_length=0, max_decoding_length=max(limits) - 1,
+                disable_unk=True, suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
+                for ids, pieces, limits in work]
             total_s += time.perf_counter() - t0
-            total_n += n
-    return {"sentences": total_n, "sentences_per_s": total_n / total_s}
+            for (ids, _, limits), res in zip(work, results):
+                for i, limit, r in zip(ids, limits, res):
+                    mine = ours[(lang, i)]
+                    identical += [vocab.sp.id_to_piece(t) for t in mine[:-1]] == list(r.hypotheses[0])
+                    at_own_limit += len(mine) == limit < max(limits)
+                total_n += len(ids)
+    return {"sentences": total_n, "sentences_per_s": total_n / total_s, "identical": identical,
+            "identical_share": identical / total_n, "at_own_limit": at_own_limit}
 
 
 def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim: int = 1000) -> dict:
@@ -709,8 +739,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--sentences", type=int, default=200)
     s.add_argument("--beam", type=int, default=5)
     s.add_argument("--batch", type=int, default=32)
-    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
-                   help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2)")
+    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 2],
+                   help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2; '' for none)")
+    s.add_argument("--threads", type=int, default=1, help="threads of both decoders (default 1)")
     s = add("cats", "CATS meta-step cost, Gram error and memory on 2 ranks")
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
     s.add_argument("--methods", default=None,
