@@ -145,7 +145,12 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
 
     for step in range(int(max_len.max())):
         n = active.numel()
-        lprobs = _next_logprobs(model, tokens, enc, enc_pad, row_langs, caches, step)  # (N*k, V)
+        if step == 0 and caches is not None:  # all beams of a sentence are its tag: decode one row each
+            lprobs = _next_logprobs(model, tokens[::k], enc, enc_pad, None if langs is None else langs, caches, 0)
+            lprobs = lprobs.index_select(0, rows)  # (B*k, V): beam 0 live, the others -inf in `scores`
+            Transformer.reorder_caches(caches, rows, ("k", "v"))
+        else:
+            lprobs = _next_logprobs(model, tokens, enc, enc_pad, row_langs, caches, step)  # (N*k, V)
         at_max = max_len.index_select(0, active).eq(step + 1)  # (N,)
         lprobs = _constrain(lprobs, at_max.repeat_interleave(k), banned)
         vocab = lprobs.size(1)
