@@ -15,6 +15,7 @@ the worker side is `python -m cats_ds.bench worker-<name>` inside each rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -134,25 +135,44 @@ def bench_decode(args) -> dict:
     splits = load_split(cfg.data.dir, manifest, "test", languages)
     per_lang = max(1, args.sentences // len(splits))
     batches = decode_batches(splits, languages, per_lang, args.batch)
-    rows, total_s, total_n, total_tok, ours = [], 0.0, 0, 0, {}
-    for li, lang in enumerate(languages):
-        if lang not in splits:
-            continue
-        t0, hyp_tokens, n = time.perf_counter(), 0, 0
-        for ids in batches[lang]:
-            src = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(splits[lang].src[i].astype("int64")) for i in ids],
-                                                  batch_first=True)
+
+    def ours_decode(li: int, lang: str) -> tuple[float, dict]:
+        """Seconds for the language's batches, and {(lang, id): best hypothesis' tokens}."""
+        inputs = [(ids, torch.nn.utils.rnn.pad_sequence(
+            [torch.as_tensor(splits[lang].src[i].astype("int64")) for i in ids], batch_first=True))
+            for ids in batches[lang]]
+        t0, hyps = time.perf_counter(), {}
+        for ids, src in inputs:
             tags = torch.full((len(ids),), vocab.lang_ids[lang], dtype=torch.long)
             langs = torch.full((len(ids),), li, dtype=torch.long)
             with torch.no_grad():
                 out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
-            hyp_tokens += sum(len(nbest[0].tokens) for nbest in out)
-            n += len(ids)
-            ours.update({(lang, i): nbest[0].tokens for i, nbest in zip(ids, out)})
-        dt = time.perf_counter() - t0
-        rows.append([lang, n, n / dt, hyp_tokens / dt])
-        total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
+            hyps.update({(lang, i): nbest[0].tokens for i, nbest in zip(ids, out)})
+        return time.perf_counter() - t0, hyps
+
+    rows, total_s, total_n, total_tok, ours = [], 0.0, 0, 0, {}
+    with _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches) as ct2_decode:
+        ct2 = {"s": 0.0, "n": 0, "identical": 0, "at_own_limit": 0}
+        for li, lang in enumerate(languages):
+            if lang not in splits:
+                continue
+            # alternate which decoder goes first, so drift in the machine's load hits both
+            if ct2_decode is not None and li % 2 == 1:
+                ct2_s, ct2_out = ct2_decode(lang)
+            dt, hyps = ours_decode(li, lang)
+            if ct2_decode is not None and li % 2 == 0:
+                ct2_s, ct2_out = ct2_decode(lang)
+            n, hyp_tokens = len(hyps), sum(len(h) for h in hyps.values())
+            ours.update(hyps)
+            rows.append([lang, n, n / dt, hyp_tokens / dt])
+            total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
+            if ct2_decode is not None:
+                ct2["s"], ct2["n"] = ct2["s"] + ct2_s, ct2["n"] + len(ct2_out)
+                for key, (pieces, limit, batch_limit) in ct2_out.items():
+                    mine = hyps[key]
+                    ct2["identical"] += [vocab.sp.id_to_piece(t) for t in mine[:-1]] == pieces
+                    ct2["at_own_limit"] += len(mine) == limit < batch_limit
     note = "" if trained else " (untrained model: hypotheses tend to run to the length limit)"
     print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process, {args.threads} thread(s){note}",
                 ["lang", "sentences", "sentences/s", "hyp tokens/s"], rows)
@@ -164,20 +184,22 @@ def bench_decode(args) -> dict:
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
     result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) \
         if args.processes else {}
-    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours)
-    if result["ctranslate2"] is not None:
-        ct2 = result["ctranslate2"]
-        ct2["ratio_to_ours"] = ct2["sentences_per_s"] / result["sentences_per_s"]
-        result["ours_over_ctranslate2"] = result["sentences_per_s"] / ct2["sentences_per_s"]
+    result["ctranslate2"] = None
+    if ct2_decode is not None:
+        result["ctranslate2"] = c = {"sentences": ct2["n"], "sentences_per_s": ct2["n"] / ct2["s"],
+                                     "identical": ct2["identical"], "identical_share": ct2["identical"] / ct2["n"],
+                                     "at_own_limit": ct2["at_own_limit"]}
+        c["ratio_to_ours"] = c["sentences_per_s"] / result["sentences_per_s"]
+        result["ours_over_ctranslate2"] = result["sentences_per_s"] / c["sentences_per_s"]
         print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 float32 (same "
                     f"model, sentences, batches, length rule {cfg.eval.max_len_a} x source + {cfg.eval.max_len_b}, "
-                    f"length penalty {cfg.eval.lenpen}; {args.threads} thread(s))",
+                    f"length penalty {cfg.eval.lenpen}; {args.threads} thread(s); alternating per language)",
                     ["decoder", "sentences", "sentences/s", "ours / decoder", "identical best hypotheses"],
                     [["cats_ds.search", total_n, result["sentences_per_s"], 1.0, "-"],
-                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], result["ours_over_ctranslate2"],
-                      f"{ct2['identical']}/{ct2['sentences']} ({ct2['identical_share']:.1%})"]])
+                     ["ctranslate2", c["sentences"], c["sentences_per_s"], result["ours_over_ctranslate2"],
+                      f"{c['identical']}/{c['sentences']} ({c['identical_share']:.1%})"]])
         print(f"ours / CTranslate2: {result['ours_over_ctranslate2']:.2f}x (target >= 0.8); "
-              f"{ct2['at_own_limit']} of our best hypotheses end at their own length limit, below the batch's")
+              f"{c['at_own_limit']} of our best hypotheses end at their own length limit, below the batch's")
     return result
 
 
@@ -234,22 +256,24 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     return out
 
 
-def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours) -> Optional[dict]:
-    """The same batches through an in-memory float32 CTranslate2 export of the same model
-    (same beam, length penalty, banned tokens; family-expert models: each language through
-    its family's model), compared with our best hypotheses `ours` {(lang, id): tokens};
-    None when ctranslate2 is not installed or the model cannot be exported. Length rule:
-    CTranslate2 takes one maximum length per batch, so it gets the rule (int(max_len_a x
-    source length + max_len_b) tokens with </s>) of the batch's longest source; the
-    batches are sorted by source length, so it is a sentence's own limit or a few tokens
-    above it (`at_own_limit` counts our hypotheses that stopped at a lower own limit)."""
+@contextlib.contextmanager
+def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
+    """A function lang -> (seconds, {(lang, id): (hypothesis pieces, own limit, batch limit)})
+    that translates the language's `batches` with an in-memory float32 CTranslate2 export of
+    the same model (same beam, length penalty, banned tokens; family-expert models: each
+    language through its family's model); None when ctranslate2 is not installed or the
+    model cannot be exported. Length rule: CTranslate2 takes one maximum length per batch,
+    so it gets the rule (int(max_len_a x source length + max_len_b) tokens with </s>) of
+    the batch's longest source; the batches are sorted by source length, so that is a
+    sentence's own limit or a few tokens above it."""
     import torch
 
     try:
         import ctranslate2
     except ImportError:
         print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
-        return None
+        yield None
+        return
     from cats_ds.export import ExportError, export_ctranslate2
     from cats_ds.search import max_lengths
 
@@ -258,15 +282,14 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours
             export_ctranslate2(cfg, model, vocab, languages, Path(tmp) / "ct2", force=True)
         except ExportError as e:
             print(f"(no CTranslate2 row: {e})")
-            return None
+            yield None
+            return
         root = Path(tmp) / "ct2"
         index = root / "families.json"  # family-expert models: one CTranslate2 model per family
         folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
         translators = {}
-        total_s, total_n, identical, at_own_limit = 0.0, 0, 0, 0
-        for lang in languages:
-            if lang not in splits:
-                continue
+
+        def decode(lang: str):
             where = root / folder.get(lang, "")
             if where not in translators:
                 translators[where] = ctranslate2.Translator(str(where), device="cpu", intra_threads=args.threads)
@@ -284,15 +307,11 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, batches, ours
                 length_penalty=cfg.eval.lenpen, min_decoding_length=0, max_decoding_length=max(limits) - 1,
                 disable_unk=True, suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
                 for ids, pieces, limits in work]
-            total_s += time.perf_counter() - t0
-            for (ids, _, limits), res in zip(work, results):
-                for i, limit, r in zip(ids, limits, res):
-                    mine = ours[(lang, i)]
-                    identical += [vocab.sp.id_to_piece(t) for t in mine[:-1]] == list(r.hypotheses[0])
-                    at_own_limit += len(mine) == limit < max(limits)
-                total_n += len(ids)
-    return {"sentences": total_n, "sentences_per_s": total_n / total_s, "identical": identical,
-            "identical_share": identical / total_n, "at_own_limit": at_own_limit}
+            seconds = time.perf_counter() - t0
+            return seconds, {(lang, i): (list(r.hypotheses[0]), limit, max(limits))
+                             for (ids, _, limits), res in zip(work, results) for i, limit, r in zip(ids, limits, res)}
+
+        yield decode
 
 
 def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim: int = 1000) -> dict:
