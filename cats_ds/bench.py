@@ -2,6 +2,7 @@
 one run (the machine is shared and noisy), never an absolute time.
 
     python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks vs a bare PyTorch step
+    python -m cats_ds.bench pool    --json out.json   # padding per sampling.length_pool (sampler only)
     python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s; CTranslate2 on the same model
     python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
     python -m cats_ds.bench cats --methods pcgrad,gradvac,cagrad,nashmtl,imtl   # + a row per method
@@ -106,6 +107,53 @@ def bench_train(args) -> dict:
         result["speedup"] = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
         print(f"speedup {args.ranks[1]} ranks / {args.ranks[0]}: {result['speedup']:.2f}x")
     return result
+
+
+def bench_pool(args) -> dict:
+    """Padding of the plain updates' micro-batches per sampling.length_pool (the sampler
+    alone, no model): source and target padded fractions of each rank's share, and
+    micro-batches per draw, over the first --batches micro-batches at 1 and 2 ranks."""
+    import numpy as np
+
+    from cats_ds.config import distinct_languages, load_config
+    from cats_ds.data.manifest import Manifest, load_split
+    from cats_ds.data.sampler import LanguageSampler
+
+    _ensure_prepared(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides)
+    manifest = Manifest.load(cfg.data.dir)
+    languages = cfg.data.languages or manifest.languages
+    splits = load_split(cfg.data.dir, manifest, "train", languages)
+    rows, out = [], {}
+    for world in args.ranks:
+        for pool in args.sizes:
+            sampler = LanguageSampler(splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
+                                      cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg),
+                                      length_pool=pool)
+            real, padded = np.zeros(2), np.zeros(2)  # source, target
+            per_draw = []  # micro-batches per draw of each pool
+            for _ in range(args.batches):
+                plan, drawn = sampler.next_batch()
+                if drawn and pool:
+                    per_draw.append(len(sampler._pool) / len(drawn))
+                for rank in range(world):
+                    mine = plan.for_rank(rank, world)
+                    for side, name in enumerate(("src", "tgt")):
+                        sizes = np.concatenate([getattr(splits[languages[li]], name).sizes[s]
+                                                for li, s in zip(mine.langs, mine.sents)])
+                        if len(sizes):
+                            real[side] += sizes.sum()
+                            padded[side] += len(sizes) * sizes.max()
+            pad = 1 - real / padded
+            out[f"ranks_{world}_pool_{pool}"] = {"ranks": world, "length_pool": pool, "pad_src": float(pad[0]),
+                                                 "pad_tgt": float(pad[1]),
+                                                 "micro_batches_per_draw": float(np.mean(per_draw)) if pool else 1.0}
+            rows.append([world, pool, f"{pad[0]:.2%}", f"{pad[1]:.2%}", out[f"ranks_{world}_pool_{pool}"][
+                "micro_batches_per_draw"]])
+    print_table(f"padding of length-pooled micro-batches ({args.recipe}, first {args.batches} micro-batches; "
+                f"pool 0 = each draw as one padded batch)", ["ranks", "length_pool", "pad src", "pad tgt", "micro-batches/draw"],
+                rows)
+    return out
 
 
 def bench_decode(args) -> dict:
@@ -753,6 +801,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                    help="comma-separated rank counts (default 1,2)")
     s.add_argument("--warmup", type=int, default=3)
+    s = add("pool", "padding per sampling.length_pool (sampler only, no training)")
+    s.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256, 512, 1024, 2048])
+    s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    s.add_argument("--batches", type=int, default=1000, help="micro-batches per row")
     s = add("decode", "beam-search sentences/s")
     s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: untrained quickstart model)")
     s.add_argument("--sentences", type=int, default=200)
@@ -797,7 +849,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         bench_experts(args)  # prints its table and writes --json itself
         return
-    write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats}[args.cmd](args))
+    write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats,
+                           "pool": bench_pool}[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,20 @@ def test_bench_meta_worker_rows_per_method(tmp_path, tiny_data, tiny_recipe):
     for r in result["methods"].values():
         assert r["plain_step_s"] > 0 and r["meta_step_s"] > 0
         assert r["meta_over_plain"] == r["meta_step_s"] / r["plain_step_s"]
+
+
+def test_bench_pool_padding_per_pool_size(tmp_path, tiny_data, tiny_recipe, capsys):
+    """`bench pool`: the sampler alone; pooling pads less than the draws as drawn, and a
+    larger pool no more source padding than a small one on the tiny corpus."""
+    recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
+                               "vocab_temperature": 1.0})
+    out = tmp_path / "pool.json"
+    main(["pool", "--recipe", str(recipe), "--sizes", "0,4,32", "--batches", "40", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {f"ranks_{r}_pool_{p}" for r in (1, 2) for p in (0, 4, 32)}
+    for r in (1, 2):
+        rows = [result[f"ranks_{r}_pool_{p}"] for p in (0, 4, 32)]
+        assert all(0 <= x["pad_src"] < 1 and 0 <= x["pad_tgt"] < 1 for x in rows)
+        assert rows[0]["micro_batches_per_draw"] == 1.0
+        assert rows[2]["pad_src"] < rows[0]["pad_src"] and rows[2]["pad_tgt"] < rows[0]["pad_tgt"]
+    assert "micro-batches/draw" in capsys.readouterr().out
