@@ -148,7 +148,7 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
     for step in range(int(max_len.max())):
         n = active.numel()
         if step == 0 and caches is not None:  # all beams of a sentence are its tag: decode one row each
-            lprobs = _next_logprobs(model, tokens[::k], enc, enc_pad, None if langs is None else langs, caches, 0)
+            lprobs = _next_logprobs(model, tokens[::k], enc, enc_pad, langs, caches, 0)  # (B, V)
             lprobs = lprobs.index_select(0, rows)  # (B*k, V): beam 0 live, the others -inf in `scores`
             Transformer.reorder_caches(caches, rows, ("k", "v"))
         else:
