@@ -2,6 +2,7 @@
 one run (the machine is shared and noisy), never an absolute time.
 
     python -m cats_ds.bench train   --json out.json   # tokens/s on 1 and 2 ranks vs a bare PyTorch step
+    python -m cats_ds.bench pool    --json out.json   # padding per sampling.length_pool (sampler only)
     python -m cats_ds.bench decode  --json out.json   # beam-5 sentences/s; CTranslate2 on the same model
     python -m cats_ds.bench cats    --json out.json   # CATS meta-step cost, Gram error, memory
     python -m cats_ds.bench cats --methods pcgrad,gradvac,cagrad,nashmtl,imtl   # + a row per method
@@ -15,6 +16,7 @@ the worker side is `python -m cats_ds.bench worker-<name>` inside each rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -117,6 +119,53 @@ def bench_train(args) -> dict:
     return result
 
 
+def bench_pool(args) -> dict:
+    """Padding of the plain updates' micro-batches per sampling.length_pool (the sampler
+    alone, no model): source and target padded fractions of each rank's share, and
+    micro-batches per draw, over the first --batches micro-batches at 1 and 2 ranks."""
+    import numpy as np
+
+    from cats_ds.config import distinct_languages, load_config
+    from cats_ds.data.manifest import Manifest, load_split
+    from cats_ds.data.sampler import LanguageSampler
+
+    _ensure_prepared(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides)
+    manifest = Manifest.load(cfg.data.dir)
+    languages = cfg.data.languages or manifest.languages
+    splits = load_split(cfg.data.dir, manifest, "train", languages)
+    rows, out = [], {}
+    for world in args.ranks:
+        for pool in args.sizes:
+            sampler = LanguageSampler(splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
+                                      cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg),
+                                      length_pool=pool)
+            real, padded = np.zeros(2), np.zeros(2)  # source, target
+            per_draw = []  # micro-batches per draw of each pool
+            for _ in range(args.batches):
+                plan, drawn = sampler.next_batch()
+                if drawn and pool:
+                    per_draw.append(len(sampler._pool) / len(drawn))
+                for rank in range(world):
+                    mine = plan.for_rank(rank, world)
+                    for side, name in enumerate(("src", "tgt")):
+                        sizes = np.concatenate([getattr(splits[languages[li]], name).sizes[s]
+                                                for li, s in zip(mine.langs, mine.sents)])
+                        if len(sizes):
+                            real[side] += sizes.sum()
+                            padded[side] += len(sizes) * sizes.max()
+            pad = 1 - real / padded
+            out[f"ranks_{world}_pool_{pool}"] = {"ranks": world, "length_pool": pool, "pad_src": float(pad[0]),
+                                                 "pad_tgt": float(pad[1]),
+                                                 "micro_batches_per_draw": float(np.mean(per_draw)) if pool else 1.0}
+            rows.append([world, pool, f"{pad[0]:.2%}", f"{pad[1]:.2%}", out[f"ranks_{world}_pool_{pool}"][
+                "micro_batches_per_draw"]])
+    print_table(f"padding of length-pooled micro-batches ({args.recipe}, first {args.batches} micro-batches; "
+                f"pool 0 = each draw as one padded batch)", ["ranks", "length_pool", "pad src", "pad tgt", "micro-batches/draw"],
+                rows)
+    return out
+
+
 def bench_decode(args) -> dict:
     import torch
 
@@ -140,49 +189,90 @@ def bench_decode(args) -> dict:
         model = model_from_config(cfg, len(vocab), languages)
         trained = False
     model.eval()
+    torch.set_num_threads(args.threads)
     splits = load_split(cfg.data.dir, manifest, "test", languages)
     per_lang = max(1, args.sentences // len(splits))
-    rows, total_s, total_n, total_tok = [], 0.0, 0, 0
-    for li, lang in enumerate(languages):
-        if lang not in splits:
-            continue
-        n = min(per_lang, len(splits[lang]))
-        srcs = [torch.as_tensor(splits[lang].src[i].astype("int64")) for i in range(n)]
-        t0 = time.perf_counter()
-        hyp_tokens = 0
-        for start in range(0, n, args.batch):
-            chunk = srcs[start:start + args.batch]
-            width = max(len(s) for s in chunk)
-            src = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, s in enumerate(chunk):
-                src[i, :len(s)] = s
-            tags = torch.full((len(chunk),), vocab.lang_ids[lang], dtype=torch.long)
-            langs = torch.full((len(chunk),), li, dtype=torch.long)
+    batches = decode_batches(splits, languages, per_lang, args.batch)
+
+    def ours_decode(li: int, lang: str) -> tuple[float, dict]:
+        """Seconds for the language's batches, and {(lang, id): best hypothesis' tokens}."""
+        inputs = [(ids, torch.nn.utils.rnn.pad_sequence(
+            [torch.as_tensor(splits[lang].src[i].astype("int64")) for i in ids], batch_first=True))
+            for ids in batches[lang]]
+        t0, hyps = time.perf_counter(), {}
+        for ids, src in inputs:
+            tags = torch.full((len(ids),), vocab.lang_ids[lang], dtype=torch.long)
+            langs = torch.full((len(ids),), li, dtype=torch.long)
             with torch.no_grad():
                 out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
-            hyp_tokens += sum(len(nbest[0].tokens) for nbest in out)
-        dt = time.perf_counter() - t0
-        rows.append([lang, n, n / dt, hyp_tokens / dt])
-        total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
+            hyps.update({(lang, i): nbest[0].tokens for i, nbest in zip(ids, out)})
+        return time.perf_counter() - t0, hyps
+
+    rows, total_s, total_n, total_tok, ours = [], 0.0, 0, 0, {}
+    with _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches) as ct2_decode:
+        ct2 = {"s": 0.0, "n": 0, "identical": 0, "at_own_limit": 0}
+        for li, lang in enumerate(languages):
+            if lang not in splits:
+                continue
+            # alternate which decoder goes first, so drift in the machine's load hits both
+            if ct2_decode is not None and li % 2 == 1:
+                ct2_s, ct2_out = ct2_decode(lang)
+            dt, hyps = ours_decode(li, lang)
+            if ct2_decode is not None and li % 2 == 0:
+                ct2_s, ct2_out = ct2_decode(lang)
+            n, hyp_tokens = len(hyps), sum(len(h) for h in hyps.values())
+            ours.update(hyps)
+            rows.append([lang, n, n / dt, hyp_tokens / dt])
+            total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
+            if ct2_decode is not None:
+                ct2["s"], ct2["n"] = ct2["s"] + ct2_s, ct2["n"] + len(ct2_out)
+                for key, (pieces, limit, batch_limit) in ct2_out.items():
+                    mine = hyps[key]
+                    ct2["identical"] += [vocab.sp.id_to_piece(t) for t in mine[:-1]] == pieces
+                    ct2["at_own_limit"] += len(mine) == limit < batch_limit
     note = "" if trained else " (untrained model: hypotheses tend to run to the length limit)"
-    print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process{note}",
+    print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process, {args.threads} thread(s){note}",
                 ["lang", "sentences", "sentences/s", "hyp tokens/s"], rows)
-    result = {"beam": args.beam, "batch": args.batch, "sentences": total_n, "sentences_per_s": total_n / total_s,
-              "hyp_tokens_per_s": total_tok / total_s, "trained_checkpoint": args.checkpoint,
+    result = {"beam": args.beam, "batch": args.batch, "threads": args.threads, "sentences": total_n,
+              "sentences_per_s": total_n / total_s, "hyp_tokens_per_s": total_tok / total_s,
+              "trained_checkpoint": args.checkpoint,
               "per_language": {r[0]: {"sentences": r[1], "sentences_per_s": r[2]} for r in rows},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
-    result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang)
-    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang)
-    if result["ctranslate2"] is not None:
-        ct2 = result["ctranslate2"]
-        ct2["ratio_to_ours"] = ct2["sentences_per_s"] / result["sentences_per_s"]
-        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 (same model, "
-                    f"{torch.get_num_threads()} thread(s))", ["decoder", "sentences", "sentences/s", "ratio"],
-                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0],
-                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"]]])
+    result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) \
+        if args.processes else {}
+    result["ctranslate2"] = None
+    if ct2_decode is not None:
+        result["ctranslate2"] = c = {"sentences": ct2["n"], "sentences_per_s": ct2["n"] / ct2["s"],
+                                     "identical": ct2["identical"], "identical_share": ct2["identical"] / ct2["n"],
+                                     "at_own_limit": ct2["at_own_limit"]}
+        c["ratio_to_ours"] = c["sentences_per_s"] / result["sentences_per_s"]
+        result["ours_over_ctranslate2"] = result["sentences_per_s"] / c["sentences_per_s"]
+        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 float32 (same "
+                    f"model, sentences, batches, length rule {cfg.eval.max_len_a} x source + {cfg.eval.max_len_b}, "
+                    f"length penalty {cfg.eval.lenpen}; {args.threads} thread(s); alternating per language)",
+                    ["decoder", "sentences", "sentences/s", "ours / decoder", "identical best hypotheses"],
+                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0, "-"],
+                     ["ctranslate2", c["sentences"], c["sentences_per_s"], result["ours_over_ctranslate2"],
+                      f"{c['identical']}/{c['sentences']} ({c['identical_share']:.1%})"]])
+        print(f"ours / CTranslate2: {result['ours_over_ctranslate2']:.2f}x (target >= 0.8); "
+              f"{c['at_own_limit']} of our best hypotheses end at their own length limit, below the batch's")
     return result
+
+
+def decode_batches(splits, languages, per_lang: int, batch: int) -> dict[str, list[list[int]]]:
+    """The first per_lang test sentences of each language, sorted by source length (ties in
+    test order) and cut into batches of `batch`: what both decoders translate."""
+    import numpy as np
+
+    out = {}
+    for lang in languages:
+        if lang in splits:
+            n = min(per_lang, len(splits[lang]))
+            order = np.argsort(splits[lang].src.sizes[:n], kind="stable").tolist()
+            out[lang] = [order[i:i + batch] for i in range(0, n, batch)]
+    return out
 
 
 def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> dict:
@@ -225,18 +315,24 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     return out
 
 
-def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
-    """The same sentences through an in-memory CTranslate2 export of the same model (same
-    beam, batch, length limit per batch and banned tokens; family-expert models: each
+@contextlib.contextmanager
+def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
+    """A function lang -> (seconds, {(lang, id): (hypothesis pieces, own limit, batch limit)})
+    that translates the language's `batches` with an in-memory float32 CTranslate2 export of
+    the same model (same beam, length penalty, banned tokens; family-expert models: each
     language through its family's model); None when ctranslate2 is not installed or the
-    model cannot be exported."""
+    model cannot be exported. Length rule: CTranslate2 takes one maximum length per batch,
+    so it gets the rule (int(max_len_a x source length + max_len_b) tokens with </s>) of
+    the batch's longest source; the batches are sorted by source length, so that is a
+    sentence's own limit or a few tokens above it."""
     import torch
 
     try:
         import ctranslate2
     except ImportError:
         print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
-        return None
+        yield None
+        return
     from cats_ds.export import ExportError, export_ctranslate2
     from cats_ds.search import max_lengths
 
@@ -245,35 +341,36 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> 
             export_ctranslate2(cfg, model, vocab, languages, Path(tmp) / "ct2", force=True)
         except ExportError as e:
             print(f"(no CTranslate2 row: {e})")
-            return None
+            yield None
+            return
         root = Path(tmp) / "ct2"
         index = root / "families.json"  # family-expert models: one CTranslate2 model per family
         folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
         translators = {}
-        total_s, total_n = 0.0, 0
-        for lang in languages:
-            if lang not in splits:
-                continue
+
+        def decode(lang: str):
             where = root / folder.get(lang, "")
             if where not in translators:
-                translators[where] = ctranslate2.Translator(str(where), device="cpu",
-                                                            intra_threads=torch.get_num_threads())
+                translators[where] = ctranslate2.Translator(str(where), device="cpu", intra_threads=args.threads)
             translator = translators[where]
-            n = min(per_lang, len(splits[lang]))
-            srcs = [splits[lang].src[i].astype("int64") for i in range(n)]
-            pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
-            limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
-                [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+            work = []
+            for ids in batches[lang]:
+                srcs = [splits[lang].src[i].astype("int64") for i in ids]
+                limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
+                    [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+                pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
+                work.append((ids, pieces, limits.tolist()))
             t0 = time.perf_counter()
-            for start in range(0, n, args.batch):
-                translator.translate_batch(
-                    pieces[start:start + args.batch], target_prefix=[[f"<2{lang}>"]] * len(pieces[start:start + args.batch]),
-                    beam_size=args.beam, length_penalty=cfg.eval.lenpen, min_decoding_length=0,
-                    max_decoding_length=int(limits[start:start + args.batch].max()) - 1, disable_unk=True,
-                    suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
-            total_s += time.perf_counter() - t0
-            total_n += n
-    return {"sentences": total_n, "sentences_per_s": total_n / total_s}
+            results = [translator.translate_batch(
+                pieces, target_prefix=[[f"<2{lang}>"]] * len(pieces), beam_size=args.beam,
+                length_penalty=cfg.eval.lenpen, min_decoding_length=0, max_decoding_length=max(limits) - 1,
+                disable_unk=True, suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
+                for ids, pieces, limits in work]
+            seconds = time.perf_counter() - t0
+            return seconds, {(lang, i): (list(r.hypotheses[0]), limit, max(limits))
+                             for (ids, _, limits), res in zip(work, results) for i, limit, r in zip(ids, limits, res)}
+
+        yield decode
 
 
 def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim: int = 1000) -> dict:
@@ -730,13 +827,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                    help="comma-separated rank counts (default 1,2)")
     s.add_argument("--warmup", type=int, default=3)
+    s = add("pool", "padding per sampling.length_pool (sampler only, no training)")
+    s.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256, 512, 1024, 2048])
+    s.add_argument("--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    s.add_argument("--batches", type=int, default=1000, help="micro-batches per row")
     s = add("decode", "beam-search sentences/s")
     s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: untrained quickstart model)")
     s.add_argument("--sentences", type=int, default=200)
     s.add_argument("--beam", type=int, default=5)
     s.add_argument("--batch", type=int, default=32)
-    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
-                   help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2)")
+    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 2],
+                   help="evaluate.py data-parallel rows: comma-separated process counts (default 1,2; '' for none)")
+    s.add_argument("--threads", type=int, default=1, help="threads of both decoders (default 1)")
     s = add("cats", "CATS meta-step cost, Gram error and memory on 2 ranks")
     s.add_argument("--recipe100", default="launch/recipes/gettext100.yaml")
     s.add_argument("--methods", default=None,
@@ -773,7 +875,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         bench_experts(args)  # prints its table and writes --json itself
         return
-    write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats}[args.cmd](args))
+    write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats,
+                           "pool": bench_pool}[args.cmd](args))
 
 
 if __name__ == "__main__":

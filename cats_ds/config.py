@@ -114,14 +114,20 @@ class SamplingConfig:
     false: K independent draws from p_l (token share exactly p_l, often fewer than K
     languages); null (default): true for the Gram-based methods (every method but
     temperature), false for temperature."""
-    length_pool: int = 128
+    length_pool: int = 1024
     """Plain updates pool the sentences of this many consecutive draws (K slots each), sort
-    them by length and cut micro-batches of train.max_tokens x world size padded tokens:
+    them by (source, target) length and cut micro-batches of train.max_tokens x world size
+    padded tokens (1024: README "Benchmarks" has the padding per pool size):
     one forward each, little padding, the same sentences as the draws (so the sampling
     law is unchanged). Only with token-share loss coefficients (temperature, or
-    cats.weight_by=tokens); meta steps, and every method's updates at the cats.meta_every
-    steps, use the draws themselves. 0: each draw is a micro-batch (split into length
-    groups)."""
+    cats.weight_by=tokens); meta steps use the draws themselves (and so do all updates
+    at the cats.meta_every steps under sampling.draws_at_meta_steps). 0: each draw is a
+    micro-batch (split into length groups)."""
+    draws_at_meta_steps: Optional[bool] = None
+    """true: the updates at the cats.meta_every steps train on the draws as drawn, whatever
+    the method, so a temperature run with this set is the alpha = 1 reference of CATS (the
+    same batches at every update); false: only meta steps do; null (default): true for the
+    Gram-based methods, false for temperature (a temperature run pools every update)."""
 
 
 @dataclass
@@ -582,6 +588,13 @@ def distinct_languages(cfg: Config) -> bool:
     if cfg.sampling.distinct is None:
         return cfg.weighting.method in GRAM_METHODS
     return cfg.sampling.distinct
+
+
+def draws_at_meta_steps(cfg: Config) -> bool:
+    """sampling.draws_at_meta_steps with its default resolved (on for the Gram-based methods)."""
+    if cfg.sampling.draws_at_meta_steps is None:
+        return cfg.weighting.method in GRAM_METHODS
+    return cfg.sampling.draws_at_meta_steps
 
 
 def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:

@@ -82,7 +82,7 @@ def _next_logprobs(model: Transformer, tokens: torch.Tensor, enc: torch.Tensor, 
 def _constrain(lprobs: torch.Tensor, at_max: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
     """Ban tokens everywhere, and everything but </s> in rows at their maximum length.
     lprobs (R, V) is modified in place; at_max (R,) bool."""
-    lprobs[:, list(banned)] = -torch.inf
+    lprobs.index_fill_(1, torch.as_tensor(banned, dtype=torch.long, device=lprobs.device), -torch.inf)
     if at_max.any():
         eos = lprobs[at_max, EOS]  # (r,) a copy: advanced indexing
         lprobs[at_max] = -torch.inf
@@ -124,9 +124,11 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
         return []
     max_len = max_lengths(model, src, max_len_a, max_len_b)  # (B,)
 
+    # one encoder row per sentence: the decoder's cross-attention takes each sentence's k
+    # beams (consecutive rows) as a group, so its keys and values are computed and cached
+    # once per sentence and move only when sentences leave the batch
     enc, enc_pad = model.encode(src, langs)  # (B, S, D), (B, S)
     rows = torch.arange(b, device=device).repeat_interleave(k)  # (B*k,) sentence of each row
-    enc, enc_pad = enc.index_select(0, rows), enc_pad.index_select(0, rows)  # (B*k, S, D), (B*k, S)
     row_langs = None if langs is None else langs.index_select(0, rows)  # (B*k,)
     tokens = tags.index_select(0, rows)[:, None]  # (B*k, 1): tag, then generated tokens
     token_lp = enc.new_zeros(b * k, 0)  # (B*k, t) log-prob of each generated token
@@ -136,61 +138,79 @@ def beam_search(model: Transformer, src: torch.Tensor, tags: torch.Tensor, langs
     scores = scores.view(-1)  # (B*k,) running sum of log-probs
 
     active = torch.arange(b, device=device)  # (N,) original index of each unfinished sentence
-    n_finished = torch.zeros(b, dtype=torch.long, device=device)  # (B,)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     caches: Optional[list[Cache]] = [{} for _ in model.decoder_layers] if use_cache else None
     first = torch.arange(2 * k, device=device)  # candidate ranks
 
+    act_max = max_len  # (N,) maximum length of each unfinished sentence
+    act_fin = torch.zeros(b, dtype=torch.long, device=device)  # (N,) its finished hypotheses
+    base = torch.arange(b, device=device)[:, None] * k  # (N, 1) its first row
     for step in range(int(max_len.max())):
         n = active.numel()
-        lprobs = _next_logprobs(model, tokens, enc, enc_pad, row_langs, caches, step)  # (N*k, V)
-        at_max = max_len.index_select(0, active).eq(step + 1)  # (N,)
+        if step == 0 and caches is not None:  # all beams of a sentence are its tag: decode one row each
+            lprobs = _next_logprobs(model, tokens[::k], enc, enc_pad, langs, caches, 0)  # (B, V)
+            lprobs = lprobs.index_select(0, rows)  # (B*k, V): beam 0 live, the others -inf in `scores`
+            Transformer.reorder_caches(caches, rows, ("k", "v"))
+        else:
+            lprobs = _next_logprobs(model, tokens, enc, enc_pad, row_langs, caches, step)  # (N*k, V)
+        at_max = act_max.eq(step + 1)  # (N,)
         lprobs = _constrain(lprobs, at_max.repeat_interleave(k), banned)
         vocab = lprobs.size(1)
 
-        cand = (scores[:, None] + lprobs).view(n, k * vocab)  # (N, k*V)
+        # a sentence's 2k best extensions are among the 2k best tokens of each of its beams:
+        # rank those (k * 2k per sentence) instead of all k * V
+        row_lp, row_tok = lprobs.topk(min(2 * k, vocab), dim=1)  # (N*k, c), c = 2k
+        c = row_lp.size(1)
+        cand = (scores[:, None] + row_lp).view(n, k * c)  # (N, k*c)
         top, idx = cand.topk(2 * k, dim=1)  # (N, 2k), best first
-        tok = idx % vocab  # (N, 2k)
-        src_row = idx // vocab + (torch.arange(n, device=device) * k)[:, None]  # (N, 2k) row it extends
-        top_lp = lprobs.view(n, k * vocab).gather(1, idx)  # (N, 2k) log-prob of the new token
+        tok = row_tok.view(n, k * c).gather(1, idx)  # (N, 2k)
+        src_row = idx // c + base  # (N, 2k) row it extends
+        top_lp = row_lp.view(n, k * c).gather(1, idx)  # (N, 2k) log-prob of the new token
         live = top.isfinite()
         is_eos = tok.eq(EOS) & live
 
         # finish </s> extensions ranked among the first k, while a sentence has room
         fin = is_eos[:, :k]  # (N, k)
-        fin = fin & (n_finished.index_select(0, active)[:, None] + fin.cumsum(1) <= k)
+        fin = fin & (act_fin[:, None] + fin.cumsum(1) <= k)
         if fin.any():
             s_idx, c_idx = fin.nonzero(as_tuple=True)  # ordered by sentence, then rank
             r = src_row[s_idx, c_idx]
             hyps = _hypotheses(tokens[r, 1:], token_lp[r], top_lp[s_idx, c_idx], lenpen)
             for sent, hyp in zip(active[s_idx].tolist(), hyps):
                 finished[sent].append(hyp)
-            n_finished.index_add_(0, active, fin.sum(1))
-
-        done = n_finished.index_select(0, active).ge(k) | max_len.index_select(0, active).le(step + 1)  # (N,)
-        if done.all():
+            act_fin = act_fin + fin.sum(1)
+            done = act_fin.ge(k) | act_max.le(step + 1)  # (N,)
+        else:
+            done = act_max.le(step + 1)
+        shrink = bool(done.any())
+        if shrink and done.all():
             break
 
         # continue with the first k extensions that do not end in </s>
         rank = torch.where(is_eos | ~live, first + 2 * k, first)  # (N, 2k): non-continuable last
         pick = rank.topk(k, dim=1, largest=False).indices  # (N, k)
-        keep = (~done).nonzero().squeeze(1)  # (N',) sentences still decoding
-        pick = pick.index_select(0, keep)
-        order = src_row.index_select(0, keep).gather(1, pick).view(-1)  # (N'*k,) rows to extend
-        new_tok = tok.index_select(0, keep).gather(1, pick).view(-1, 1)  # (N'*k, 1)
-        new_lp = top_lp.index_select(0, keep).gather(1, pick).view(-1, 1)  # (N'*k, 1)
-        new_scores = top.index_select(0, keep).gather(1, pick)  # (N', k)
-        stale = is_eos.index_select(0, keep).gather(1, pick)  # fewer than k continuations: dead beams
-        scores = new_scores.masked_fill(stale, -torch.inf).view(-1)  # (N'*k,)
+        if shrink:  # sentences still decoding
+            keep = (~done).nonzero().squeeze(1)  # (N',)
+            pick, src_row, tok, top_lp, top, is_eos = (x.index_select(0, keep) for x in (pick, src_row, tok, top_lp,
+                                                                                          top, is_eos))
+        order = src_row.gather(1, pick).view(-1)  # (N'*k,) rows to extend
+        new_tok = tok.gather(1, pick).view(-1, 1)  # (N'*k, 1)
+        new_lp = top_lp.gather(1, pick).view(-1, 1)  # (N'*k, 1)
+        stale = is_eos.gather(1, pick)  # fewer than k continuations: dead beams
+        scores = top.gather(1, pick).masked_fill(stale, -torch.inf).view(-1)  # (N'*k,)
         tokens = torch.cat([tokens.index_select(0, order), new_tok], dim=1)  # (N'*k, t+2)
         token_lp = torch.cat([token_lp.index_select(0, order), new_lp], dim=1)  # (N'*k, t+1)
-        if keep.numel() < n:  # drop finished sentences; beams of one sentence share its encoder rows
+        if shrink:  # drop finished sentences: their encoder rows and cross-attention caches
             sent_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)  # (N'*k,)
-            enc, enc_pad = enc.index_select(0, sent_rows), enc_pad.index_select(0, sent_rows)
+            enc, enc_pad = enc.index_select(0, keep), enc_pad.index_select(0, keep)
             row_langs = None if row_langs is None else row_langs.index_select(0, sent_rows)
-            active = active.index_select(0, keep)
-        if caches is not None:
-            Transformer.reorder_caches(caches, order)
+            active, act_max, act_fin = active.index_select(0, keep), act_max.index_select(0, keep), \
+                act_fin.index_select(0, keep)
+            base = base[:keep.numel()]
+            if caches is not None:
+                Transformer.reorder_caches(caches, keep, ("ck", "cv"))
+        if caches is not None:  # beams of one sentence stay in its block of k rows
+            Transformer.reorder_caches(caches, order, ("k", "v"))
 
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
 

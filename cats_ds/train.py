@@ -25,7 +25,7 @@ import torch.distributed as dist
 from cats_ds import preempt
 from cats_ds.analysis import analysis_step
 from cats_ds.checkpoint import needs_universal, prepare_save_dir, resume, save_checkpoint, save_numbered
-from cats_ds.config import GRAM_METHODS, Config, distinct_languages, meta_interval
+from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_meta_steps, meta_interval
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
@@ -455,10 +455,11 @@ def next_plans(run: Run, meta: bool = False) -> list[Plan]:
 
 def draws_as_drawn(cfg: Config, step: int) -> bool:
     """Whether update `step` trains on the sampler's draws as drawn rather than on
-    length-pooled micro-batches: the meta steps of cats.meta_every, for every method (a
-    temperature run too), so that CATS at alpha = 1 and the temperature baseline train on
-    the same batches."""
-    return step % meta_interval(cfg.cats.meta_every, step) == 0
+    length-pooled micro-batches: the steps of cats.meta_every when
+    sampling.draws_at_meta_steps is on (by default for the Gram-based methods, whose meta
+    steps need the draws). A temperature run pools every update unless it sets it, as CATS'
+    alpha = 1 reference does (then both train on the same batches at every update)."""
+    return draws_at_meta_steps(cfg) and step % meta_interval(cfg.cats.meta_every, step) == 0
 
 
 def next_batches(run: Run) -> list[Plan]:

@@ -19,10 +19,42 @@ def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
     assert result["beam"] == 5 and result["sentences"] == 6
     assert set(result["per_language"]) == {"aa", "bb", "cc"}
     assert result["sentences_per_s"] > 0 and result["hyp_tokens_per_s"] > 0
-    assert result["ctranslate2"]["sentences"] == 6 and result["ctranslate2"]["sentences_per_s"] > 0
+    ct2 = result["ctranslate2"]
+    assert ct2["sentences"] == 6 and ct2["sentences_per_s"] > 0 and 0 <= ct2["identical"] <= 6
+    assert ct2["identical_share"] == ct2["identical"] / 6 and 0 <= ct2["at_own_limit"] <= 6
+    assert result["ours_over_ctranslate2"] == result["sentences_per_s"] / ct2["sentences_per_s"]
+    assert result["threads"] == 1
     assert {k: v["processes"] for k, v in result["processes"].items()} == {"1": 1, "2": 2}
     assert all(v["sentences_per_s"] > 0 for v in result["processes"].values())
-    assert "sentences/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sentences/s" in printed and "identical best hypotheses" in printed and "ours / CTranslate2" in printed
+
+
+def test_bench_decode_compares_hypotheses_with_ctranslate2(tmp_path, tiny_data, tiny_recipe):
+    """Sentences are decoded in source-length order, in batches; with batches of one
+    sentence CTranslate2 gets each sentence's own length limit, and its greedy hypotheses
+    are ours (the untrained model runs to the limits, where both must stop alike; at beam 5
+    CTranslate2 does not force </s> at the limit as our search does, so there a hypothesis
+    that reaches it may differ)."""
+    from cats_ds.bench import decode_batches
+    from cats_ds.data.manifest import Manifest, load_split
+
+    manifest = Manifest.load(tiny_data)
+    splits = load_split(tiny_data, manifest, "test")
+    batches = decode_batches(splits, manifest.languages, 7, 3)
+    for lang, bs in batches.items():
+        ids = [i for b in bs for i in b]
+        assert sorted(ids) == list(range(7)) and [len(b) for b in bs] == [3, 3, 1]
+        sizes = splits[lang].src.sizes[ids]
+        assert (sizes[1:] >= sizes[:-1]).all()
+    recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
+                               "vocab_temperature": 1.0})
+    out = tmp_path / "decode.json"
+    main(["decode", "--recipe", str(recipe), "--sentences", "9", "--batch", "1", "--beam", "1", "--processes", "",
+          "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["processes"] == {} and result["sentences"] == 9
+    assert result["ctranslate2"]["identical"] == 9 and result["ctranslate2"]["at_own_limit"] == 0
 
 
 def test_bench_experts_writes_json(tmp_path, capsys):
@@ -71,7 +103,7 @@ def test_bench_train_against_bare_step(tmp_path, tiny_data, tiny_recipe, capsys)
     result = json.loads(out.read_text())
     for ranks in (1, 2):
         r = result[f"ranks_{ranks}"]
-        assert r["ranks"] == ranks and r["length_pool"] == 128 and r["forwards_per_update"] == 1.0
+        assert r["ranks"] == ranks and r["length_pool"] == 1024 and r["forwards_per_update"] == 1.0
         assert r["tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0 and r["ratio_to_bare"] > 0
         assert 0 <= r["pad_src"] < 1 and 0 <= r["pad_tgt"] < 1
         assert set(r["phases_s"]) == set(PHASES) | {"other"}
@@ -95,3 +127,20 @@ def test_bench_meta_worker_rows_per_method(tmp_path, tiny_data, tiny_recipe):
     for r in result["methods"].values():
         assert r["plain_step_s"] > 0 and r["meta_step_s"] > 0
         assert r["meta_over_plain"] == r["meta_step_s"] / r["plain_step_s"]
+
+
+def test_bench_pool_padding_per_pool_size(tmp_path, tiny_data, tiny_recipe, capsys):
+    """`bench pool`: the sampler alone; pooling pads less than the draws as drawn, and a
+    larger pool no more source padding than a small one on the tiny corpus."""
+    recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
+                               "vocab_temperature": 1.0})
+    out = tmp_path / "pool.json"
+    main(["pool", "--recipe", str(recipe), "--sizes", "0,4,32", "--batches", "40", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result) == {f"ranks_{r}_pool_{p}" for r in (1, 2) for p in (0, 4, 32)}
+    for r in (1, 2):
+        rows = [result[f"ranks_{r}_pool_{p}"] for p in (0, 4, 32)]
+        assert all(0 <= x["pad_src"] < 1 and 0 <= x["pad_tgt"] < 1 for x in rows)
+        assert rows[0]["micro_batches_per_draw"] == 1.0
+        assert rows[2]["pad_src"] < rows[0]["pad_src"] and rows[2]["pad_tgt"] < rows[0]["pad_tgt"]
+    assert "micro-batches/draw" in capsys.readouterr().out

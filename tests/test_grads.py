@@ -127,9 +127,13 @@ def test_cats_at_alpha_one_is_the_temperature_run(tmp_path, tiny_recipe, gas):
     ds = write_json(tmp_path / "z0.json", ds_config(0, gas=gas))
     common = {"sampling": {"temperature": 5.0, "langs_per_batch": 2, "distinct": True},
               "train": {"max_updates": 20, "valid_every": 100}}
-    # the same meta-step schedule: a temperature run trains on the draws as drawn at those
-    # updates and on length-pooled micro-batches between them, as CATS does (train.draws_as_drawn)
-    temp = tiny_recipe("temp", weighting={"method": "temperature"}, cats={"meta_every": [[None, 3]]}, **common)
+    # the reference: a temperature run with the same meta-step schedule and
+    # sampling.draws_at_meta_steps=true trains on the draws as drawn at those updates and on
+    # length-pooled micro-batches between them, as CATS does (train.draws_as_drawn); a plain
+    # temperature run pools every update (tests/test_batches.py)
+    temp = tiny_recipe("temp", weighting={"method": "temperature"}, cats={"meta_every": [[None, 3]]},
+                       sampling={**common["sampling"], "draws_at_meta_steps": True},
+                       **{k: v for k, v in common.items() if k != "sampling"})
     cats = tiny_recipe("cats", weighting={"method": "cats"},
                        cats={"lr_alpha": 0.0, "lr_lambda": 0.0, "meta_every": [[None, 3]]}, **common)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", temp], 1)

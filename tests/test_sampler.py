@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cats_ds.data.manifest import Manifest, load_split
-from cats_ds.data.sampler import (LanguageSampler, chunk_by_budget, collate, split_by_length, target_tokens,
+from cats_ds.data.sampler import (LanguageSampler, chunk_by_budget, chunk_greedy, collate, split_by_length, target_tokens,
                                   temperature_probs)
 
 
@@ -186,3 +186,40 @@ def test_length_pool_state_resumes_mid_pool(splits):
     c = LanguageSampler(data, langs, 5.0, 2, 128, 1, seed=7, length_pool=4)
     with pytest.raises(ValueError, match="length_pool"):
         c.load_state_dict(state)
+
+
+def test_length_pool_groups_by_source_then_target(splits):
+    """A pool's micro-batches are runs of its sentences sorted by source length (fairseq's
+    order), so two micro-batches share at most one source length and a micro-batch spans
+    few; within one source length the targets are sorted too (ascending at even, descending
+    at odd source lengths). chunk_greedy keeps every chunk within budget."""
+    manifest, data = splits
+    langs = manifest.languages
+    pooled = LanguageSampler(data, langs, 5.0, 2, max_tokens=64, world_size=1, seed=8, length_pool=16)
+    batch, drawn = pooled.next_batch()
+    batches = [batch] + [pooled.next_batch()[0] for _ in range(len(pooled._pool) - 1)]
+    assert pooled._pool_pos == len(pooled._pool)
+
+    def sizes(p, side):
+        return np.concatenate([getattr(data[langs[li]], side).sizes[s] for li, s in zip(p.langs, p.sents)])
+
+    spans = sorted((sizes(p, "src").min(), sizes(p, "src").max()) for p in batches)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # source intervals do not interleave
+    for p in batches:
+        src, tgt = sizes(p, "src"), sizes(p, "tgt")
+        assert len(src) == 1 or len(src) * max(src.max(), tgt.max()) <= 64
+        for length in np.unique(src):
+            t = tgt[src == length]
+            if len(t) > 2 and (t.max() - t.min()) > 0:  # a run of one source length spans a target interval
+                others = np.concatenate([sizes(q, "tgt")[sizes(q, "src") == length] for q in batches if q is not p])
+                assert not ((others > t.min()) & (others < t.max())).any()
+    assert padded_fraction(batches, data, langs, "src") < 0.03
+
+
+def test_chunk_greedy_budget_and_order():
+    cost = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    order = np.arange(8)
+    chunks = chunk_greedy(order, cost, budget=10)
+    assert np.concatenate(chunks).tolist() == order.tolist()
+    assert all(len(c) == 1 or len(c) * cost[c].max() <= 10 for c in chunks)
+    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3], [4], [5], [6], [7]]  # greedy, in order

@@ -8,7 +8,7 @@ depends only on `max_tokens * world_size`, so 2 ranks with budget B train on exa
 data 1 rank with budget 2B sees.
 
 Plain updates may pool the sentences of `length_pool` consecutive draws and regroup
-them by length into micro-batches (`next_batch`): every drawn sentence is trained
+them by (source, target) length into micro-batches (`next_batch`): every drawn sentence is trained
 exactly once, within the window of its draw, so each language's expected token share is
 what the draws give; only which sentences share a micro-batch changes (length bands, one
 forward each, little padding). Meta steps take the draws themselves (`next_plan`).
@@ -83,6 +83,23 @@ def chunk_by_budget(order: np.ndarray, cost: np.ndarray, budget: int) -> list[np
     return chunks
 
 
+def chunk_greedy(order: np.ndarray, cost: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split sentence ids `order` (any order) into consecutive chunks whose padded cost
+    (count * largest cost in the chunk) stays within budget, greedily; a sentence over
+    budget is alone. With `order` sorted by (source, target) length and cost = max(source,
+    target), as fairseq batches, a chunk's sources are nearly equal in length."""
+    chunks, start, top = [], 0, 0
+    for i, c in enumerate(cost[order].tolist()):
+        top_i = max(top, c)
+        if i > start and (i - start + 1) * top_i > budget:
+            chunks.append(order[start:i])
+            start, top_i = i, c
+        top = top_i
+    if len(order) > start:
+        chunks.append(order[start:])
+    return chunks
+
+
 @dataclass
 class Plan:
     """One micro-step's global batch: languages (indices into the language list, each
@@ -107,6 +124,7 @@ class LanguageSampler:
         self.cost = [np.maximum(splits[l].src.sizes, splits[l].tgt.sizes) if l in splits else np.zeros(0, np.int64)
                      for l in languages]
         self.src_sizes = [splits[l].src.sizes if l in splits else np.zeros(0, np.int64) for l in languages]
+        self.tgt_sizes = [splits[l].tgt.sizes if l in splits else np.zeros(0, np.int64) for l in languages]
         self.probs = temperature_probs(self.sizes, temperature)
         self.k = langs_per_batch
         self.distinct = distinct
@@ -176,8 +194,10 @@ class LanguageSampler:
         return self._pool[self._pool_pos - 1], drawn
 
     def _fill_pool(self) -> list[Plan]:
-        """Draw length_pool plans, sort their sentences by (max(src, tgt), src) and cut
-        micro-batches of padded cost <= max_tokens x world size, in a random order."""
+        """Draw length_pool plans, sort their sentences by (source length, target length)
+        (targets in alternating direction per source length) and cut micro-batches of
+        padded cost (sentences x longest max(src, tgt)) <= max_tokens x world size, as
+        fairseq batches, in a random order."""
         start = self.micro_step
         self._pool_start = (start, [list(c) for c in self.cursor])
         drawn = [self.next_plan() for _ in range(self.length_pool)]
@@ -185,13 +205,17 @@ class LanguageSampler:
         sent_of = np.concatenate([s for p in drawn for s in p.sents])
         cost = np.concatenate([self.cost[li][s] for p in drawn for li, s in zip(p.langs, p.sents)])
         src = np.concatenate([self.src_sizes[li][s] for p in drawn for li, s in zip(p.langs, p.sents)])
-        groups = chunk_by_budget(np.lexsort((src, cost)), cost, self.batch_budget)  # ascending cost
+        tgt = np.concatenate([self.tgt_sizes[li][s] for p in drawn for li, s in zip(p.langs, p.sents)])
+        # by source length, then target length ascending at even and descending at odd source
+        # lengths, so a micro-batch that spans two source lengths spans similar targets
+        order = np.lexsort((np.where(src % 2 == 1, -tgt, tgt), src))
+        groups = chunk_greedy(order, cost, self.batch_budget)
         rng = np.random.default_rng([self.seed, 4, start])
         self._pool = []
         for gi in rng.permutation(len(groups)).tolist():
             g_lang, g_sent = lang_of[groups[gi]], sent_of[groups[gi]]
             langs = np.unique(g_lang).tolist()
-            self._pool.append(Plan(langs, [g_sent[g_lang == li] for li in langs]))  # each ascending by cost
+            self._pool.append(Plan(langs, [g_sent[g_lang == li] for li in langs]))  # each ascending by source
         self._pool_pos = 0
         return drawn
 

@@ -59,7 +59,15 @@ class Attention(nn.Module):
                 key_pad: Optional[torch.Tensor] = None, causal: bool = False,
                 cache: Optional[Cache] = None, route: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, D). kv: encoder output for cross-attention (None: self-attention).
-        key_pad: (B, S) True at padding keys. cache: dict updated in place when decoding."""
+        key_pad: (B, S) True at padding keys. cache: dict updated in place when decoding.
+
+        Cross-attention also takes kv (and key_pad) with one row per group of B / kv rows
+        of x (beam search: the beams of a sentence, consecutive rows): the encoder keys and
+        values are then computed and cached once per sentence, and the group's queries
+        attend to them together, as extra query positions."""
+        group = 1 if kv is None else x.size(0) // kv.size(0)
+        if kv is not None and group * kv.size(0) != x.size(0):
+            raise ValueError(f"cross-attention over {kv.size(0)} encoder rows from {x.size(0)} decoder rows")
         q = self._split(self._project("q_proj", x, route))
         if kv is None:  # self-attention
             k, v = self._split(self._project("k_proj", x, route)), self._split(self._project("v_proj", x, route))
@@ -71,7 +79,8 @@ class Attention(nn.Module):
         elif cache is not None and "ck" in cache:  # encoder keys are fixed while decoding
             k, v = cache["ck"], cache["cv"]
         else:  # encoder states (B, S, D), routed by the family of the sentence they belong to
-            k, v = self._split(self._project("k_proj", kv, route)), self._split(self._project("v_proj", kv, route))
+            kv_route = route if route is None or group == 1 else route[::group]
+            k, v = self._split(self._project("k_proj", kv, kv_route)), self._split(self._project("v_proj", kv, kv_route))
             if cache is not None:
                 cache["ck"], cache["cv"] = k, v
         mask = None
@@ -81,9 +90,13 @@ class Attention(nn.Module):
             t_q, t_k = q.size(2), k.size(2)
             tri = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).tril(t_k - t_q)
             mask = tri if mask is None else mask & tri
+        b, h, t, hd = q.shape
+        if group > 1:  # (B, H, T, hd) -> (B / group, H, group * T, hd): a sentence's beams together
+            q = q.view(b // group, group, h, t, hd).transpose(1, 2).reshape(b // group, h, group * t, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
-        b, _, t, _ = out.shape
+        if group > 1:
+            out = out.view(b // group, h, group, t, hd).transpose(1, 2).reshape(b, h, t, hd)
         return self._project("out_proj", out.transpose(1, 2).reshape(b, t, -1), route)
 
 
@@ -236,11 +249,14 @@ class Transformer(nn.Module):
         return self.decode(prev, enc, pad, langs)
 
     @staticmethod
-    def reorder_caches(caches: list[Cache], order: torch.Tensor) -> None:
-        """Select rows `order` of every cached tensor (beam search bookkeeping)."""
+    def reorder_caches(caches: list[Cache], order: torch.Tensor, keys: tuple[str, ...] = ("k", "v", "ck", "cv")) -> None:
+        """Select rows `order` of the cached tensors `keys` (beam search bookkeeping: the
+        self-attention keys "k", "v" per decoder row, the cross-attention ones "ck", "cv"
+        per encoder row)."""
         for cache in caches:
-            for key, val in cache.items():
-                cache[key] = val.index_select(0, order)
+            for key in keys:
+                if key in cache:
+                    cache[key] = cache[key].index_select(0, order)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, parts_factory: Optional[Callable[[ModelConfig], Sublayers]] = None,
