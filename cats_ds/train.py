@@ -509,7 +509,10 @@ def weighting_update(run: Run, langs, losses, gram, shares) -> dict[int, float]:
         print0(f"| step {run.step}: non-finite Gram matrix or losses; the {run.weighting.name} weights are not "
                f"updated at this meta step")
         return run.weighting.skip(run.step, langs, shares)
-    return run.weighting.update(run.step, langs, losses, gram, shares)
+    coeffs = run.weighting.update(run.step, langs, losses, gram, shares)  # WeightingError: refused, exit 2
+    for line in run.weighting.floor_warnings():
+        print0(f"| warning: step {run.step}: {line}")
+    return coeffs
 
 
 def train_step(run: Run) -> None:
