@@ -332,22 +332,19 @@ def free_space(folder: Path) -> str:
 
 
 def _agree_on_save(run: Run, save_dir: Path, name: str, failures: list) -> None:
-    """All ranks: share whether (and why) a write of this save failed on some rank (one
-    all_gather; also the barrier between the phases of the save). On a failure rank 0
-    removes the partial <name>.tmp, and every rank raises CheckpointError."""
+    """All ranks: share whether a write of this save failed on some rank (one all_reduce of
+    a flag, also the barrier between the phases of the save) and, if so, why (one
+    all_gather). On a failure rank 0 removes the partial <name>.tmp, and every rank raises
+    CheckpointError."""
+    if not any_rank(bool(failures), run.world, run.device):
+        return
     mine = ""
     if failures:
         path, error = failures[0]
         folder = next((p for p in (path.parent, save_dir / f"{name}.tmp", save_dir) if p.is_dir()), save_dir)
         mine = (f"rank {run.rank} could not write {path}: {write_failure_cause(folder, error)} "
                 f"({free_space(folder)})")
-    reports = [mine]
-    if run.world > 1:
-        reports = [None] * run.world
-        dist.all_gather_object(reports, mine)
-    reports = [r for r in reports if r]
-    if not reports:
-        return
+    reports = [r for r in gather_reports(mine, run.world) if r]
     tmp, final = save_dir / f"{name}.tmp", save_dir / name
     if run.rank == 0 and tmp.exists() and not _complete(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +358,28 @@ def _agree_on_save(run: Run, save_dir: Path, name: str, failures: list) -> None:
                           f"train.save_dir={save_dir} (or choose another train.save_dir, copying the checkpoints "
                           f"over), then resume: train.resume=auto continues from the last good checkpoint, "
                           f"{run.last_good}")
+
+
+def any_rank(flag: bool, world: int, device=None) -> bool:
+    """Whether `flag` is set on some rank (one all_reduce, MAX; a barrier too)."""
+    t = torch.tensor([float(flag)])
+    if world > 1:
+        if device is None:
+            from deepspeed.accelerator import get_accelerator
+
+            device = torch.device(get_accelerator().device_name())
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def gather_reports(mine: str, world: int) -> list[str]:
+    """Every rank's `mine` (error path only: one all_gather_object)."""
+    if world == 1:
+        return [mine]
+    reports = [""] * world
+    dist.all_gather_object(reports, mine)
+    return reports
 
 
 def check_save_dir(save_dir: str | Path, rank: int, world: int) -> None:
@@ -388,12 +407,8 @@ def check_save_dir(save_dir: str | Path, rank: int, world: int) -> None:
                 probe.unlink(missing_ok=True)
             except OSError:
                 pass
-    reports = [problem]
-    if world > 1:
-        reports = [None] * world
-        dist.all_gather_object(reports, problem)
-    others = [r for r in reports if r and r != problem]
-    if problem or others:
+    if any_rank(bool(problem), world):
+        others = [r for r in gather_reports(problem, world) if r and r != problem]
         raise CheckpointError((problem or others[0]) + ". Choose another train.save_dir (or make this one a "
                               "writable folder); checkpoints, logs and evaluation outputs go there")
 
