@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -291,20 +292,36 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dat
 
 def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Optional[dict] = None) -> None:
     """Write <save_dir>/<name>/ atomically: DeepSpeed writes <name>.tmp, then rank 0 swaps.
-    `scores`: the dev BLEU / chrF++ of this step, if measured (kept in cats_ds.json)."""
+    `scores`: the dev BLEU / chrF++ of this step, if measured (kept in cats_ds.json).
+
+    A write that fails on any rank (no space left, a read-only or vanished folder, a quota)
+    does not end that rank inside DeepSpeed's save, whose barriers the others wait in: it is
+    recorded (`_guard_writes`), the ranks agree after the save, rank 0 removes the partial
+    <name>.tmp, and every rank raises CheckpointError naming the folder, the file and the
+    cause. <name>/ keeps its previous contents."""
     save_dir = Path(run.cfg.train.save_dir)
     tmp = f"{name}.tmp"
+    failures = _guard_writes(run.engine)
+    failures.clear()
     client = {"step": run.step, "best_valid": run.best_valid, "best_score": run.best_score, "stale": run.stale,
               "sampler": run.sampler.state_dict(),
               "dev_sampler": run.dev_sampler.state_dict() if run.dev_sampler else None,
               "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
-    run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
-    rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
-           "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, save_dir / tmp / f"rng_rank{run.rank}.pt")
-    dist.barrier()
+    try:
+        run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
+    except (OSError, RuntimeError) as e:  # a write _guard_writes does not cover (another DeepSpeed version)
+        failures.append((save_dir / tmp, e))
+    if not failures:
+        rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
+               "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        rng_path = save_dir / tmp / f"rng_rank{run.rank}.pt"
+        try:
+            torch.save(rng, rng_path)
+        except (OSError, RuntimeError) as e:
+            failures.append((rng_path, e))
+    _agree_on_save(run, save_dir, name, failures)  # (every rank's files are written: the barrier)
     if run.rank == 0:
         # written once every rank has written its files: a .tmp with cats_ds.json is complete
         meta = {"step": run.step, "valid_loss": valid_loss, "config": run.cfg.to_dict(),
@@ -318,17 +335,20 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Op
                                     "languages": scores, "beam": run.cfg.eval.valid_beam,
                                     "sentences": run.cfg.eval.valid_sentences}
         meta_tmp = save_dir / tmp / f"{CHECKPOINT_META}.tmp"
-        meta_tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(meta_tmp, save_dir / tmp / CHECKPOINT_META)
-        final, old = save_dir / name, save_dir / f"{name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(save_dir / tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
-    dist.barrier()
+        try:
+            meta_tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(meta_tmp, save_dir / tmp / CHECKPOINT_META)
+            final, old = save_dir / name, save_dir / f"{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(save_dir / tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        except OSError as e:  # a complete .tmp stays for recover_interrupted_saves
+            failures.append((Path(e.filename) if e.filename else save_dir / tmp, e))
+    _agree_on_save(run, save_dir, name, failures)
     if name != "best":
         note_saved(run, save_dir / name, validated=valid_loss is not None)
 
@@ -343,6 +363,148 @@ def note_saved(run: Run, path: Path, validated: bool) -> None:
         run.last_good, run.good_step = where, run.step
     elif run.step > run.good_step:  # (step_<n>/ at a validated step: latest/ is the same weights)
         run.unconfirmed = where
+
+
+def _guard_writes(engine) -> list:
+    """The list a failed checkpoint write of `engine` is recorded in, as (path, exception),
+    instead of raising in the middle of DeepSpeed's save_checkpoint: a rank that left it
+    there would leave the others waiting in its barriers. Guards the writes DeepSpeed makes
+    there: its checkpoint engine's save (torch.save of each states file) and makedirs, and
+    the copy of zero_to_fp32.py into save_dir. Installed once per engine."""
+    failures = getattr(engine, "_cats_save_failures", None)
+    if failures is not None:
+        return failures
+    failures = []
+
+    def guard(write, path_arg: int):
+        def guarded(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                path = kwargs.get("path", args[path_arg] if len(args) > path_arg else "?")
+                failures.append((Path(path), e))
+        return guarded
+
+    ckpt_engine = engine.checkpoint_engine
+    ckpt_engine.save = guard(ckpt_engine.save, 1)  # save(state_dict, path)
+    ckpt_engine.makedirs = guard(ckpt_engine.makedirs, 0)
+    if hasattr(engine, "_copy_recovery_script"):
+        engine._copy_recovery_script = guard(engine._copy_recovery_script, 0)
+    engine._cats_save_failures = failures
+    return failures
+
+
+def write_failure_cause(folder: Path, error: Exception) -> str:
+    """Why a write into `folder` failed, in words: the OS error (e.g. "No space left on
+    device"). torch.save reports only "PytorchStreamWriter failed writing file ...", so then
+    a 1 MiB probe file is written into the folder to learn the OS error."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    probe = folder / f".cats_ds_write_probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(16):
+                f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or text
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return text
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there now"
+    except OSError:
+        return "free space unknown"
+
+
+def _agree_on_save(run: Run, save_dir: Path, name: str, failures: list) -> None:
+    """All ranks: share whether a write of this save failed on some rank (one all_reduce of
+    a flag, also the barrier between the phases of the save) and, if so, why (one
+    all_gather). On a failure rank 0 removes the partial <name>.tmp, and every rank raises
+    CheckpointError."""
+    if not any_rank(bool(failures), run.world, run.device):
+        return
+    mine = ""
+    if failures:
+        path, error = failures[0]
+        folder = next((p for p in (path.parent, save_dir / f"{name}.tmp", save_dir) if p.is_dir()), save_dir)
+        mine = (f"rank {run.rank} could not write {path}: {write_failure_cause(folder, error)} "
+                f"({free_space(folder)})")
+    reports = [r for r in gather_reports(mine, run.world) if r]
+    tmp, final = save_dir / f"{name}.tmp", save_dir / name
+    if run.rank == 0 and tmp.exists() and not _complete(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.world > 1:
+        dist.barrier()  # the partial folder is gone before any rank exits (the launcher then stops the rest)
+    kept = (f"{final} keeps its previous contents (step {read_meta(final)['step']})" if _complete(final)
+            else f"there is no previous {final}")
+    partial = f"the partial {tmp} was removed" if not tmp.exists() else f"{tmp} is kept for the next start to finish"
+    causes = "; ".join(([mine] if mine else []) + [r for r in reports if r != mine])  # this rank's first
+    raise CheckpointError(f"saving {final} at step {run.step} failed: {causes}. {kept}; {partial}. Free space in "
+                          f"train.save_dir={save_dir} (or choose another train.save_dir, copying the checkpoints "
+                          f"over), then resume: train.resume=auto continues from the last good checkpoint, "
+                          f"{run.last_good}")
+
+
+def any_rank(flag: bool, world: int, device=None) -> bool:
+    """Whether `flag` is set on some rank (one all_reduce, MAX; a barrier too)."""
+    t = torch.tensor([float(flag)])
+    if world > 1:
+        if device is None:
+            from deepspeed.accelerator import get_accelerator
+
+            device = torch.device(get_accelerator().device_name())
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def gather_reports(mine: str, world: int) -> list[str]:
+    """Every rank's `mine` (error path only: one all_gather_object)."""
+    if world == 1:
+        return [mine]
+    reports = [""] * world
+    dist.all_gather_object(reports, mine)
+    return reports
+
+
+def check_save_dir(save_dir: str | Path, rank: int, world: int) -> None:
+    """At start-up, before any data is loaded or the engine built: train.save_dir must be
+    (or be creatable as) a folder every rank can write a file into. CheckpointError naming
+    the folder and the cause on every rank otherwise (a file, a folder under a file, a
+    read-only file system, no permission, no space)."""
+    save_dir = Path(save_dir)
+    problem = ""
+    blocker = next((p for p in [save_dir, *save_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocker == save_dir:
+        problem = f"train.save_dir={save_dir} is a file, not a folder"
+    elif blocker is not None:
+        problem = f"train.save_dir={save_dir} cannot be created: {blocker} is a file, not a folder"
+    else:
+        probe = save_dir / f".cats_ds_write_test.{socket.gethostname()}.{os.getpid()}"
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"cats_ds checks that train.save_dir is writable\n")
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and Path(e.filename) != probe else ""
+            problem = f"train.save_dir={save_dir} is not writable by rank {rank}: {e.strerror}{where}"
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+    if any_rank(bool(problem), world):
+        others = [r for r in gather_reports(problem, world) if r and r != problem]
+        raise CheckpointError((problem or others[0]) + ". Choose another train.save_dir (or make this one a "
+                              "writable folder); checkpoints, logs and evaluation outputs go there")
 
 
 def numpy_rng_to_tensors(state: tuple) -> tuple:
@@ -437,6 +599,7 @@ def prepare_save_dir(cfg: Config, rank: int) -> None:
     deletes them and RUN_OUTPUTS, so nothing of the old run is mixed in: no old scores in
     eval/, no old curves in TensorBoard)."""
     save_dir = Path(cfg.train.save_dir)
+    check_save_dir(save_dir, rank, dist.get_world_size())  # before data loading and the engine build
     if rank == 0 and save_dir.is_dir():
         for line in recover_interrupted_saves(save_dir):
             print0(f"| recovered {line}")
@@ -502,13 +665,20 @@ def apply_lr_schedule(run: Run, factor: Callable[[int], float]) -> None:
 
 
 def unreadable_files(folder: Path) -> list[str]:
-    """The .pt files of a checkpoint torch cannot load, with the reason (error path only)."""
+    """The .pt files of a checkpoint that cannot be read, each with the reason (error path
+    only: DeepSpeed's load failed and its error does not name the file). Every file is opened
+    with weights_only=True (load_states; optimizer files may hold `optimizer_state_classes`),
+    so diagnosing a damaged folder never runs code a crafted file carries: such a file is
+    listed as refused, next to the damaged ones."""
     bad = []
+    allow = tuple(optimizer_state_classes())
     for f in sorted(folder.glob("*.pt")):
         try:
-            torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e:  # any failure to unpickle means the file is damaged
-            bad.append(f"{f} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            load_states(f, allow=allow)
+        except CheckpointError as e:
+            bad.append(str(e).split("; use another checkpoint")[0])
+        except Exception as e:  # anything else torch raises on a damaged file
+            bad.append(f"{f}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
     return bad
 
 

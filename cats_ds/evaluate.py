@@ -347,7 +347,11 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     if unknown:
         raise EvalError(f"unknown language '{unknown[0]}'; the checkpoint was trained on: {', '.join(ckpt_langs)}")
     tokenizers = {lang: tokenizer_for(lang, ecfg) for lang in langs}
-    splits = load_split(cfg.data.dir, manifest, split, langs)
+    try:
+        splits = load_split(cfg.data.dir, manifest, split, langs)
+    except (FileNotFoundError, ValueError) as e:  # a shard missing, truncated or holding ids outside the vocab
+        raise EvalError(f"{e}: the prepared data in data.dir={cfg.data.dir} is damaged; rebuild it with "
+                        f"`{prepare_command(cfg.data)} --force`") from None
     missing = [lang for lang in langs if lang not in splits]
     if missing:
         say(f"| no {split} data for {', '.join(missing)} in {cfg.data.dir}: skipped")

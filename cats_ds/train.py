@@ -566,7 +566,10 @@ def weighting_update(run: Run, langs, losses, gram, shares) -> dict[int, float]:
         print0(f"| step {run.step}: non-finite Gram matrix or losses; the {run.weighting.name} weights are not "
                f"updated at this meta step")
         return run.weighting.skip(run.step, langs, shares)
-    return run.weighting.update(run.step, langs, losses, gram, shares)
+    coeffs = run.weighting.update(run.step, langs, losses, gram, shares)  # WeightingError: refused, exit 2
+    for line in run.weighting.floor_warnings():
+        print0(f"| warning: step {run.step}: {line}")
+    return coeffs
 
 
 def train_step(run: Run) -> None:
@@ -685,8 +688,16 @@ def progress(run: Run) -> tuple[Optional[float], str]:
 
 def write_log(run: Run, record: dict) -> None:
     if run.rank == 0:
-        with open(run.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(run.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full or vanished disk: named (the launcher then stops the other ranks)
+            from cats_ds.checkpoint import free_space
+
+            raise TrainError(f"{run.log_path}: cannot write the training log at step {run.step}: {e.strerror} "
+                             f"({free_space(run.log_path.parent)}). Free space in train.save_dir="
+                             f"{run.cfg.train.save_dir} (or choose another), then resume from the last good "
+                             f"checkpoint, {run.last_good}") from None
 
 
 @torch.no_grad()

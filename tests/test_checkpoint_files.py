@@ -61,3 +61,30 @@ def test_expert_file_payload_is_refused(tmp_path, tiny_data):
         load_for_inference(ckpt)
     assert not marker.exists()
     assert set(load_states(ckpt / MODEL_STATES)) == {"module", "optimizer"}
+
+
+def test_diagnosing_a_damaged_folder_runs_no_payload(tmp_path, tiny_data):
+    """issue 27, item 3: when DeepSpeed's load fails, unreadable_files() names the damaged
+    files; it opens every *.pt with weights_only=True, so a payload planted in an RNG file
+    is listed as refused and never runs."""
+    import random
+
+    import numpy as np
+
+    from cats_ds.checkpoint import numpy_rng_to_tensors, unreadable_files
+
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "latest", tiny_data)
+    rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
+           "python": random.getstate()}
+    torch.save(rng, ckpt / "rng_rank0.pt")  # a healthy RNG file, as save_checkpoint writes it
+    marker = tmp_path / "payload-ran"
+    torch.save({**rng, "extra": Payload(marker)}, ckpt / "rng_rank1.pt")
+    states = ckpt / MODEL_STATES
+    states.write_bytes(states.read_bytes()[:1000])
+    bad = unreadable_files(ckpt)
+    assert not marker.exists()
+    assert len(bad) == 2, bad
+    assert bad[0].startswith(f"{states}: damaged or truncated (1000 bytes)")
+    assert bad[1].startswith(f"{ckpt / 'rng_rank1.pt'}: refused, not loaded") and "could run code" in bad[1]
+    torch.load(ckpt / "rng_rank1.pt", weights_only=False)  # the old way would have run it
+    assert marker.exists()

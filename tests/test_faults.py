@@ -4,6 +4,7 @@ real `deepspeed` launcher where ranks matter."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -384,6 +385,133 @@ def test_damaged_checkpoint_file_is_named(tmp_path, trained, victim):
     assert str(path) in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
+def test_payload_in_rng_file_does_not_run_when_another_file_is_damaged(tmp_path, trained):
+    """issue 27, item 3: DeepSpeed's load fails on a truncated optimizer partition; naming the
+    damaged file must not unpickle the other files unrestricted (a payload in rng_rank1.pt ran)."""
+    import torch
+
+    from test_checkpoint_files import Payload
+
+    save_dir, args = copy_run(trained, tmp_path)
+    latest = save_dir / "latest"
+    marker = tmp_path / "payload-ran"
+    rng = torch.load(latest / "rng_rank1.pt", weights_only=True)
+    torch.save({**rng, "extra": Payload(marker)}, latest / "rng_rank1.pt")
+    victim = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = launch(args + ["train.max_updates=6"], 2, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert not marker.exists(), "the payload in rng_rank1.pt ran"
+    assert f"{victim}: damaged or truncated" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"{latest / 'rng_rank1.pt'}: refused, not loaded" in out.stderr
+    for healthy in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt"):
+        assert f"{latest / healthy}:" not in out.stderr, healthy
+
+
+@contextlib.contextmanager
+def small_file_system(path: Path, size: str, readonly: bool = False):
+    """A tmpfs of `size` mounted at `path` (needs root or CAP_SYS_ADMIN; skipped otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if readonly else ""), "tmpfs",
+                               str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        done = None
+    if done is None or done.returncode:
+        pytest.skip(f"cannot mount a {size} tmpfs here ({done.stderr.strip() if done else 'no mount command'}; "
+                    f"needs root or CAP_SYS_ADMIN): the file-system cases need a small file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_unwritable_save_dir_named_at_start_up(tmp_path):
+    """issue 27, item 4: a save_dir that is a file, or under a file, gave FileExistsError /
+    NotADirectoryError tracebacks after data loading and the engine build."""
+    from cats_ds.checkpoint import CheckpointError, check_save_dir
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(CheckpointError, match=re.escape(f"train.save_dir={afile} is a file, not a folder. "
+                                                        f"Choose another train.save_dir")):
+        check_save_dir(afile, 0, 1)
+    with pytest.raises(CheckpointError, match=re.escape(f"train.save_dir={afile / 'a' / 'run'} cannot be created: "
+                                                        f"{afile} is a file, not a folder")):
+        check_save_dir(afile / "a" / "run", 0, 1)
+    check_save_dir(tmp_path / "new" / "run", 0, 1)  # created, the probe file gone
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+
+
+def test_read_only_save_dir_named_at_start_up(tmp_path):
+    from cats_ds.checkpoint import CheckpointError, check_save_dir
+
+    with small_file_system(tmp_path / "ro", "64k", readonly=True) as ro:
+        with pytest.raises(CheckpointError, match=re.escape(f"train.save_dir={ro} is not writable by rank 0: "
+                                                            f"Read-only file system")):
+            check_save_dir(ro, 0, 1)
+        with pytest.raises(CheckpointError, match=re.escape(f"train.save_dir={ro / 'run'} is not writable by rank "
+                                                            f"0: Read-only file system ({ro / 'run'})")):
+            check_save_dir(ro / "run", 0, 1)
+
+
+def test_unwritable_save_dir_refused_on_every_rank_before_data_loading(tmp_path, tiny_recipe):
+    """2 ranks; data.dir does not exist, so an error about the data would mean the save_dir
+    check came after data loading."""
+    afile = tmp_path / "run-is-a-file"
+    afile.write_text("x")
+    ds = write_json(tmp_path / "z2.json", ds_config(2))
+    out = launch([TRAIN, "--deepspeed_config", ds, "--config", tiny_recipe(), f"train.save_dir={afile}",
+                  f"data.dir={tmp_path / 'no-data'}"], 2, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: train.save_dir={afile} is a file, not a folder. Choose another train.save_dir (or "
+                      f"make this one a writable folder); checkpoints, logs and evaluation outputs go there"] * 2
+    assert "manifest.json" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_full_disk_during_save_named_on_every_rank_and_previous_checkpoints_kept(tmp_path, trained):
+    """issue 27, item 4: a full disk mid-save gave `RuntimeError: [enforce fail at
+    inline_container.cc]` on both ranks and left a partial latest.tmp. The run resumes on a
+    small tmpfs, filled up to 256 KiB (a checkpoint of the tiny model needs more), and
+    validates at step 6: the save fails on every rank with the folder and the cause named,
+    best/ and latest/ stay as they were, no .tmp is left, and every rank exits 2."""
+    save_dir = tmp_path / "run"
+    with small_file_system(save_dir, "16m"):
+        shutil.copytree(trained / "run", save_dir, dirs_exist_ok=True)
+        before = {name: digest(save_dir / name) for name in ("latest", "best")}
+        (save_dir / "filler").write_bytes(b"\1" * (shutil.disk_usage(save_dir).free - 256 * 1024))
+        out = launch([TRAIN, "--deepspeed_config", trained / "z2.json", "--config", trained / "recipe.yaml",
+                      f"train.save_dir={save_dir}", "train.max_updates=6"], 2, check=False)
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 2, out.stderr[-3000:]
+        m = re.match(rf"error: saving {save_dir}/(best|latest) at step 6 failed: rank \d could not write (\S+): No "
+                     rf"space left on device", errors[0])
+        assert m, errors
+        name = m[1]
+        assert f"{save_dir / name} keeps its previous contents (step " in errors[0]
+        assert f"the partial {save_dir / name}.tmp was removed" in errors[0]
+        assert "Traceback" not in out.stderr and "enforce fail" not in out.stderr
+        assert {name: digest(save_dir / name) for name in ("latest", "best")} == before
+        assert not list(save_dir.glob("*.tmp")) and not list(save_dir.glob("*.old"))
+        assert json.loads((save_dir / "latest" / "cats_ds.json").read_text())["step"] == 4
+
+
+def test_training_log_that_cannot_be_written_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from cats_ds.train import TrainError, write_log
+
+    afile = tmp_path / "gone"
+    afile.write_text("x")
+    run = SimpleNamespace(rank=0, step=3, log_path=afile / "train_log.jsonl", last_good=f"{afile}/latest (step 2)",
+                          cfg=SimpleNamespace(train=SimpleNamespace(save_dir=str(afile))))
+    with pytest.raises(TrainError, match=re.escape(f"{afile / 'train_log.jsonl'}: cannot write the training log at "
+                                                   f"step 3: Not a directory (")):
+        write_log(run, {"kind": "train", "step": 3})
+
+
 # --------------------------------------------------------------------------- 5. late crashes
 
 
@@ -483,3 +611,66 @@ def test_train_copies_of_dev_test_dropped_and_counted_and_odd_codes_warned(tmp_p
     train_en = {vocab.decode(train.src[i]) for i in range(len(train))}
     assert not train_en & {vocab.decode(vocab.encode(s)) for s in leaked["test"] + leaked["dev"]}
     assert "warning: language code(s) xx_YY not ISO 639-1/639-3" in out.err
+
+
+def flip_token(data_dir: Path, name: str, index: int) -> tuple[Path, int, int, int]:
+    """Flip the high byte of token `index` of a uint16 shard (an id far above the tiny
+    vocabulary); returns (file, sentence number, token number in it, new id)."""
+    import numpy as np
+
+    from cats_ds.data.indexed import read_offsets
+
+    path = data_dir / f"{name}.bin"
+    raw = bytearray(path.read_bytes())
+    raw[2 * index + 1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    offsets = read_offsets(data_dir / f"{name}.idx")
+    sent = int(np.searchsorted(offsets, index, side="right")) - 1
+    return path, sent + 1, index - int(offsets[sent]) + 1, int(np.frombuffer(bytes(raw), np.uint16)[index])
+
+
+def test_token_ids_outside_the_vocabulary_named_when_a_shard_is_opened(tmp_path, tiny_data, capsys):
+    """issue 27, item 6: bytes flipped in a .bin gave `IndexError: index out of range in self`
+    at the first forward. Now opening the shard names the file, the sentence and the id;
+    evaluate adds the fix (prepare --force)."""
+    import numpy as np
+
+    from cats_ds.cli import evaluate_main
+    from cats_ds.data.indexed import out_of_vocab
+    from cats_ds.data.manifest import Manifest, load_split
+    from test_evaluate import make_checkpoint
+
+    data = tmp_path / "bin"
+    shutil.copytree(tiny_data, data)
+    manifest = Manifest.load(data)
+    assert manifest.dtype == "uint16" and manifest.vocab_size == 100
+    path, sent, pos, token = flip_token(data, "train.en-bb.bb", 123)
+    assert token >= 256
+    with pytest.raises(ValueError, match=re.escape(f"{path}: token id {token} (sentence {sent}, token {pos}) is "
+                                                   f"outside the vocabulary of 100 ids")):
+        load_split(data, manifest, "train")
+    assert set(load_split(data, manifest, "dev")) == {"aa", "bb", "cc"}  # the other splits are fine
+
+    ckpt, _ = make_checkpoint(tmp_path / "run" / "best", data)
+    test_file, *_ = flip_token(data, "test.en-aa.en", 0)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(["--checkpoint", str(ckpt), "--limit", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {test_file}: token id" in err and "Traceback" not in err
+    assert "is damaged; rebuild it with `python launch/prepare.py" in err and "--force`" in err
+    # int32 shards (vocabularies over 65536 ids) can also turn negative
+    tokens = np.array([5, 7, 9, -3, 4], dtype=np.int32)
+    assert out_of_vocab(tokens, np.array([0, 2, 5]), 70000) == (1, 1, -3)
+    assert out_of_vocab(tokens.clip(0), np.array([0, 2, 5]), 70000) is None
+
+
+def test_token_ids_outside_the_vocabulary_refused_at_training_start_up(tmp_path, tiny_recipe, tiny_data):
+    data = tmp_path / "bin"
+    shutil.copytree(tiny_data, data)
+    path, sent, pos, token = flip_token(data, "train.en-aa.aa", 10)
+    ds = write_json(tmp_path / "z0.json", ds_config(0))
+    out = launch([TRAIN, "--deepspeed_config", ds, "--config", tiny_recipe(), f"data.dir={data}"], 1, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert (f"error: {path}: token id {token} (sentence {sent}, token {pos}) is outside the vocabulary of 100 ids"
+            in out.stderr) and "IndexError" not in out.stderr
+    assert "rebuild it with `python launch/prepare.py --config <recipe> --force`" in out.stderr

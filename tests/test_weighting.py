@@ -449,3 +449,99 @@ def test_weighting_png_from_a_train_log(tmp_path):
     for ax in other_row[2:4]:  # lambda_c, f / f0: not logged by the Gram method
         assert not ax.lines and "not logged" in ax.texts[0].get_text()
     assert other_row[4].lines and not other_row[4].texts  # its mean cosine is drawn
+
+
+# --------------------------------------------------------------------------- the WeightingError contract (issue 27)
+
+
+def test_gradnorm_blow_up_is_refused_before_use():
+    """gradnorm.lr=1e30 left six of eight weights at 1e-30..1e-36 and exited 0: now the
+    step is refused with the keys to change, and the weights stay as they were."""
+    gram = torch.diag(torch.tensor([9.0, 1.0, 4.0], dtype=torch.float64))
+    losses = torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64)
+    shares = {0: 0.3, 1: 0.3, 2: 0.4}
+    langs = ["a", "b", "c", "d"]
+    gn = GradNormWeighting(langs, GradNormConfig(lr=1e30), [[None, 1]], vocab_size=100)
+    with pytest.raises(WeightingError, match=r"gradnorm weights degenerate at step 0: one meta step moved the "
+                                             r"weights' sum from 4 to .*would scale every weight by .*gradnorm.lr=1e\+30"
+                                             r".*Lower gradnorm.lr"):
+        gn.update(0, [0, 1, 2], losses, gram, shares)
+    assert torch.equal(gn.w, torch.ones(4, dtype=torch.float64))
+    gn = GradNormWeighting(langs, GradNormConfig(lr=math.inf), [[None, 1]], vocab_size=100)
+    with pytest.raises(WeightingError, match=r"gradnorm weights out of range at step 0: weight/a would be -inf "
+                                             r"\(allowed: finite"):
+        gn.update(0, [0, 1, 2], losses, gram, shares)
+    # the default lr on gradient norms up to 10: never refused, sum N and the floor held exactly
+    gn = GradNormWeighting(langs, GradNormConfig(), [[None, 1]], vocab_size=100)
+    rng = np.random.default_rng(0)
+    for step in range(300):
+        batch = sorted(rng.choice(4, 3, replace=False).tolist())
+        g = rng.normal(size=(3, 16)) * rng.uniform(0.1, 10 / 4, size=(3, 1))
+        gn.update(step, batch, torch.tensor(rng.uniform(1, 5, size=3)), torch.tensor(g @ g.T),
+                  {b: 1 / 3 for b in batch})
+    assert float(gn.w.sum()) == pytest.approx(4.0) and float(gn.w.min()) >= 1e-6
+
+
+def test_mgda_and_gram_methods_refuse_non_finite_weights(monkeypatch):
+    """A solver result off the simplex (MGDA) or non-finite (the Gram-space methods, which
+    counted it as `unsolved` and went on) stops training, naming method and language."""
+    from cats_ds.weighting import gramspace, mgda
+    from cats_ds.weighting.gramspace import ImtlWeighting
+
+    gram = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    monkeypatch.setattr(mgda, "min_norm_exact", lambda g: torch.tensor([float("nan"), 1.0], dtype=torch.float64))
+    mg = MgdaWeighting(["a", "b", "c"], MgdaConfig(), [[None, 1]])
+    with pytest.raises(WeightingError, match=r"mgda weights out of range at step 3: lambda/a would be nan"):
+        mg.update(3, [0, 2], None, gram, {0: 0.5, 2: 0.5})
+    monkeypatch.setattr(mgda, "min_norm_exact", lambda g: torch.tensor([0.2, 0.3], dtype=torch.float64))
+    with pytest.raises(WeightingError, match=r"mgda weights degenerate at step 3: lambda sums to 0.5"):
+        mg.update(3, [0, 2], None, gram, {0: 0.5, 2: 0.5})
+    assert torch.equal(mg.w, torch.ones(3, dtype=torch.float64))
+    monkeypatch.setattr(gramspace, "imtl_alpha", lambda g: torch.tensor([math.inf, 0.5], dtype=torch.float64))
+    im = ImtlWeighting(["a", "b", "c"], [[None, 1]])
+    with pytest.raises(WeightingError, match=r"imtl weights out of range at step 0: weight/a would be inf"):
+        im.update(0, [0, 1], None, gram, {0: 0.5, 1: 0.5})
+    assert torch.equal(im.w, torch.ones(3, dtype=torch.float64)) and "imtl/unsolved" not in im.scalars()
+
+
+def test_weight_at_its_floor_for_many_meta_steps_is_warned_once():
+    from cats_ds.weighting.base import FLOOR_WARN_META_STEPS
+
+    # MGDA: g_c = g_a + g_b lies beyond the others' hull: lambda_c = 0 at every meta step
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    mg = MgdaWeighting(["a", "b", "c"], MgdaConfig(), [[None, 1]])
+    warned = []
+    for step in range(FLOOR_WARN_META_STEPS + 20):
+        mg.update(step, [0, 1, 2], None, g @ g.T, {0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
+        warned += [(step, line) for line in mg.floor_warnings()]
+    assert len(warned) == 1 and warned[0][0] == FLOOR_WARN_META_STEPS - 1
+    assert warned[0][1].startswith(f"mgda: the weight of c has sat at its floor 0 for {FLOOR_WARN_META_STEPS} meta "
+                                   f"steps in a row")
+    # CATS: the sharp task of the toy driven to cats.alpha_min; a language back above it resets its count
+    w = cats(["sharp", "flat1", "flat2"], lr_alpha=1e6, lr_lambda=1e6)
+    stream = [w.update(s, [0, 1, 2], torch.tensor([2.0, 1.0, 3.0]), torch.eye(3, dtype=torch.float64) + 0.5,
+                       {0: 0.3, 1: 0.3, 2: 0.4}) and w.floor_warnings() for s in range(FLOOR_WARN_META_STEPS)]
+    lines = [line for step in stream for line in step]
+    stuck = [w.languages[i] for i in range(3) if w.at_floor[i] == FLOOR_WARN_META_STEPS]  # all 50 at alpha_min
+    assert stuck and [line.split()[4] for line in lines] == stuck
+    assert all("cats.alpha_min (now 0.1)" in line for line in lines)
+    w.alpha = torch.ones(3, dtype=torch.float64)
+    w.floor_warnings()
+    assert w.at_floor == [0, 0, 0]
+    # no floor, no count: temperature, and the sign-free Gram-space weights
+    assert TemperatureWeighting(["a"]).floor_warnings() == []
+
+
+def test_gradnorm_blow_up_stops_every_rank_with_exit_2(tiny_recipe, tmp_path):
+    """The issue's reproduction: `gradnorm.lr=1e30` on 2 ranks exited 0. Both ranks hold
+    the same all-reduced G, so both refuse the same meta step."""
+    from helpers import ds_config, launch, write_json
+
+    recipe = tiny_recipe("gn", weighting={"method": "gradnorm"}, gradnorm={"lr": 1e30},
+                         cats={"meta_every": [[None, 1]]}, train={"max_updates": 3})
+    ds = write_json(tmp_path / "z2.json", ds_config(2))
+    out = launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if "error: gradnorm weights degenerate at step 0" in line]
+    assert len(errors) == 2 and "Lower gradnorm.lr" in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "gn" / "latest").exists()

@@ -72,10 +72,29 @@ def shard_problem(prefix: str | Path, dtype: np.dtype, count: int) -> str | None
     return None
 
 
-class IndexedDataset:
-    """Read-only view of one shard; items are numpy arrays of token ids."""
+CHECK_CHUNK = 1 << 24
+"""Tokens per slice of the vocabulary range check (32 MiB of uint16): bounded memory."""
 
-    def __init__(self, prefix: str | Path, dtype: np.dtype):
+
+def out_of_vocab(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> tuple[int, int, int] | None:
+    """(sentence index, token position in it, id) of the first token id outside
+    [0, vocab_size) in a shard, or None. One pass over the tokens, in slices."""
+    for start in range(0, len(tokens), CHECK_CHUNK):
+        part = tokens[start:start + CHECK_CHUNK]
+        if int(part.max()) < vocab_size and int(part.min()) >= 0:
+            continue
+        pos = start + int(np.argmax((part >= vocab_size) | (part < 0)))
+        sent = int(np.searchsorted(offsets, pos, side="right")) - 1
+        return sent, pos - int(offsets[sent]), int(tokens[pos])
+    return None
+
+
+class IndexedDataset:
+    """Read-only view of one shard; items are numpy arrays of token ids. With `vocab_size`,
+    every token id is checked to lie in [0, vocab_size) when the shard is opened (bytes
+    changed after prepare would otherwise surface as an IndexError in the embedding)."""
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype, vocab_size: int | None = None):
         prefix = Path(prefix)
         idx_path = prefix.with_name(prefix.name + ".idx")
         bin_path = prefix.with_name(prefix.name + ".bin")
@@ -91,6 +110,12 @@ class IndexedDataset:
         self.tokens = (np.memmap(bin_path, dtype=dtype, mode="r") if n_tokens
                        else np.zeros(0, dtype=dtype))
         self.sizes = np.diff(self.offsets).astype(np.int64)
+        bad = out_of_vocab(self.tokens, self.offsets, vocab_size) if vocab_size and n_tokens else None
+        if bad is not None:
+            sent, pos, token = bad
+            raise ValueError(f"{bin_path}: token id {token} (sentence {sent + 1}, token {pos + 1}) is outside the "
+                             f"vocabulary of {vocab_size} ids: the shard was changed after prepare (flipped or "
+                             f"overwritten bytes)")
 
     def __len__(self) -> int:
         return len(self.sizes)

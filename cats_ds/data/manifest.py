@@ -145,8 +145,10 @@ def load_split(data_dir: str | Path, manifest: Manifest, split: str,
         manifest.lang_index(lang)  # raises naming the language if it is not in the corpus
         if manifest.pairs.get(split, {}).get(lang, 0) == 0:
             continue
-        src = IndexedDataset(shard_prefix(data_dir, split, lang, "en"), manifest.np_dtype)
-        tgt = IndexedDataset(shard_prefix(data_dir, split, lang, lang), manifest.np_dtype)
+        # token ids checked against the vocabulary: a damaged shard is named here, not by an
+        # IndexError at the first forward
+        src = IndexedDataset(shard_prefix(data_dir, split, lang, "en"), manifest.np_dtype, manifest.vocab_size)
+        tgt = IndexedDataset(shard_prefix(data_dir, split, lang, lang), manifest.np_dtype, manifest.vocab_size)
         if len(src) != len(tgt):
             raise ValueError(f"{shard_prefix(data_dir, split, lang, lang)}: {len(tgt)} target sentences "
                              f"but {len(src)} source sentences")

@@ -25,13 +25,22 @@ from cats_ds.config import meta_interval
 
 
 class WeightingError(FloatingPointError):
-    """A meta step would put a weight outside its valid range (non-finite, negative, or
-    above N): training stops there, before the weight is used; the message says which
+    """A meta step would put a weight outside its valid range (non-finite, or degenerate:
+    CATS' alpha outside [0, N], GradNorm's renormalization crushing or inflating every
+    weight, MGDA's lambda off the simplex): training stops there, before the weight is
+    used, with exit code 2; the message names the method, the language, the value and the
     keys to change."""
+
+
+FLOOR_WARN_META_STEPS = 50
+"""A weight that sits at its method's floor (`Weighting.floor`) for this many meta steps
+in a row gets a warning, once: that language barely trains any more."""
 
 
 class Weighting:
     name = "base"
+    floor: Optional[float] = None
+    """The lowest weight the method gives a language (None: no floor); see floor_warnings."""
 
     def __init__(self, languages: list[str], meta_every: Optional[list] = None, weight_by: str = "tokens"):
         if weight_by not in ("tokens", "language"):
@@ -41,6 +50,9 @@ class Weighting:
         self.weight_by = weight_by
         self.last: dict[str, float] = {}
         self.skipped = 0
+        self.at_floor = [0] * len(languages)
+        """Meta steps in a row each language's weight has been at the floor (this process)."""
+        self.floor_warned: set[int] = set()
 
     def is_meta_step(self, step: int) -> bool:
         """Whether update `step` (0-based) needs per-language gradients and their Gram."""
@@ -79,6 +91,38 @@ class Weighting:
     def scalars(self) -> dict[str, float]:
         """TensorBoard scalars of the current state (alpha/xx, ...) and of the last meta step."""
         return dict(self.last)
+
+    def weights(self) -> torch.Tensor:
+        """w_n of every language (float64), for the floor count."""
+        return torch.tensor([self.weight(i) for i in range(len(self.languages))], dtype=torch.float64)
+
+    def refuse(self, step: int, values: torch.Tensor, low: float, high: float, what: str, fix: str) -> None:
+        """WeightingError naming the first language whose new weight (`values`, one per
+        language) is non-finite or outside [low, high]; `fix`: the settings to change."""
+        bad = ~torch.isfinite(values) | (values < low) | (values > high)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise WeightingError(f"{self.name} weights out of range at step {step}: {what}/{self.languages[i]} would be "
+                                 f"{float(values[i]):.4g} (allowed: finite, in [{low:g}, {high:g}]). {fix}")
+
+    def floor_warnings(self) -> list[str]:
+        """After a meta step: count, per language, the meta steps in a row its weight has sat
+        at the floor; a warning line (once per language and process) when a count reaches
+        FLOOR_WARN_META_STEPS. The training loop prints them."""
+        if self.floor is None:
+            return []
+        w = self.weights()
+        out = []
+        for i, v in enumerate(w.tolist()):
+            self.at_floor[i] = self.at_floor[i] + 1 if v <= self.floor + 1e-9 * max(1.0, abs(self.floor)) else 0
+            if self.at_floor[i] >= FLOOR_WARN_META_STEPS and i not in self.floor_warned:
+                self.floor_warned.add(i)
+                out.append(f"{self.name}: the weight of {self.languages[i]} has sat at its floor {self.floor:g} for "
+                           f"{self.at_floor[i]} meta steps in a row: that language barely trains. {self.floor_hint()}")
+        return out
+
+    def floor_hint(self) -> str:
+        return ""
 
     def state_dict(self) -> dict:
         return {}

@@ -74,6 +74,11 @@ class CatsWeighting(Weighting):
         self.loss_avg = torch.full((n,), float("nan"), dtype=torch.float64)
         """mirror: Lbar, the EMA of each language's meta-batch loss (nan: not seen yet)."""
         self.meta_steps = 0
+        self.floor = cfg.alpha_min
+
+    def floor_hint(self) -> str:
+        return (f"If that is not intended, lower cats.lr_alpha (now {self.cfg.lr_alpha:g}) or raise cats.alpha_min "
+                f"(now {self.cfg.alpha_min:g})")
 
     def weight(self, lang):
         return float(self.alpha[lang])

@@ -4,7 +4,13 @@ Task weights w (init 1, sum N). At a meta step, over the K languages of the batc
 gradient norms G_n = w_n |g_n| = w_n sqrt(G[n, n]); loss ratios r_n = L_n / L_n(0);
 target_n = mean(G) * (r_n / mean(r))^asymmetry, held constant. The loss
 sum_n |G_n - target_n| is minimized by one SGD step on w, then w is renormalized so
-that sum w = N. Between meta steps the loss coefficient is w_n * mix_n (base.py).
+that sum w = N, every weight at least FLOOR (an exact projection, cats.floor_project).
+Between meta steps the loss coefficient is w_n * mix_n (base.py).
+
+Blow-ups are refused (WeightingError, before the weights are used): a step that is not
+finite, or one that changes the weights' total by more than a factor RENORM_LIMIT
+either way, so that the renormalization would crush (or inflate) every weight, those of
+the languages outside the meta batch too (gradnorm.lr=1e30 left them at 1e-30).
 
 L_n(0) is the loss at step 0 (the first meta step) for every language: the measured
 loss for the languages of that batch, log V (a uniform prediction over the vocabulary)
@@ -19,11 +25,19 @@ from typing import Optional
 import torch
 
 from cats_ds.config import GradNormConfig
-from cats_ds.weighting.base import LanguageWeights
+from cats_ds.weighting.base import LanguageWeights, WeightingError
+from cats_ds.weighting.cats import floor_project
+
+FLOOR = 1e-6
+"""The smallest GradNorm weight."""
+RENORM_LIMIT = 2.0
+"""Largest factor by which one meta step may change the sum of the weights before the
+renormalization to N (beyond it the step is a blow-up, not a gradient step)."""
 
 
 class GradNormWeighting(LanguageWeights):
     name = "gradnorm"
+    floor = FLOOR
 
     def __init__(self, languages: list[str], cfg: GradNormConfig, meta_every, vocab_size: Optional[int] = None,
                  weight_by: str = "tokens"):
@@ -48,11 +62,25 @@ class GradNormWeighting(LanguageWeights):
         ratio = losses / self.initial_loss[idx]
         target = gnorm.mean() * (ratio / ratio.mean()) ** self.cfg.asymmetry
         grad = torch.sign(gnorm - target) * norms  # d/dw_n sum |G_n - target_n|
+        n = len(self.languages)
         new = self.w.clone()
-        new[idx] = (w - self.cfg.lr * grad).clamp(min=1e-6)
-        self.w = new * (len(self.languages) / new.sum())
+        new[idx] = w - self.cfg.lr * grad
+        settings = (f"gradnorm.lr={self.cfg.lr:g}, gradnorm.asymmetry={self.cfg.asymmetry:g}, "
+                    f"max |g_n|={float(norms.max()):.3g}")
+        self.refuse(step, new, -math.inf, math.inf, "weight", f"({settings}). Lower gradnorm.lr")
+        total = float(new.clamp(min=FLOOR).sum())
+        if not (n / RENORM_LIMIT <= total <= n * RENORM_LIMIT):
+            raise WeightingError(
+                f"gradnorm weights degenerate at step {step}: one meta step moved the weights' sum from {n} to "
+                f"{total:.4g}, so renormalizing it to {n} would scale every weight by {n / total:.3g} (the languages "
+                f"outside the meta batch too; allowed: a factor within {1 / RENORM_LIMIT:g}..{RENORM_LIMIT:g}) "
+                f"({settings}). Lower gradnorm.lr")
+        self.w = floor_project(new.clamp(min=FLOOR), n, FLOOR)
         self._record_gram(gram, self.w[idx])
         return {l: self.weight(l) * shares[l] for l in langs}
+
+    def floor_hint(self) -> str:
+        return f"If that is not intended, lower gradnorm.lr (now {self.cfg.lr:g}) or gradnorm.asymmetry"
 
     def state_dict(self):
         return {**super().state_dict(), "initial_loss": self.initial_loss.tolist()}

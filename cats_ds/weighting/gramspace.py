@@ -25,8 +25,9 @@ alpha is not sign-constrained) and, for Nash-MTL, far from 1 (its update has nor
 sqrt(K) whatever the gradient scale); they are kept as the method gave them.
 
 A meta step whose problem has no solution (Nash-MTL when the languages have no common
-ascent direction; a non-finite result) keeps the weights and applies them, like `skip`,
-and counts `<method>/unsolved`.
+ascent direction) keeps the weights and applies them, like `skip`, and counts
+`<method>/unsolved`. A non-finite result from a finite G is a numerical failure, not a
+missing solution: refused (WeightingError, the weighting contract of base.py).
 """
 
 from __future__ import annotations
@@ -300,13 +301,16 @@ class GramSpaceWeighting(LanguageWeights):
         gram_t = gram * a[:, None] * a[None, :]
         try:
             beta = self.beta(step, langs, gram_t)
-            if not bool(torch.isfinite(beta).all()):
-                raise Unsolved("non-finite coefficients")
         except Unsolved as e:
             key = f"{self.name}/unsolved"
             self.last[key] = self.last.get(key, 0.0) + 1.0
             self.unsolved_reason = f"step {step}: {e}"
             return {l: self.weight(l) * shares[l] for l in langs}
+        new = self.w.clone()
+        new[idx] = k * beta
+        self.refuse(step, new, -math.inf, math.inf, "weight",
+                    f"(max |G| = {float(gram.abs().max()):.3g}, {k} languages in the meta batch). The method's solver "
+                    f"failed numerically; check the losses and the data, or use another weighting.method")
         coeffs = total * beta * a
         self.w[idx] = k * beta
         self._record_gram(gram, coeffs)

@@ -21,7 +21,7 @@ import itertools
 import torch
 
 from cats_ds.config import MgdaConfig
-from cats_ds.weighting.base import LanguageWeights
+from cats_ds.weighting.base import LanguageWeights, WeightingError
 
 EXACT_MAX = 8
 """Largest K solved exactly (2^8 - 1 = 255 supports, each a <= 9 x 9 solve)."""
@@ -86,6 +86,7 @@ def min_norm_exact(gram: torch.Tensor) -> torch.Tensor:
 
 class MgdaWeighting(LanguageWeights):
     name = "mgda"
+    floor = 0.0
 
     def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -95,7 +96,20 @@ class MgdaWeighting(LanguageWeights):
         gram = gram.double().cpu()
         lam = min_norm_exact(gram) if len(langs) <= EXACT_MAX else min_norm_simplex(gram, self.cfg.iters)
         idx = torch.tensor(langs)
+        # the min-norm point lies on the simplex: anything else is a numerical failure
+        fix = (f"(sum lambda = {float(lam.sum()):.6g}, max |G| = {float(gram.abs().max()):.3g}, "
+               f"mgda.iters={self.cfg.iters}). The Gram matrix is degenerate; check the losses and the data")
+        full = torch.zeros(len(self.languages), dtype=torch.float64)
+        full[idx] = lam
+        self.refuse(step, full, -1e-9, 1 + 1e-9, "lambda", fix)
+        if abs(float(lam.sum()) - 1.0) > 1e-6:
+            raise WeightingError(f"mgda weights degenerate at step {step}: lambda sums to {float(lam.sum()):.6g}, "
+                                 f"not 1 {fix}")
         self.w[idx] = float(self.w[idx].sum()) * lam
         self._record_gram(gram, lam)
         total = sum(shares[l] for l in langs)
         return {l: float(lam[i]) * total for i, l in enumerate(langs)}
+
+    def floor_hint(self) -> str:
+        return ("MGDA's min-norm point gives it no weight: its gradient lies beyond the other languages' "
+                "(compare weighting.method=cats or gradnorm)")
