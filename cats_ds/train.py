@@ -257,6 +257,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     run.log_path = Path(cfg.train.save_dir) / "train_log.jsonl"
     if rank == 0:
         Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, ds, ds_config_path)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
            f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
@@ -265,6 +266,27 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
     return run
+
+
+RUN_CONFIG = "config.yaml"
+RUN_DS_CONFIG = "ds_config.json"
+
+
+def write_run_config(cfg: Config, ds: dict, ds_config_path: str) -> None:
+    """Rank 0, at every start: the resolved experiment config as `<save_dir>/config.yaml`
+    (every key, its doc and its default; `--config` reads it back) and the DeepSpeed JSON
+    as DeepSpeed got it (`ds_config.json`: blocks this project added included), and the
+    config printed. A resumed run rewrites them with the settings of this session."""
+    from cats_ds.config import config_yaml
+
+    save_dir = Path(cfg.train.save_dir)
+    (save_dir / RUN_CONFIG).write_text(config_yaml(cfg, header=(
+        f"Resolved experiment config of the run in {save_dir} (written by cats_ds at its start; a resumed run rewrites "
+        f"it).\nTrain again with: deepspeed launch/train.py --deepspeed_config {save_dir / RUN_DS_CONFIG} --config "
+        f"{save_dir / RUN_CONFIG}")), encoding="utf-8")
+    (save_dir / RUN_DS_CONFIG).write_text(json.dumps(ds, indent=1), encoding="utf-8")
+    print0(f"| config ({save_dir / RUN_CONFIG}; DeepSpeed JSON from {ds_config_path}: {save_dir / RUN_DS_CONFIG}):\n"
+           + config_yaml(cfg, docs=False).rstrip())
 
 
 def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
