@@ -133,6 +133,7 @@ def bench_decode(args) -> dict:
     splits = load_split(cfg.data.dir, manifest, "test", languages)
     per_lang = max(1, args.sentences // len(splits))
     rows, total_s, total_n, total_tok = [], 0.0, 0, 0
+    ours: dict[str, list[list[int]]] = {}  # best hypothesis per sentence, for the CTranslate2 comparison
     for li, lang in enumerate(languages):
         if lang not in splits:
             continue
@@ -152,6 +153,7 @@ def bench_decode(args) -> dict:
                 out = beam_search(model, src, tags, langs, beam=args.beam, lenpen=cfg.eval.lenpen,
                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
             hyp_tokens += sum(len(nbest[0].tokens) for nbest in out)
+            ours.setdefault(lang, []).extend(nbest[0].tokens for nbest in out)
         dt = time.perf_counter() - t0
         rows.append([lang, n, n / dt, hyp_tokens / dt])
         total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
@@ -164,14 +166,16 @@ def bench_decode(args) -> dict:
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"all: {result['sentences_per_s']:.2f} sentences/s, peak RSS {result['peak_rss_mb']:.0f} MB")
     result["processes"] = _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang)
-    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang)
+    result["ctranslate2"] = _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang, ours)
     if result["ctranslate2"] is not None:
         ct2 = result["ctranslate2"]
         ct2["ratio_to_ours"] = ct2["sentences_per_s"] / result["sentences_per_s"]
         print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 (same model, "
-                    f"{torch.get_num_threads()} thread(s))", ["decoder", "sentences", "sentences/s", "ratio"],
-                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0],
-                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"]]])
+                    f"{torch.get_num_threads()} thread(s), same length limits; 'same' = identical best hypotheses)",
+                    ["decoder", "sentences", "sentences/s", "ratio", "same"],
+                    [["cats_ds.search", total_n, result["sentences_per_s"], 1.0, "-"],
+                     ["ctranslate2", ct2["sentences"], ct2["sentences_per_s"], ct2["ratio_to_ours"],
+                      f"{ct2['same_hypotheses']}/{ct2['sentences']}"]])
     return result
 
 
@@ -214,20 +218,22 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     return out
 
 
-def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> Optional[dict]:
-    """The same sentences through an in-memory CTranslate2 export of the same model (same
-    beam, batch, length limit per batch and banned tokens; family-expert models: each
-    language through its family's model); None when ctranslate2 is not installed or the
-    model cannot be exported."""
+def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang, ours: dict) -> Optional[dict]:
+    """The same sentences through an in-memory CTranslate2 export of the same model, decoded
+    as `evaluate --backend ctranslate2` does (cats_ds/ct2_backend.py: same beam, length
+    penalty, per-sentence length limits, banned tokens; family-expert models: each language
+    through its family's model), in batches of args.batch; with how many best hypotheses
+    equal ours. None when ctranslate2 is not installed or the model cannot be exported."""
+    import numpy as np
     import torch
 
     try:
-        import ctranslate2
+        import ctranslate2  # noqa: F401
     except ImportError:
         print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
         return None
+    from cats_ds.ct2_backend import CT2Decoder
     from cats_ds.export import ExportError, export_ctranslate2
-    from cats_ds.search import max_lengths
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -235,34 +241,23 @@ def _bench_ctranslate2(args, cfg, model, vocab, languages, splits, per_lang) -> 
         except ExportError as e:
             print(f"(no CTranslate2 row: {e})")
             return None
-        root = Path(tmp) / "ct2"
-        index = root / "families.json"  # family-expert models: one CTranslate2 model per family
-        folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
-        translators = {}
-        total_s, total_n = 0.0, 0
+        decoder = CT2Decoder(Path(tmp) / "ct2", vocab, cfg.model.max_positions, threads=torch.get_num_threads())
+        total_s, total_n, same = 0.0, 0, 0
         for lang in languages:
             if lang not in splits:
                 continue
-            where = root / folder.get(lang, "")
-            if where not in translators:
-                translators[where] = ctranslate2.Translator(str(where), device="cpu",
-                                                            intra_threads=torch.get_num_threads())
-            translator = translators[where]
             n = min(per_lang, len(splits[lang]))
-            srcs = [splits[lang].src[i].astype("int64") for i in range(n)]
-            pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
-            limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
-                [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
+            srcs = [np.asarray(splits[lang].src[i], dtype=np.int64) for i in range(n)]
+            decoder.translator(lang)  # loaded outside the timing
             t0 = time.perf_counter()
+            hyps = []
             for start in range(0, n, args.batch):
-                translator.translate_batch(
-                    pieces[start:start + args.batch], target_prefix=[[f"<2{lang}>"]] * len(pieces[start:start + args.batch]),
-                    beam_size=args.beam, length_penalty=cfg.eval.lenpen, min_decoding_length=0,
-                    max_decoding_length=int(limits[start:start + args.batch].max()) - 1, disable_unk=True,
-                    suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
+                hyps += decoder.decode(lang, srcs[start:start + args.batch], args.beam, cfg.eval.lenpen,
+                                       cfg.eval.max_len_a, cfg.eval.max_len_b)
             total_s += time.perf_counter() - t0
             total_n += n
-    return {"sentences": total_n, "sentences_per_s": total_n / total_s}
+            same += sum(a == b for a, b in zip(hyps, ours.get(lang, [])))
+    return {"sentences": total_n, "sentences_per_s": total_n / total_s, "same_hypotheses": same}
 
 
 def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim: int = 1000) -> dict:

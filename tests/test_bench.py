@@ -20,6 +20,8 @@ def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
     assert set(result["per_language"]) == {"aa", "bb", "cc"}
     assert result["sentences_per_s"] > 0 and result["hyp_tokens_per_s"] > 0
     assert result["ctranslate2"]["sentences"] == 6 and result["ctranslate2"]["sentences_per_s"] > 0
+    # decoded as evaluate --backend ctranslate2 does: the same best hypotheses as ours (untrained: cut at the limit)
+    assert result["ctranslate2"]["same_hypotheses"] == 6
     assert {k: v["processes"] for k, v in result["processes"].items()} == {"1": 1, "2": 2}
     assert all(v["sentences_per_s"] > 0 for v in result["processes"].values())
     assert "sentences/s" in capsys.readouterr().out
