@@ -23,7 +23,11 @@ CTranslate2 stops there without </s> and scores the hypothesis without it, so cu
 hypotheses look better to it than to us. When a sentence's best CTranslate2 hypothesis is
 such a cut one, all its n-best hypotheses are scored again as ours are (`score_batch`:
 teacher forcing with </s>) and the best by sum / length^lenpen is kept: the hypotheses
-that reach the limit are the same beams in both searches, so this gives our choice.
+that reach the limit are the same beams in both searches, so this gives our choice,
+unless the cut hypotheses (looking better than they are) pushed a finished one out of
+CTranslate2's n-best: a model that runs to the length limit on a sentence may then get
+another hypothesis than ours there (seen with a barely trained model; tested to stay
+within 0.1 BLEU).
 One difference remains: CTranslate2 renormalizes the softmax over the tokens it may
 still generate, while cats_ds.search leaves the banned tokens' mass out without
 renormalizing (so its scores equal teacher forcing). Scores during the search therefore
