@@ -15,7 +15,8 @@ setup(
         # move between releases; widen only after the suite passes on the new one
         "deepspeed==0.19.8",
         "sentencepiece>=0.1.99",
-        "sacrebleu>=2.3",
+        "sacrebleu>=2.3,<2.7",  # compare.py's bootstrap reads sentence statistics through sacreBLEU's
+                                # private _extract_corpus_statistics / _compute_score_from_stats (2.3-2.6)
         "tensorboard>=2.10",
         "pyyaml>=6",
         "tqdm>=4.60",
@@ -39,6 +40,8 @@ setup(
             "cats-export=cats_ds.cli:export_main",
             "cats-average=cats_ds.cli:average_main",
             "cats-curve=cats_ds.cli:curve_main",
+            "cats-compare=cats_ds.cli:compare_main",
+            "cats-slurm-hostfile=cats_ds.cli:slurm_hostfile_main",
         ]
     },
 )

@@ -211,7 +211,7 @@ def bench_decode(args) -> dict:
 
     rows, total_s, total_n, total_tok, ours = [], 0.0, 0, 0, {}
     with _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches) as ct2_decode:
-        ct2 = {"s": 0.0, "n": 0, "identical": 0, "at_own_limit": 0}
+        ct2 = {"s": 0.0, "n": 0, "identical": 0}
         for li, lang in enumerate(languages):
             if lang not in splits:
                 continue
@@ -227,10 +227,7 @@ def bench_decode(args) -> dict:
             total_s, total_n, total_tok = total_s + dt, total_n + n, total_tok + hyp_tokens
             if ct2_decode is not None:
                 ct2["s"], ct2["n"] = ct2["s"] + ct2_s, ct2["n"] + len(ct2_out)
-                for key, (pieces, limit, batch_limit) in ct2_out.items():
-                    mine = hyps[key]
-                    ct2["identical"] += [vocab.sp.id_to_piece(t) for t in mine[:-1]] == pieces
-                    ct2["at_own_limit"] += len(mine) == limit < batch_limit
+                ct2["identical"] += sum(tokens == hyps[key] for key, tokens in ct2_out.items())
     note = "" if trained else " (untrained model: hypotheses tend to run to the length limit)"
     print_table(f"beam-{args.beam} decoding, batch {args.batch}, 1 process, {args.threads} thread(s){note}",
                 ["lang", "sentences", "sentences/s", "hyp tokens/s"], rows)
@@ -245,19 +242,18 @@ def bench_decode(args) -> dict:
     result["ctranslate2"] = None
     if ct2_decode is not None:
         result["ctranslate2"] = c = {"sentences": ct2["n"], "sentences_per_s": ct2["n"] / ct2["s"],
-                                     "identical": ct2["identical"], "identical_share": ct2["identical"] / ct2["n"],
-                                     "at_own_limit": ct2["at_own_limit"]}
+                                     "identical": ct2["identical"], "identical_share": ct2["identical"] / ct2["n"]}
         c["ratio_to_ours"] = c["sentences_per_s"] / result["sentences_per_s"]
         result["ours_over_ctranslate2"] = result["sentences_per_s"] / c["sentences_per_s"]
-        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 float32 (same "
-                    f"model, sentences, batches, length rule {cfg.eval.max_len_a} x source + {cfg.eval.max_len_b}, "
-                    f"length penalty {cfg.eval.lenpen}; {args.threads} thread(s); alternating per language)",
+        print_table(f"beam-{args.beam} decoding, batch {args.batch}: project search vs CTranslate2 float32 decoded as "
+                    f"evaluate --backend ctranslate2 (same model, sentences, batches, per-sentence length rule "
+                    f"{cfg.eval.max_len_a} x source + {cfg.eval.max_len_b}, length penalty {cfg.eval.lenpen}; "
+                    f"{args.threads} thread(s); alternating per language)",
                     ["decoder", "sentences", "sentences/s", "ours / decoder", "identical best hypotheses"],
                     [["cats_ds.search", total_n, result["sentences_per_s"], 1.0, "-"],
                      ["ctranslate2", c["sentences"], c["sentences_per_s"], result["ours_over_ctranslate2"],
                       f"{c['identical']}/{c['sentences']} ({c['identical_share']:.1%})"]])
-        print(f"ours / CTranslate2: {result['ours_over_ctranslate2']:.2f}x (target >= 0.8); "
-              f"{c['at_own_limit']} of our best hypotheses end at their own length limit, below the batch's")
+        print(f"ours / CTranslate2: {result['ours_over_ctranslate2']:.2f}x (target >= 0.8)")
     return result
 
 
@@ -317,24 +313,20 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
 
 @contextlib.contextmanager
 def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
-    """A function lang -> (seconds, {(lang, id): (hypothesis pieces, own limit, batch limit)})
-    that translates the language's `batches` with an in-memory float32 CTranslate2 export of
-    the same model (same beam, length penalty, banned tokens; family-expert models: each
-    language through its family's model); None when ctranslate2 is not installed or the
-    model cannot be exported. Length rule: CTranslate2 takes one maximum length per batch,
-    so it gets the rule (int(max_len_a x source length + max_len_b) tokens with </s>) of
-    the batch's longest source; the batches are sorted by source length, so that is a
-    sentence's own limit or a few tokens above it."""
-    import torch
-
+    """A function lang -> (seconds, {(lang, id): best hypothesis' tokens}) that translates
+    the language's `batches` with an in-memory float32 CTranslate2 export of the same model,
+    decoded as `evaluate --backend ctranslate2` does (cats_ds/ct2_backend.py: same beam,
+    length penalty, per-sentence length limits, banned tokens, </s> re-scoring of cut
+    hypotheses; family-expert models: each language through its family's model); None
+    when ctranslate2 is not installed or the model cannot be exported."""
     try:
-        import ctranslate2
+        import ctranslate2  # noqa: F401
     except ImportError:
         print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
         yield None
         return
+    from cats_ds.ct2_backend import CT2Decoder
     from cats_ds.export import ExportError, export_ctranslate2
-    from cats_ds.search import max_lengths
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -343,32 +335,16 @@ def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
             print(f"(no CTranslate2 row: {e})")
             yield None
             return
-        root = Path(tmp) / "ct2"
-        index = root / "families.json"  # family-expert models: one CTranslate2 model per family
-        folder = json.loads(index.read_text())["folder"] if index.is_file() else {}
-        translators = {}
+        decoder = CT2Decoder(Path(tmp) / "ct2", vocab, cfg.model.max_positions, threads=args.threads)
 
         def decode(lang: str):
-            where = root / folder.get(lang, "")
-            if where not in translators:
-                translators[where] = ctranslate2.Translator(str(where), device="cpu", intra_threads=args.threads)
-            translator = translators[where]
-            work = []
-            for ids in batches[lang]:
-                srcs = [splits[lang].src[i].astype("int64") for i in ids]
-                limits = max_lengths(model, torch.nn.utils.rnn.pad_sequence(
-                    [torch.as_tensor(s) for s in srcs], batch_first=True), cfg.eval.max_len_a, cfg.eval.max_len_b)
-                pieces = [[vocab.sp.id_to_piece(int(t)) for t in s[:-1]] for s in srcs]  # ct2 appends </s>
-                work.append((ids, pieces, limits.tolist()))
+            decoder.translator(lang)  # loaded outside the timing
+            work = [(ids, [splits[lang].src[i].astype("int64") for i in ids]) for ids in batches[lang]]
             t0 = time.perf_counter()
-            results = [translator.translate_batch(
-                pieces, target_prefix=[[f"<2{lang}>"]] * len(pieces), beam_size=args.beam,
-                length_penalty=cfg.eval.lenpen, min_decoding_length=0, max_decoding_length=max(limits) - 1,
-                disable_unk=True, suppress_sequences=[["<pad>"], ["<s>"]], max_batch_size=args.batch)
-                for ids, pieces, limits in work]
+            results = [(ids, decoder.decode(lang, srcs, args.beam, cfg.eval.lenpen, cfg.eval.max_len_a,
+                                            cfg.eval.max_len_b)) for ids, srcs in work]
             seconds = time.perf_counter() - t0
-            return seconds, {(lang, i): (list(r.hypotheses[0]), limit, max(limits))
-                             for (ids, _, limits), res in zip(work, results) for i, limit, r in zip(ids, limits, res)}
+            return seconds, {(lang, i): tokens for ids, hyps in results for i, tokens in zip(ids, hyps)}
 
         yield decode
 

@@ -2,7 +2,9 @@
 
     cats-prepare  --config R.yaml [a.b=v ...]
     cats-train    --deepspeed_config ds.json --config R.yaml [a.b=v ...]   (under `deepspeed`)
-    cats-evaluate --checkpoint DIR [--data-dir DIR] [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda] [a.b=v ...]
+    cats-train    --print-config [--config R.yaml] [a.b=v ...]          (every key, its default and doc)
+    cats-evaluate --checkpoint DIR [--data-dir DIR] [--split test] [--limit N] [--out DIR] [--samples N] [--device cpu|cuda]
+                  [--dtype fp32|bf16|fp16] [--backend pytorch|ctranslate2] [a.b=v ...]
                   (data-parallel under `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`)
     cats-analyze  --checkpoint DIR [--data-dir DIR] [--pairs de:af,uk:kk] [--out DIR] [a.b=v ...]
     cats-average  (--inputs DIR ... | --last N --save-dir DIR) --out DIR [--force]
@@ -68,14 +70,29 @@ def train_main(argv: Optional[list[str]] = None) -> None:
 
 
 def _train(argv: Optional[list[str]]) -> None:
-    p = _config_parser("cats-train", "Train under the DeepSpeed launcher")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (precision, ZeRO, accumulation)")
+    p = _config_parser("cats-train", "Train under the DeepSpeed launcher. Every experiment setting, its default "
+                                     "and its meaning: --print-config")
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (precision, ZeRO, accumulation); required "
+                                                             "to train")
+    p.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                   help="print the resolved config (the recipe and overrides applied, or the defaults) as YAML, every "
+                        "key with its doc and its default, and exit; no launcher needed")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         _fail(str(e))
+    if args.print_config:
+        from cats_ds.config import config_yaml
+
+        source = " ".join(([f"--config {args.config}"] if args.config else []) + list(args.overrides)) or "defaults"
+        sys.stdout.write(config_yaml(cfg, header=f"cats_ds experiment config ({source}): each key's doc above it, "
+                                                 f"and its default where the value differs.\nUsable as a recipe: "
+                                                 f"--config FILE; any key as an override: section.key=value."))
+        return
+    if not args.deepspeed_config:
+        p.error("the following arguments are required to train: --deepspeed_config (or --print-config)")
     from cats_ds.checkpoint import CheckpointError
     from cats_ds.train import TrainError, train
     from cats_ds.watchdog import watch_launcher
@@ -111,6 +128,10 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                    help="decode on the CPU or on this process' GPU (cuda:<local rank>)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision of the weights while decoding (fp16: CUDA only)")
+    p.add_argument("--backend", default="pytorch", choices=["pytorch", "ctranslate2"],
+                   help="pytorch: the project's beam search; ctranslate2: a CTranslate2 export of the checkpoint "
+                        "(made on the fly, cached in <save_dir>/eval/ctranslate2/), same beam, length penalty "
+                        "and length limits (needs pip install -e '.[export]')")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
     args = p.parse_args(argv)
@@ -120,7 +141,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
                             languages=args.languages.split(",") if args.languages else None,
                             overrides=args.overrides, device=args.device, samples=args.samples,
-                            dtype=args.dtype, data_dir=args.data_dir)
+                            dtype=args.dtype, data_dir=args.data_dir, backend=args.backend)
     except (EvalError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -116,14 +116,32 @@ def check_same_test(evals: dict[str, list[Evaluation]]) -> None:
                                     f"every run with the same --split and --limit on the same prepared data")
 
 
+SACREBLEU_TESTED = "2.3 to 2.6"
+"""sacreBLEU versions whose sentence-statistics methods (private: _extract_corpus_statistics,
+_compute_score_from_stats) this module was tested with; setup.py pins sacrebleu<2.7."""
+
+
+def _private(metric, name: str):
+    """sacreBLEU's private method `name` of `metric`, or an error naming the installed
+    version and the tested ones (a newer sacreBLEU may rename them)."""
+    method = getattr(metric, name, None)
+    if method is None:
+        import sacrebleu
+
+        raise EvalError(f"sacreBLEU {sacrebleu.__version__} has no {type(metric).__name__}.{name}, which the paired "
+                        f"bootstrap reads sentence statistics with (tested with sacreBLEU {SACREBLEU_TESTED}): "
+                        f"pip install 'sacrebleu>=2.3,<2.7'")
+    return method
+
+
 def sentence_stats(metric, hyp_sets: list[list[str]], refs: list[str]) -> np.ndarray:
     """(n sentences, k) sufficient statistics of `metric`, averaged over hypothesis sets (seeds)."""
-    return np.mean([np.asarray(metric._extract_corpus_statistics(h, [refs]), dtype=np.float64)
-                    for h in hyp_sets], axis=0)
+    extract = _private(metric, "_extract_corpus_statistics")
+    return np.mean([np.asarray(extract(h, [refs]), dtype=np.float64) for h in hyp_sets], axis=0)
 
 
 def score_of(metric, stats: np.ndarray) -> float:
-    return float(metric._compute_score_from_stats(stats).score)
+    return float(_private(metric, "_compute_score_from_stats")(stats).score)
 
 
 def paired_bootstrap(metric, system: np.ndarray, baseline: np.ndarray, resamples: int = RESAMPLES,

@@ -8,6 +8,8 @@ the DeepSpeed JSON is their one source of truth.
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import difflib
 import math
@@ -561,7 +563,9 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML recipe (or none) and apply ``section.field=value`` overrides."""
+    """Read a YAML recipe (or none) and apply ``section.field=value`` overrides. An error
+    names where the offending value came from: the recipe file, or the command-line
+    argument (the first override after which the error appears)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -573,10 +577,30 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+    overrides = list(overrides or [])
+    for text in overrides:  # unparsable overrides first: they are the argument's fault alone
+        try:
+            parse_override(text)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("override ", "command-line argument ", 1)) from None
     try:
-        return config_from_dict(merge_overrides(tree, overrides or []))
+        return config_from_dict(merge_overrides(copy.deepcopy(tree), overrides))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(_blame(tree, path, overrides, str(e))) from None
+
+
+def _blame(tree: dict, path: Optional[str], overrides: list[str], message: str) -> str:
+    """`message` prefixed with its source: the recipe when the recipe alone already fails
+    with it, else the first command-line argument after which it appears."""
+    for i in range(len(overrides) + 1):
+        try:
+            config_from_dict(merge_overrides(copy.deepcopy(tree), overrides[:i]))
+        except ConfigError as e:
+            if str(e) == message:
+                if i == 0:
+                    return f"{path}: {message}" if path else message
+                return f"command-line argument '{overrides[i - 1]}': {message}"
+    return f"{message} (from {path} and the command-line overrides)" if path else message
 
 
 GRAM_METHODS = ("cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
@@ -603,3 +627,54 @@ def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:
         if until is None or step < until:
             return int(every)
     return int(schedule[-1][1])
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def field_docs() -> dict[str, str]:
+    """{"section.key": its doc}: the string literal under each field of the section
+    dataclasses in this file (the docstring-comments; Python keeps no such attribute)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    docs = {}
+    for section in dataclasses.fields(Config):
+        node = classes[typing.get_type_hints(Config)[section.name].__name__]
+        body = node.body
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                doc = ""
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    doc = " ".join(nxt.value.value.split())
+                docs[f"{section.name}.{stmt.target.id}"] = doc
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump({"v": value}, default_flow_style=True, sort_keys=False, width=10**9, allow_unicode=True)
+    return text.strip()[len("{v: "):-1]
+
+
+def _wrap(text: str, indent: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, initial_indent=indent + "# ", subsequent_indent=indent + "# ") or []
+
+
+def config_yaml(cfg: Config, docs: bool = True, header: str = "") -> str:
+    """The whole config as YAML that load_config reads back to an equal Config: every
+    section and key in declaration order; with `docs`, each key's doc as a comment above
+    it and, for a value that is not the default, the default."""
+    default = Config().to_dict()
+    values = cfg.to_dict()
+    notes = field_docs() if docs else {}
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for section, fields in values.items():
+        lines.append(f"{section}:")
+        for key, value in fields.items():
+            if docs:
+                lines += _wrap(notes.get(f"{section}.{key}", ""), "  ")
+                if value != default[section][key]:
+                    lines.append(f"  # default: {_yaml_value(default[section][key])}")
+            lines.append(f"  {key}: {_yaml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -292,7 +292,8 @@ def resolve_device(device: str, local_rank: int) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Optional[int] = None,
                         out_dir: Optional[str | Path] = None, languages: Optional[list[str]] = None,
                         overrides: Optional[list[str]] = None, device: str = "cpu", samples: int = 0,
-                        dtype: str = "fp32", data_dir: Optional[str | Path] = None) -> dict:
+                        dtype: str = "fp32", data_dir: Optional[str | Path] = None,
+                        backend: str = "pytorch") -> dict:
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
     docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
@@ -301,7 +302,11 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     `checkpoint`: a DeepSpeed checkpoint or a model folder; `data_dir`: the prepared data
     to score against (default: the data.dir the model was trained with; a `data.dir=DIR`
     override means the same). `dtype`: fp32, bf16 or fp16, the precision of the weights
-    and activations while decoding (beam scores are accumulated in fp32 whatever it is)."""
+    and activations while decoding (beam scores are accumulated in fp32 whatever it is).
+    `backend`: pytorch (cats_ds.search) or ctranslate2 (a cached export of the checkpoint,
+    decoded with the same beam, length penalty and length limits: cats_ds/ct2_backend.py)."""
+    from cats_ds.ct2_backend import BACKENDS
+
     overrides = list(overrides or [])
     for text in [t for t in overrides if parse_override(t)[0] == ["data", "dir"]]:  # = --data-dir
         value = text.split("=", 1)[1]
@@ -312,6 +317,18 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     check_override_sections(overrides)  # before any loading: fail fast
     if dtype not in DTYPES:
         raise EvalError(f"--dtype {dtype}: choices: {', '.join(DTYPES)}")
+    if dtype != "fp32" and backend == "ctranslate2":
+        raise EvalError(f"--dtype {dtype} is for the pytorch backend; --backend ctranslate2 exports and decodes "
+                        f"float32 weights: leave --dtype out")
+    if backend not in BACKENDS:
+        raise EvalError(f"--backend {backend}: choices: {', '.join(BACKENDS)}")
+    if backend == "ctranslate2":
+        from cats_ds.export import ExportError, _ctranslate2
+
+        try:
+            _ctranslate2()
+        except ExportError as e:
+            raise EvalError(f"--backend ctranslate2: {e}") from None
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     ckpt = Path(checkpoint)
@@ -319,7 +336,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     device = resolve_device(device, int(os.environ.get("LOCAL_RANK", rank)))
     try:
         return _evaluate(ckpt, split, limit, out_dir, languages, overrides, device, samples, rank, world, dtype,
-                         data_dir)
+                         data_dir, backend)
     finally:
         if created:
             import torch.distributed as dist
@@ -328,7 +345,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
 
 
 def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, overrides, device: str,
-              samples: int, rank: int, world: int, dtype: str = "fp32", data_dir=None) -> dict:
+              samples: int, rank: int, world: int, dtype: str = "fp32", data_dir=None,
+              backend: str = "pytorch") -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         cfg, model, manifest, vocab, ckpt_langs = load_for_inference(ckpt, device, data_dir)
@@ -365,7 +383,17 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
         raise EvalError(str(e)) from None
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
-    say(f"| evaluating {ckpt} (step {meta.get('step')}) on {split}: {len(langs)} languages, beam {ecfg.beam}, "
+    ct2 = None
+    if backend == "ctranslate2":
+        from cats_ds.ct2_backend import prepare_decoder
+        from cats_ds.export import ExportError
+
+        try:
+            ct2 = prepare_decoder(ckpt, cfg, model, vocab, ckpt_langs, device, rank, world, say=say)
+        except ExportError as e:
+            raise EvalError(f"--backend ctranslate2: {e}") from None
+    say(f"| evaluating {ckpt} (step {meta.get('step')}) on {split} with {backend}: {len(langs)} languages, "
+        f"beam {ecfg.beam}, "
         f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
         + (f", first {limit} sentences each" if limit else "") + f"; {world} process(es) on {device}, {dtype}")
 
@@ -379,7 +407,11 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
               disable=None if rank == 0 else True) as bar:
         for j in mine:
             lang, chunk = jobs[j]
-            hyps = decode_chunk(model, splits[lang], chunk, vocab.lang_ids[lang], ckpt_langs.index(lang), ecfg)
+            if ct2 is None:
+                hyps = decode_chunk(model, splits[lang], chunk, vocab.lang_ids[lang], ckpt_langs.index(lang), ecfg)
+            else:
+                hyps = ct2.decode(lang, [np.asarray(splits[lang].src[i], dtype=np.int64) for i in chunk], ecfg.beam,
+                                  ecfg.lenpen, ecfg.max_len_a, ecfg.max_len_b)
             decoded.update(((lang, i), tokens) for i, tokens in zip(chunk.tolist(), hyps))
             bar.update(len(chunk))
     if world > 1:  # merge on rank 0; the others are done
@@ -419,7 +451,8 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
         sig = next(r.signature for r in results if r.tokenize == tok)
         print(f"| BLEU signature ({tok}): {sig}")
     print(f"| chrF++ signature: {chrf_signature}")
-    table = format_table(results, avg, f"{ckpt} ({split}, step {meta.get('step')}, beam {ecfg.beam})")
+    table = format_table(results, avg, f"{ckpt} ({split}, step {meta.get('step')}, beam {ecfg.beam}"
+                                       + (", CTranslate2)" if backend == "ctranslate2" else ")"))
     print(table)
     if samples:
         print(f"| {samples} sample translations ({split}):")
@@ -432,7 +465,7 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
         "averages": avg,
         "timing": {"processes": world, "decode_seconds": seconds, "sentences_per_s": total / max(seconds, 1e-9)},
         "settings": {"checkpoint": str(ckpt), "step": meta.get("step"), "split": split, "limit": limit,
-                     "processes": world, "dtype": dtype,
+                     "processes": world, "dtype": dtype, "backend": backend,
                      "beam": ecfg.beam, "lenpen": ecfg.lenpen, "max_len_a": ecfg.max_len_a,
                      "max_len_b": ecfg.max_len_b, "lo_max": ecfg.lo_max, "hi_min": ecfg.hi_min,
                      "chrf_signature": chrf_signature, "references": "raw text"},
@@ -440,4 +473,22 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     (out / "bleu.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "bleu.md").write_text(table, encoding="utf-8")
     print(f"| wrote {out / 'bleu.json'}, {out / 'bleu.md'} and hyp/ref/src files")
+    if split == "test":
+        add_test_scores(ckpt, meta.get("step"), avg["All"], limit)
     return report
+
+
+def add_test_scores(ckpt: Path, step: Optional[int], avg: dict, limit: Optional[int]) -> None:
+    """Mean test BLEU / chrF++ as hparams/test_bleu and hparams/test_chrf in the run's
+    TensorBoard folder (`<save_dir>/tensorboard`, where training wrote its hparams), when
+    the checkpoint sits in a run folder that has one."""
+    tb = Path(ckpt).resolve().parent / "tensorboard"
+    if not tb.is_dir():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb)) as writer:
+        writer.add_scalar("hparams/test_bleu", avg["bleu"], step or 0)
+        writer.add_scalar("hparams/test_chrf", avg["chrf"], step or 0)
+    print(f"| test scores of {ckpt} (step {step}) added to the TensorBoard hparams in {tb}"
+          + (f" (first {limit} sentences per language)" if limit else ""))

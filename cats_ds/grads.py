@@ -163,6 +163,31 @@ class PartitionGrads:
         return 1.0
 
 
+def grad_norms(grads: PartitionGrads, group_of: Callable[[str, torch.nn.Parameter], str], device) -> dict[str, float]:
+    """L2 norms of the full (all ranks') current gradient, per parameter group and in total
+    ("all"), from this rank's partition (read right after the backward of an accumulation
+    boundary, before engine.step(): the gradient the optimizer is about to use, before
+    clipping, loss scale divided out). One all_reduce of one float per group."""
+    names: list[str] = []
+    for slot in grads.slots:
+        group = group_of(slot.name, slot.param)
+        if group not in names:
+            names.append(group)
+    sq = torch.zeros(len(names), dtype=torch.float64)
+    for slot in grads.slots:
+        g = grads._read(slot)
+        if g is not None and g.numel():
+            sq[names.index(group_of(slot.name, slot.param))] += float(g.double().pow(2).sum()) / slot.replicas
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sq = sq.to(device)
+        dist.all_reduce(sq)
+        sq = sq.cpu()
+    scale = grads.loss_scale()
+    norms = {name: float(v.sqrt()) / scale for name, v in zip(names, sq)}
+    norms["all"] = float(sq.sum().sqrt()) / scale
+    return norms
+
+
 def _expert_dp_size(group_name: str) -> int:
     from deepspeed.utils import groups
 

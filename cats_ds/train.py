@@ -29,12 +29,12 @@ from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_me
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
-from cats_ds.grads import PartitionGrads, gram_and_losses, is_expert_param
+from cats_ds.grads import PartitionGrads, grad_norms, gram_and_losses, is_expert_param
 from cats_ds.losses import per_language_sums
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import param_groups
 from cats_ds.model.transformer import Transformer
-from cats_ds.output import print0, write_events
+from cats_ds.output import monitor, print0, split_monitors, write_events
 from cats_ds.weighting import make_weighting
 from cats_ds.weighting.base import Weighting
 
@@ -220,6 +220,15 @@ class Run:
     timers: Optional[dict] = None
     """Seconds per phase of plain updates (data, forward, loss, backward, optimizer,
     logging), summed while it is a dict (`bench train`); None: not timed."""
+    monitor: object = None
+    """DeepSpeed's MonitorMaster for the JSON's monitor blocks (cats_ds/output.py), held
+    here rather than by the engine so the engine writes no per-sample events of its own."""
+    norm_grads: Optional[PartitionGrads] = None
+    """The gradient partition the gradient norms are read from (run.grads when there is one)."""
+    grad_norms: Optional[dict] = None
+    """Gradient norms of the last update that logs (total "all" and per parameter group)."""
+    last_valid: Optional[dict] = None
+    """The last validation's train_log.jsonl record (mean_loss; bleu and chrf when translated)."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -264,8 +273,9 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     # family-expert parameters go to DeepSpeed's MoE groups (reduced over the expert-data-parallel group)
     optimizer = make_optimizer(param_groups(model), cfg, ds)
     factor = inverse_sqrt(cfg.train)
+    engine_ds, monitor_blocks = split_monitors(ds)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds,
+        model=model, optimizer=optimizer, config=engine_ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     sampler = LanguageSampler(train_splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
                               cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg),
@@ -274,7 +284,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
               train_splits=train_splits, dev_splits=dev_splits, sampler=sampler,
               weighting=make_weighting(cfg, languages, len(vocab)), device=torch.device(get_accelerator().device_name()),
               rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
-              tag_ids=[vocab.lang_ids[l] for l in languages])
+              tag_ids=[vocab.lang_ids[l] for l in languages], monitor=monitor(monitor_blocks))
     run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
     if cfg.weighting.method != "temperature":
         shared_only = cfg.cats.params == "shared"
@@ -294,6 +304,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     run.log_path = Path(cfg.train.save_dir) / "train_log.jsonl"
     if rank == 0:
         Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, ds, ds_config_path)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
            f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
@@ -321,6 +332,27 @@ def lock_save_dir(cfg: Config, rank: int, world: int) -> None:
         error = box[0]
     if error:
         raise TrainError(error)
+
+
+RUN_CONFIG = "config.yaml"
+RUN_DS_CONFIG = "ds_config.json"
+
+
+def write_run_config(cfg: Config, ds: dict, ds_config_path: str) -> None:
+    """Rank 0, at every start: the resolved experiment config as `<save_dir>/config.yaml`
+    (every key, its doc and its default; `--config` reads it back) and the DeepSpeed JSON
+    as DeepSpeed got it (`ds_config.json`: blocks this project added included), and the
+    config printed. A resumed run rewrites them with the settings of this session."""
+    from cats_ds.config import config_yaml
+
+    save_dir = Path(cfg.train.save_dir)
+    (save_dir / RUN_CONFIG).write_text(config_yaml(cfg, header=(
+        f"Resolved experiment config of the run in {save_dir} (written by cats_ds at its start; a resumed run rewrites "
+        f"it).\nTrain again with: deepspeed launch/train.py --deepspeed_config {save_dir / RUN_DS_CONFIG} --config "
+        f"{save_dir / RUN_CONFIG}")), encoding="utf-8")
+    (save_dir / RUN_DS_CONFIG).write_text(json.dumps(ds, indent=1), encoding="utf-8")
+    print0(f"| config ({save_dir / RUN_CONFIG}; DeepSpeed JSON from {ds_config_path}: {save_dir / RUN_DS_CONFIG}):\n"
+           + config_yaml(cfg, docs=False).rstrip())
 
 
 def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
@@ -491,6 +523,9 @@ def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
             loss = scaled_loss(run, loss_sum, coeffs, tokens)
         with phase(run, "backward"):
             run.engine.backward(loss)
+        if m == run.gas - 1:
+            with phase(run, "logging"):
+                measure_grad_norms(run)
         with phase(run, "optimizer"):
             run.engine.step()
         if live:
@@ -551,6 +586,7 @@ def meta_update(run: Run) -> None:
     coeffs = weighting_update(run, langs, losses, gram, shares)
     combo = torch.tensor([coeffs[l] for l in langs], dtype=rows.dtype) @ rows  # (n_local,)
     run.grads.write_back(combo)
+    measure_grad_norms(run)
     for m in range(run.gas):
         run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
         run.engine.step()
@@ -570,6 +606,25 @@ def weighting_update(run: Run, langs, losses, gram, shares) -> dict[int, float]:
     for line in run.weighting.floor_warnings():
         print0(f"| warning: step {run.step}: {line}")
     return coeffs
+
+
+def logs_this_update(run: Run) -> bool:
+    """Whether the update now running ends with a log line (fit logs after run.step += 1)."""
+    return (run.step + 1) % run.cfg.train.log_every == 0
+
+
+def measure_grad_norms(run: Run) -> None:
+    """At the accumulation boundary of an update that logs, before engine.step(): the
+    gradient norm the optimizer sees (before clipping), in total and per parameter group
+    (cats_ds.analysis.similarity.param_group: Emb, E.SA, E.FC, ..., experts); logged as
+    train/grad_norm and train/grad_norm/<group>."""
+    if not logs_this_update(run):
+        return
+    from cats_ds.analysis.similarity import param_group
+
+    if run.norm_grads is None:
+        run.norm_grads = run.grads or PartitionGrads(run.engine)
+    run.grad_norms = grad_norms(run.norm_grads, lambda name, p: param_group(name, is_expert_param(p)), run.device)
 
 
 def train_step(run: Run) -> None:
@@ -651,13 +706,18 @@ def log_train(run: Run) -> None:
               "lr": run.engine.get_lr()[0], "tokens_per_s": tok / elapsed,
               "loss_lang": {l: float(loss_l[i]) for i, l in enumerate(run.languages) if sums[2][i] > 0}}
     record["weighting"] = run.weighting.scalars()
+    if run.grad_norms is not None:
+        record["grad_norm"] = run.grad_norms
+        run.grad_norms = None
     slots = a["slots"] / max(a["slots"].sum(), 1)
     events = [("train/loss", record["loss"], run.step), ("train/nll", record["nll"], run.step),
-              ("train/lr", record["lr"], run.step), ("train/tokens_per_s", record["tokens_per_s"], run.step)]
-    events += [(f"loss/en-{l}", v, run.step) for l, v in record["loss_lang"].items()]
+              ("train/lr", record["lr"], run.step), ("perf/tokens_per_s", record["tokens_per_s"], run.step)]
+    events += [(f"train/loss/en-{l}", v, run.step) for l, v in record["loss_lang"].items()]
+    for group, v in record.get("grad_norm", {}).items():
+        events.append(("train/grad_norm" if group == "all" else f"train/grad_norm/{group}", v, run.step))
     if a["slots"].sum() > 0:  # length-pooled draws happen once per pool, not every interval
-        events += [(f"sampling/freq/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
-    events += [(k, float(v), run.step) for k, v in record["weighting"].items()]
+        events += [(f"weighting/sampled/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
+    events += [(f"weighting/{k}", float(v), run.step) for k, v in record["weighting"].items()]
     write_events(run, events)
     eta, line = progress(run)
     record["eta_s"] = eta
@@ -727,15 +787,15 @@ def validate(run: Run) -> dict[str, dict[str, float]]:
 
 def log_valid(run: Run, res: dict, scores: Optional[dict] = None) -> float:
     mean = float(np.mean([v["loss"] for v in res.values()])) if res else float("nan")
-    events = [(f"valid_loss/en-{l}", v["loss"], run.step) for l, v in res.items()]
-    events += [(f"valid_nll/en-{l}", v["nll"], run.step) for l, v in res.items()]
+    events = [(f"valid/loss/en-{l}", v["loss"], run.step) for l, v in res.items()]
+    events += [(f"valid/nll/en-{l}", v["nll"], run.step) for l, v in res.items()]
     events.append(("valid/mean_loss", mean, run.step))
     record = {"kind": "valid", "step": run.step, "mean_loss": mean, "langs": res}
     if scores is not None:
         from cats_ds.dev_translation import mean_score
 
         for metric in ("bleu", "chrf"):
-            events += [(f"{metric}/en-{l}", v[metric], run.step) for l, v in scores.items()]
+            events += [(f"valid/{metric}/en-{l}", v[metric], run.step) for l, v in scores.items()]
             record[metric] = mean_score(scores, metric)
             events.append((f"valid/mean_{metric}", record[metric], run.step))
         record["scores"] = scores
@@ -747,6 +807,7 @@ def log_valid(run: Run, res: dict, scores: Optional[dict] = None) -> float:
                f"(beam {run.cfg.eval.valid_beam}, first {run.cfg.eval.valid_sentences} sentences) | "
                + " ".join(f"{l} {v['bleu']:.1f}/{v['chrf']:.1f}" for l, v in scores.items()))
     write_log(run, record)
+    run.last_valid = record
     return mean
 
 
@@ -865,6 +926,53 @@ def fit(run: Run) -> None:
         if run.early_stop:
             break
     print0(f"| done at step {run.step}; best mean valid loss {run.best_valid:.4f}")
+    write_hparams(run)
+
+
+HPARAM_KEYS = ("weighting.method", "sampling.temperature", "sampling.langs_per_batch", "train.lr", "train.max_tokens",
+               "train.max_updates", "train.warmup_updates", "train.seed", "model.embed_dim", "model.encoder_layers",
+               "model.decoder_layers", "model.norm", "model.prenorm", "experts.modules")
+"""Settings always in the TensorBoard hparams table; every other setting appears when it
+differs from its default."""
+HPARAM_METRICS = ("hparams/valid_loss", "hparams/best_valid_loss", "hparams/dev_bleu", "hparams/dev_chrf",
+                  "hparams/test_bleu", "hparams/test_chrf")
+"""The hparams table's metric columns: the final validation (dev loss; BLEU / chrF++ when
+eval.valid_every translates), and the test scores `evaluate` adds when it scores a
+checkpoint of the run on the whole test split."""
+
+
+def hparam_values(run: Run) -> dict:
+    """{section.key: value} for the hparams table (scalars; lists and None as text), plus
+    the world size and accumulation steps."""
+    from cats_ds.config import Config
+
+    default = Config().to_dict()
+    values = {}
+    for section, fields in run.cfg.to_dict().items():
+        for key, value in fields.items():
+            name = f"{section}.{key}"
+            if name in HPARAM_KEYS or value != default[section][key]:
+                values[name] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    values.update({"world_size": run.world, "gradient_accumulation_steps": run.gas})
+    return values
+
+
+def write_hparams(run: Run) -> None:
+    """Rank 0, at the end of training, when the TensorBoard monitor is on: the settings
+    and the final dev scores in TensorBoard's HPARAMS tab (one session per run folder)."""
+    writer = getattr(getattr(run.monitor, "tb_monitor", None), "summary_writer", None)
+    if writer is None or run.rank != 0:
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    last = run.last_valid or {}
+    metrics = {"hparams/valid_loss": last.get("mean_loss"), "hparams/best_valid_loss": run.best_valid,
+               "hparams/dev_bleu": last.get("bleu"), "hparams/dev_chrf": last.get("chrf")}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    exp, ssi, sei = hparams(hparam_values(run), {k: 0.0 for k in HPARAM_METRICS})
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    write_events(run, [(k, v, run.step) for k, v in metrics.items()])
 
 
 def train(cfg: Config, ds_config_path: str) -> Run:

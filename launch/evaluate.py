@@ -3,6 +3,7 @@ references, the copy baseline (English source as the translation), Lo/Mid/Hi/All
 
     python launch/evaluate.py --checkpoint runs/gettext8/best                      # test split, beam 5
     python launch/evaluate.py --checkpoint runs/gettext8/best --split dev --limit 100 eval.beam=1
+    python launch/evaluate.py --checkpoint runs/gettext8/best --backend ctranslate2   # a cached CTranslate2 export
     python launch/evaluate.py --checkpoint runs/opus100/best --languages de,af,kk \
         eval.lenpen=0.6 eval.batch_tokens=4000 --out results/opus100-test
 

@@ -52,7 +52,7 @@ echo "== 2/5 environment ($VENV)"
 . "$VENV/bin/activate"
 pip install -q --upgrade pip
 pip install -q torch==2.13.0          # the CPU build; must come before the project
-pip install -q -e .
+pip install -q -e '.[export]'    # with ctranslate2: launch/export.py, evaluate --backend ctranslate2
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 DATA_ARGS=("data.dir=$DATA" "data.corpus=$CORPUS" "data.raw=$RAW" "data.languages=[$LANGS]")

@@ -9,7 +9,9 @@ One GPU node, 8 GPUs, bf16 + ZeRO-2:
 Several nodes (SLURM): sbatch launch/slurm/train.sbatch (see the header of that file).
 
 Any config key can be overridden as section.key=value; train.resume=auto (the default)
-continues from <train.save_dir>/latest.
+continues from <train.save_dir>/latest. Every key, its default and its doc (no launcher):
+    python launch/train.py --print-config [--config launch/recipes/gettext8.yaml] [section.key=value ...]
+The resolved config is printed at start and written to <train.save_dir>/config.yaml.
 """
 
 from cats_ds.cli import train_main

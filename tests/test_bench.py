@@ -20,8 +20,9 @@ def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
     assert set(result["per_language"]) == {"aa", "bb", "cc"}
     assert result["sentences_per_s"] > 0 and result["hyp_tokens_per_s"] > 0
     ct2 = result["ctranslate2"]
-    assert ct2["sentences"] == 6 and ct2["sentences_per_s"] > 0 and 0 <= ct2["identical"] <= 6
-    assert ct2["identical_share"] == ct2["identical"] / 6 and 0 <= ct2["at_own_limit"] <= 6
+    assert ct2["sentences"] == 6 and ct2["sentences_per_s"] > 0 
+    # decoded as evaluate --backend ctranslate2 does: the same best hypotheses as ours (untrained: cut at the limit)
+    assert ct2["identical"] == 6 and ct2["identical_share"] == 1.0
     assert result["ours_over_ctranslate2"] == result["sentences_per_s"] / ct2["sentences_per_s"]
     assert result["threads"] == 1
     assert {k: v["processes"] for k, v in result["processes"].items()} == {"1": 1, "2": 2}

@@ -127,3 +127,37 @@ def test_cli_writes_markdown_and_json_and_names_mismatches(runs, tmp_path, capsy
     with pytest.raises(SystemExit):
         compare_main(["base=" + str(tmp_path / "missing")])
     assert "no evaluation at" in capsys.readouterr().err
+
+
+def test_sacrebleu_private_methods_guarded_and_pinned(monkeypatch):
+    """compare reads sentence statistics through sacreBLEU's private methods: setup.py pins
+    an upper bound, and a sacreBLEU without them gets an error naming the version to install."""
+    import re
+
+    import sacrebleu
+    from sacrebleu.metrics import CHRF
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    pin = re.search(r'"sacrebleu>=2\.3,<(\d+)\.(\d+)"', setup)
+    assert pin, "setup.py must pin an upper bound on sacrebleu"
+    major, minor = map(int, sacrebleu.__version__.split(".")[:2])
+    assert (major, minor) < (int(pin[1]), int(pin[2]))  # the installed one is inside the pin
+    _, refs = references("aa", 5)
+    sentence_stats(metrics("13a")[1], [refs], refs)  # works as installed
+    monkeypatch.setattr(CHRF, "_extract_corpus_statistics", None)  # (defined on sacreBLEU's Metric base class)
+    with pytest.raises(EvalError, match=r"sacreBLEU .* has no CHRF._extract_corpus_statistics.*pip install 'sacrebleu>=2.3,<2.7'"):
+        sentence_stats(metrics("13a")[1], [refs], refs)
+
+
+def test_every_command_has_a_console_script():
+    """Each *_main of cats_ds/cli.py is a console script of setup.py (cats-compare among them)."""
+    import inspect
+    import re
+
+    from cats_ds import cli
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    scripts = dict(re.findall(r'"(cats-[a-z-]+)=cats_ds\.cli:(\w+)"', setup))
+    mains = {name for name, f in inspect.getmembers(cli, inspect.isfunction) if name.endswith("_main")}
+    assert set(scripts.values()) == mains
+    assert scripts["cats-compare"] == "compare_main"

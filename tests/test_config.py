@@ -2,7 +2,10 @@ import math
 
 import pytest
 
-from cats_ds.config import ConfigError, load_config, meta_interval
+import yaml
+
+from cats_ds.cli import train_main
+from cats_ds.config import Config, ConfigError, field_docs, load_config, meta_interval
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -82,9 +85,9 @@ def test_out_of_range_train_values_name_the_key(override, message):
 def test_bad_yaml_in_override_names_the_override(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  lr: 0.001\n")
-    with pytest.raises(ConfigError, match=r"r.yaml: override 'data.languages=\[de,fr': the value is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"^command-line argument 'data.languages=\[de,fr': the value is not valid YAML"):
         load_config(str(recipe), ["data.languages=[de,fr"])
-    with pytest.raises(ConfigError, match=r"override 'cats.meta_every=\[\[null, 10\]': the value is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"^command-line argument 'cats.meta_every=\[\[null, 10\]': the value is not valid YAML"):
         load_config(None, ["cats.meta_every=[[null, 10]"])
 
 
@@ -92,3 +95,69 @@ def test_duplicate_languages_refused():
     with pytest.raises(ConfigError, match=r"data.languages lists de more than once \(\['de', 'de', 'fr'\]\)"):
         load_config(None, ["data.languages=[de,de,fr]"])
     assert load_config(None, ["data.languages=[de,fr]"]).data.languages == ["de", "fr"]
+
+
+def test_errors_name_the_command_line_argument_or_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  embed_dim: 30\n  heads: 5\n")
+    with pytest.raises(ConfigError, match=r"^command-line argument 'train.max_update=10': unknown config key "
+                                          r"'train.max_update'; did you mean 'max_updates'"):
+        load_config(str(recipe), ["train.lr=0.1", "train.max_update=10"])
+    with pytest.raises(ConfigError, match=r"^command-line argument 'train.max_updates=ten': train.max_updates: "
+                                          r"expected an integer"):
+        load_config(str(recipe), ["train.max_updates=ten"])
+    # a cross-key check fails after the argument that broke it, not in the recipe
+    with pytest.raises(ConfigError, match=r"^command-line argument 'model.heads=4': model.embed_dim=30 is not "
+                                          r"divisible by model.heads=4"):
+        load_config(str(recipe), ["train.lr=0.1", "model.heads=4"])
+    # the recipe's own error names the recipe, and an argument can fix a recipe's value
+    recipe.write_text("model:\n  embed_dim: 30\n  heads: 4\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: model.embed_dim=30 is not divisible by model.heads=4"):
+        load_config(str(recipe), ["train.lr=0.1"])
+    assert load_config(str(recipe), ["model.heads=5"]).model.heads == 5
+
+
+def test_print_config_lists_every_key_with_doc_and_default(capsys):
+    train_main(["--print-config"])
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == Config().to_dict()  # every section and key, the defaults
+    docs = field_docs()
+    every_key = {f"{sec}.{key}" for sec, fields in Config().to_dict().items() for key in fields}
+    assert set(docs) == every_key and all(docs.values())  # every field of cats_ds/config.py has its doc string
+    section, printed = None, set()
+    lines = text.splitlines()
+    for prev, line in zip(lines, lines[1:]):
+        if line.endswith(":") and not line.startswith((" ", "#")):
+            section = line[:-1]
+        elif line.startswith("  ") and not line.startswith("  #"):
+            printed.add(f"{section}.{line.split(':')[0].strip()}")
+            assert prev.startswith("  # "), line  # its doc right above it
+    assert printed == every_key
+    assert "  # Peak learning rate (Adam).\n  lr: 0.0015\n" in text
+
+
+def test_print_config_applies_recipe_and_overrides_and_shows_defaults(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 0.001\n")
+    train_main(["--print-config", "--config", str(recipe), "sampling.temperature=inf", "data.languages=[de,fr]"])
+    text = capsys.readouterr().out
+    assert "  # default: 0.0015\n  lr: 0.001\n" in text and "  # default: []\n  languages: [de, fr]\n" in text
+    # the printed YAML is a recipe giving the same config
+    again = tmp_path / "printed.yaml"
+    again.write_text(text)
+    assert load_config(str(again)) == load_config(str(recipe), ["sampling.temperature=inf", "data.languages=[de,fr]"])
+    with pytest.raises(SystemExit):
+        train_main(["--config", str(recipe)])  # training needs the DeepSpeed JSON
+    assert "--deepspeed_config" in capsys.readouterr().err
+
+
+def test_run_config_written_and_printed(tmp_path, capsys):
+    from cats_ds.train import write_run_config
+
+    cfg = load_config(None, [f"train.save_dir={tmp_path}", "train.max_updates=7"])
+    write_run_config(cfg, {"train_micro_batch_size_per_gpu": 1}, "ds.json")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert "  # default: 1000\n  max_updates: 7\n" in (tmp_path / "config.yaml").read_text()
+    assert (tmp_path / "ds_config.json").read_text().startswith("{")
+    out = capsys.readouterr().out
+    assert f"| config ({tmp_path / 'config.yaml'}" in out and "  max_updates: 7\n" in out

@@ -77,8 +77,8 @@ def test_evaluate_writes_every_file(ckpt, tiny_data):
     assert {lang: r["group"] for lang, r in report["languages"].items()} == {"aa": "Hi", "bb": "Mid", "cc": "Lo"}
     assert {lang: r["train_pairs"] for lang, r in report["languages"].items()} == {"aa": 400, "bb": 150, "cc": 50}
     assert report["settings"] | {"checkpoint": None} == {
-        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "processes": 1, "dtype": "fp32", "beam": 2,
-        "lenpen": 1.0,
+        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "processes": 1, "dtype": "fp32",
+        "backend": "pytorch", "beam": 2, "lenpen": 1.0,
         "max_len_a": 1.2, "max_len_b": 10, "lo_max": 100, "hi_min": 300, "references": "raw text",
         "chrf_signature": report["settings"]["chrf_signature"]}
     assert "nw:2" in report["settings"]["chrf_signature"]  # chrF++

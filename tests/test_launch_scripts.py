@@ -103,3 +103,10 @@ def test_experiments_reject_bad_settings(tmp_path):
     done = subprocess.run(["bash", "launch/gettext8_experiments.sh", "expert"], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown set 'expert'" in done.stderr
+
+
+def test_quickstart_installs_the_export_extra():
+    """CTranslate2 (export, evaluate --backend ctranslate2) works right after the quickstart."""
+    text = (REPO / "launch" / "quickstart.sh").read_text()
+    assert "pip install -q -e '.[export]'" in text
+    assert "pip install -q -e .\n" not in text

@@ -311,7 +311,8 @@ def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:
 
 def _tensorboard_heatmap(run: "Run", record: dict) -> None:
     """The group x pair-type heatmap as a TensorBoard image (rank 0; needs matplotlib)."""
-    writer = getattr(getattr(getattr(run.engine, "monitor", None), "tb_monitor", None), "summary_writer", None)
+    monitor = getattr(run, "monitor", None) or getattr(run.engine, "monitor", None)  # train.py holds its own
+    writer = getattr(getattr(monitor, "tb_monitor", None), "summary_writer", None)
     from cats_ds.analysis.figures import figure_image, group_similarity_figure, have_matplotlib
 
     if writer is None or not have_matplotlib():
