@@ -55,7 +55,7 @@ def test_bench_decode_compares_hypotheses_with_ctranslate2(tmp_path, tiny_data, 
           "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["processes"] == {} and result["sentences"] == 9
-    assert result["ctranslate2"]["identical"] == 9 and result["ctranslate2"]["at_own_limit"] == 0
+    assert result["ctranslate2"]["identical"] == 9 and result["ctranslate2"]["identical_share"] == 1.0
 
 
 def test_bench_experts_writes_json(tmp_path, capsys):

@@ -90,7 +90,19 @@ def test_bf16_decoding_gives_the_fp32_hypotheses_on_most_sentences(tiny_data):
     """A tiny model trained in-process until it translates the made-up languages, then
     beam 5 over every test sentence in fp32 and in bf16 (evaluate --dtype bf16 casts the
     same way): no dtype clash in the beam scores, and most hypotheses are identical
-    (measured: 78 of 90, 87%; bf16 rounding reorders near-ties of this small model)."""
+    (measured on one thread: 79 of 90, 88%; bf16 rounding reorders near-ties of this small
+    model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels' reduction order, hence near-ties, depend on it (other tests change it)
+    try:
+        same, total = _bf16_vs_fp32_hypotheses(tiny_data)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"bf16 == fp32 hypotheses: {same}/{total}")
+    assert total == 90 and same >= 0.8 * total
+
+
+def _bf16_vs_fp32_hypotheses(tiny_data) -> tuple[int, int]:
     import dataclasses
 
     import torch.nn.functional as F
@@ -111,7 +123,7 @@ def test_bf16_decoding_gives_the_fp32_hypotheses_on_most_sentences(tiny_data):
     model = build_model(cfg.model, len(vocab))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     rng = np.random.default_rng(0)
-    for step in range(300):
+    for step in range(600):
         li = step % len(langs)
         b = collate(Plan([li], [rng.choice(len(train[langs[li]]), 24, replace=False)]), train, langs, tag_ids)
         loss = F.cross_entropy(model(b.src, b.prev, b.langs).flatten(0, 1), b.tgt.flatten(), ignore_index=PAD)
@@ -131,8 +143,7 @@ def test_bf16_decoding_gives_the_fp32_hypotheses_on_most_sentences(tiny_data):
             b = decode_chunk(half, test[lang], chunk, tag_ids[li], li, ecfg)
             same += sum(x == y for x, y in zip(a, b))
             total += len(a)
-    print(f"bf16 == fp32 hypotheses: {same}/{total}")
-    assert total == 90 and same >= 0.8 * total
+    return same, total
 
 
 # --------------------------------------------------------------------------- the shipped configs train
