@@ -194,7 +194,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
 
 def compare_main(argv: Optional[list[str]] = None) -> None:
     """Print (and optionally write) chrF++ and BLEU tables of several labels (seeds each),
-    with paired-bootstrap marks against a baseline label (cats_ds/compare.py)."""
+    with hierarchical-bootstrap marks against a baseline label and primary comparisons (cats_ds/compare.py)."""
     import json
     from pathlib import Path
 
@@ -203,7 +203,11 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]",
                    help="an evaluate folder (or its bleu.json) per seed; repeat a label or list its seeds "
                         "comma-separated; labels starting with '-' go after '--'")
-    p.add_argument("--baseline", default=None, help="label the others are tested against (paired bootstrap)")
+    p.add_argument("--baseline", default=None, help="label the others are tested against (hierarchical bootstrap "
+                                                    "over seeds and sentences, Holm-adjusted)")
+    p.add_argument("--primary", default=None, metavar="A:B[,C:D...]",
+                   help="comparisons named in advance, e.g. CATS:T5,CATS:Tinf: tested on the group rows, "
+                        "reported first, their own Holm family")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the marks")
     p.add_argument("--out", default=None, help="also write the markdown here, and the numbers to <out>.json")
@@ -212,7 +216,7 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
     from cats_ds.evaluate import EvalError
 
     try:
-        result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha)
+        result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha, args.primary)
     except EvalError as e:
         _fail(str(e))
     table = format_comparison(result)
