@@ -174,7 +174,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--report", action="store_true", help="also write report.md / report.json: the paper's "
                                                          "claims vs. the runs' measurements")
     p.add_argument("--device", default="cpu", help="torch device for the checkpoint analysis")
-    p.add_argument("overrides", nargs="*", help="analysis.* / eval.lo_max / eval.hi_min overrides, "
+    p.add_argument("overrides", nargs="*", help="analysis.* / eval.lo_max / eval.hi_min / eval.groups overrides, "
                                                 "e.g. analysis.sentences=32")
     args = p.parse_args(argv)
     if args.checkpoint is None and not args.runs:

@@ -149,8 +149,13 @@ def check_same_test(evals: dict[str, list[Evaluation]]) -> None:
                                 f"eval.hi_min)")
             for lang in first.refs:
                 if ev.refs[lang] != first.refs[lang]:
+                    sample = [(e.report["settings"].get("limit"), e.report["settings"].get("limit_order"))
+                              for e in (ev, first)]
+                    how = "" if sample[0] == sample[1] else \
+                        (f"; --limit samples differ: {sample[0][0]} by {sample[0][1] or 'first sentences'} vs "
+                         f"{sample[1][0]} by {sample[1][1] or 'first sentences'}")
                     raise EvalError(f"{label} ({ev.path}): en-{lang} references differ from {first.path}'s "
-                                    f"({len(ev.refs[lang])} vs {len(first.refs[lang])} sentences): evaluate "
+                                    f"({len(ev.refs[lang])} vs {len(first.refs[lang])} sentences{how}): evaluate "
                                     f"every run with the same --split and --limit on the same prepared data")
 
 

@@ -127,6 +127,12 @@ def test_cli_writes_markdown_and_json_and_names_mismatches(runs, tmp_path, capsy
     refs.write_text(refs.read_text().replace("haus", "maus"))
     with pytest.raises(EvalError, match="en-bb references differ"):
         compare_paths(["base=" + runs["base"][0], "noise=" + runs["noise"][1]])
+    report = json.loads((Path(runs["noise"][1]) / "bleu.json").read_text())
+    report["settings"].update(limit=150, limit_order="sha256 of the English source")
+    (Path(runs["noise"][1]) / "bleu.json").write_text(json.dumps(report))
+    with pytest.raises(EvalError, match="en-bb references differ.*--limit samples differ: 150 by sha256 of the "
+                                        "English source vs None by first sentences"):
+        compare_paths(["base=" + runs["base"][0], "noise=" + runs["noise"][1]])
     with pytest.raises(SystemExit):
         compare_main(["base=" + str(tmp_path / "missing")])
     assert "no evaluation at" in capsys.readouterr().err
