@@ -77,7 +77,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                                                                    "baseline per language")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/gettext8/best")
     p.add_argument("--split", default="test", choices=["dev", "test"])
-    p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
+    p.add_argument("--limit", type=int, default=None, help="N sentences per language: a fixed sample, the N with "
+                   "the smallest sha256 of the English source (recorded in bleu.json settings.limit_order)")
     p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref/src files go "
                                                 "(default: <save_dir>/eval/<checkpoint name>-<split>)")
     p.add_argument("--languages", default=None, help="comma-separated subset of languages")
@@ -234,7 +235,8 @@ def curve_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--run", required=True, help="the run's save_dir (trained with train.save_every=N)")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--evaluate", action="store_true", help="evaluate the checkpoints that have no scores yet")
-    p.add_argument("--limit", type=int, default=None, help="with --evaluate: first N sentences per language")
+    p.add_argument("--limit", type=int, default=None, help="with --evaluate: N sentences per language "
+                   "(evaluate's fixed hash-ordered sample)")
     p.add_argument("--minutes", default="10,30,60", help="budgets to report the last checkpoint within")
     p.add_argument("--out", default=None, help="default <run>/eval/curve-<split>")
     args = p.parse_args(argv)

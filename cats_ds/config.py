@@ -327,7 +327,8 @@ class EvalConfig:
     valid_beam: int = 1
     """Beam size of that translation (1: greedy)."""
     valid_sentences: int = 200
-    """Translate the first N dev sentences of each language."""
+    """Translate N dev sentences of each language (evaluate --limit's sample: the smallest
+    sha256 of the English source)."""
 
 
 @dataclass
