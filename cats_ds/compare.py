@@ -417,8 +417,12 @@ def format_comparison(result: dict) -> str:
                              f"{row[label]['mean']:.2f} vs {row['copy']:.2f}): it has not learned to translate "
                              f"there, so differences say little about the method")
     groups = "; ".join(f"{g} = macro-average of {', '.join(m)}" for g, m in result["groups"].items())
+    groups += ". Test sentences: " + ", ".join(f"{l} {n}" for l, n in result["sentences"].items())
+    if result["sample"]["limit"]:
+        groups += f" (--limit {result['sample']['limit']}, sample by {result['sample']['order'] or 'first sentences'})"
     if result["test"] is not None:
-        mark = (f"`*`: differs from {result['baseline']} at {CORRECTION}-adjusted p < {result['alpha']}"
+        mark = (f"`*`: differs from {result['baseline']} at {CORRECTION}-adjusted p < {result['alpha']} (the "
+                f"group rows of a --primary pair with it: adjusted in the primary family)"
                 if result["baseline"] is not None else "no --baseline, so no marks in these tables")
         lines.append(f"Mean ± sd over seeds; {mark}. Test: {method_line(result)}. Groups: {groups}. "
                      f"copy: the English source as the hypothesis.")

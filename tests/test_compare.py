@@ -196,7 +196,7 @@ def test_group_is_macro_average_stratified_where_pooling_disagrees(tmp_path):
     assert row["A"]["significant"] and row["A"]["ci95"][0] > 0
     assert result["metrics"]["chrf"]["aa"]["A"]["delta"] < 0 and result["metrics"]["chrf"]["bb"]["A"]["delta"] > 20
     assert result["groups"] == {"Lo": ["bb"], "Hi": ["aa"], "All": ["aa", "bb"]}
-    assert "All = macro-average of aa, bb" in format_comparison(result)
+    assert "All = macro-average of aa, bb. Test sentences: aa 600, bb 40" in format_comparison(result)
 
 
 def test_holm_on_known_p_values():
