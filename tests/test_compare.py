@@ -160,6 +160,8 @@ def test_hierarchical_bootstrap_finds_a_real_difference():
         rev = hierarchical_bootstrap(m, {"aa": b}, {"aa": a})
         assert rev["delta"] == pytest.approx(-r["delta"]) and rev["p"] < 0.01
         assert hierarchical_bootstrap(m, {"aa": a}, {"aa": a})["p"] == 1.0
+        with pytest.raises(EvalError, match="en-aa: 300 vs 10 sentences"):
+            hierarchical_bootstrap(m, {"aa": a}, {"aa": b[:, :10]})
 
 
 def test_seed_variance_hides_a_difference_the_seed_averaged_test_marks():
