@@ -118,7 +118,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
                    help="the prepared data folder the model was trained on (default: its data.dir); "
                         "needed to score, e.g. when the data or the checkpoint moved")
     p.add_argument("--split", default="test", choices=["dev", "test"])
-    p.add_argument("--limit", type=int, default=None, help="first N sentences per language")
+    p.add_argument("--limit", type=int, default=None, help="N sentences per language: a fixed sample, the N with "
+                   "the smallest sha256 of the English source (recorded in bleu.json settings.limit_order)")
     p.add_argument("--out", default=None, help="where bleu.json, the table and hyp/ref/src files go "
                                                 "(default: <save_dir>/eval/<checkpoint name>-<split>)")
     p.add_argument("--languages", default=None, help="comma-separated subset of languages")
@@ -227,7 +228,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--report", action="store_true", help="also write report.md / report.json: the paper's "
                                                          "claims vs. the runs' measurements")
     p.add_argument("--device", default="cpu", help="torch device for the checkpoint analysis")
-    p.add_argument("overrides", nargs="*", help="analysis.* / eval.lo_max / eval.hi_min overrides, "
+    p.add_argument("overrides", nargs="*", help="analysis.* / eval.lo_max / eval.hi_min / eval.groups overrides, "
                                                 "e.g. analysis.sentences=32")
     args = p.parse_args(argv)
     if args.checkpoint is None and not args.runs:
@@ -247,7 +248,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
 
 def compare_main(argv: Optional[list[str]] = None) -> None:
     """Print (and optionally write) chrF++ and BLEU tables of several labels (seeds each),
-    with paired-bootstrap marks against a baseline label (cats_ds/compare.py)."""
+    with hierarchical-bootstrap marks against a baseline label and primary comparisons (cats_ds/compare.py)."""
     import json
     from pathlib import Path
 
@@ -256,7 +257,11 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]",
                    help="an evaluate folder (or its bleu.json) per seed; repeat a label or list its seeds "
                         "comma-separated; labels starting with '-' go after '--'")
-    p.add_argument("--baseline", default=None, help="label the others are tested against (paired bootstrap)")
+    p.add_argument("--baseline", default=None, help="label the others are tested against (hierarchical bootstrap "
+                                                    "over seeds and sentences, Holm-adjusted)")
+    p.add_argument("--primary", default=None, metavar="A:B[,C:D...]",
+                   help="comparisons named in advance, e.g. CATS:T5,CATS:Tinf: tested on the group rows, "
+                        "reported first, their own Holm family")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the marks")
     p.add_argument("--out", default=None, help="also write the markdown here, and the numbers to <out>.json")
@@ -265,7 +270,7 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
     from cats_ds.evaluate import EvalError
 
     try:
-        result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha)
+        result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha, args.primary)
     except EvalError as e:
         _fail(str(e))
     table = format_comparison(result)
@@ -283,7 +288,8 @@ def curve_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--run", required=True, help="the run's save_dir (trained with train.save_every=N)")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--evaluate", action="store_true", help="evaluate the checkpoints that have no scores yet")
-    p.add_argument("--limit", type=int, default=None, help="with --evaluate: first N sentences per language")
+    p.add_argument("--limit", type=int, default=None, help="with --evaluate: N sentences per language "
+                   "(evaluate's fixed hash-ordered sample)")
     p.add_argument("--minutes", default="10,30,60", help="budgets to report the last checkpoint within")
     p.add_argument("--out", default=None, help="default <run>/eval/curve-<split>")
     args = p.parse_args(argv)

@@ -324,6 +324,10 @@ class EvalConfig:
     """Languages with fewer training pairs are Lo."""
     hi_min: int = 1_000_000
     """Languages with at least this many training pairs are Hi (between: Mid)."""
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    """Groups by name instead of by size, e.g. {Lo: [aze, bel, glg, slk], Hi: [tur, rus, por,
+    ces]} (TED8's named sets): every evaluated language listed under one of Lo/Mid/Hi; ISO
+    639-1 and 639-3 codes alike (cats_ds/groups.py). Empty: lo_max / hi_min decide."""
     valid_every: int = 0
     """During training, also translate the dev set every N updates (a multiple of
     train.valid_every, at whose validations it runs; 0: never) and log BLEU and chrF++ per
@@ -331,7 +335,8 @@ class EvalConfig:
     valid_beam: int = 1
     """Beam size of that translation (1: greedy)."""
     valid_sentences: int = 200
-    """Translate the first N dev sentences of each language."""
+    """Translate N dev sentences of each language (evaluate --limit's sample: the smallest
+    sha256 of the English source)."""
 
 
 @dataclass
@@ -434,6 +439,12 @@ class Config:
         if e.valid_every < 0 or (e.valid_every and e.valid_every % t.valid_every):
             raise ConfigError(f"eval.valid_every={e.valid_every} must be 0 (off) or a multiple of "
                               f"train.valid_every={t.valid_every} (dev translation runs at validations)")
+        from cats_ds.groups import GroupError, check_named_groups
+
+        try:
+            check_named_groups(e.groups)
+        except GroupError as err:
+            raise ConfigError(str(err)) from None
         if e.valid_beam < 1 or e.valid_sentences < 1:
             raise ConfigError(f"eval.valid_beam and eval.valid_sentences must be >= 1, got "
                               f"{e.valid_beam} and {e.valid_sentences}")

@@ -14,7 +14,7 @@ the curve takes:
   - the dev loss of that save (`valid_loss` in `cats_ds.json`, else the train log's
     validation record at that update);
   - the scores of `evaluate` on `--split` (its default folder `<run>/eval/<ckpt>-<split>/`;
-    `--evaluate` runs the missing ones, beam 5, first `--limit` sentences per language).
+    `--evaluate` runs the missing ones, beam 5, `--limit` sentences per language, evaluate's hash-ordered sample).
     Every point must have been scored on the same sentences (same split and limit), so the
     points are comparable; the error names the one that differs.
 

@@ -1,6 +1,7 @@
 """Validation by translation during training (eval.valid_every): BLEU and chrF++ per
-language on the first eval.valid_sentences dev sentences, greedy or beam
-(eval.valid_beam), with evaluate.py's batches, decoding and scoring.
+language on eval.valid_sentences dev sentences (the sample `evaluate.py --limit` takes:
+the smallest sha256 of the English source), greedy or beam (eval.valid_beam), with
+evaluate.py's batches, decoding and scoring.
 
 Every rank decodes its share of the batches of all languages (evaluate.py's dealing by
 size), rank 0 gathers the token ids, scores them against the raw dev text and broadcasts
@@ -12,6 +13,7 @@ checkpoint in one process (tests/test_dev_translation.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,16 +21,28 @@ import torch.distributed as dist
 
 from cats_ds.config import Config
 from cats_ds.data.manifest import LangSplit, Manifest, load_texts
-from cats_ds.evaluate import (EvalError, corpus_scores, decode_batches, decode_chunk, prepare_command,
-                              share_batches, tokenizer_for)
+from cats_ds.evaluate import (EvalError, corpus_scores, decode_batches, decode_chunk, limit_sample,
+                              prepare_command, share_batches, tokenizer_for)
 
 
-def load_dev_texts(cfg: Config, manifest: Manifest, dev: dict[str, LangSplit]) -> dict[str, list[str]]:
-    """The raw dev references of every language with dev data (read once, at start-up)."""
-    refs = {}
+class DevSample(NamedTuple):
+    """The dev sentences one language is validated on."""
+
+    picks: list[int]
+    """Sentence indices (evaluate's `limit_sample` of eval.valid_sentences), in dev-set order."""
+    refs: list[str]
+    """Their raw references."""
+
+
+def load_dev_texts(cfg: Config, manifest: Manifest, dev: dict[str, LangSplit]) -> dict[str, DevSample]:
+    """The validation sample and its raw dev references of every language with dev data
+    (read once, at start-up)."""
+    out = {}
     for lang, data in dev.items():
-        refs[lang] = load_texts(cfg.data.dir, manifest, "dev", lang, len(data), reprepare=prepare_command(cfg.data))[1]
-    return refs
+        src, ref = load_texts(cfg.data.dir, manifest, "dev", lang, len(data), reprepare=prepare_command(cfg.data))
+        picks = limit_sample(src, cfg.eval.valid_sentences)
+        out[lang] = DevSample(picks, [ref[i] for i in picks])
+    return out
 
 
 def check_supported(cfg: Config, zero_stage: int) -> None:
@@ -42,13 +56,14 @@ def check_supported(cfg: Config, zero_stage: int) -> None:
 
 
 @torch.no_grad()
-def dev_scores(model: torch.nn.Module, cfg: Config, dev: dict[str, LangSplit], refs: dict[str, list[str]],
+def dev_scores(model: torch.nn.Module, cfg: Config, dev: dict[str, LangSplit], refs: dict[str, DevSample],
                languages: list[str], tag_ids: list[int], vocab, rank: int, world: int) -> dict[str, dict]:
     """{lang: {"bleu", "chrf", "n"}} on every rank. `model` must be in eval mode."""
     ecfg = dataclasses.replace(cfg.eval, beam=cfg.eval.valid_beam)
     langs = [lang for lang in languages if lang in dev and len(dev[lang])]
-    counts = {lang: min(cfg.eval.valid_sentences, len(dev[lang])) for lang in langs}
-    jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(dev[lang], counts[lang], ecfg.batch_tokens)]
+    counts = {lang: len(refs[lang].picks) for lang in langs}
+    jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(dev[lang], refs[lang].picks,
+                                                                       ecfg.batch_tokens)]
     costs = [len(chunk) * int(dev[lang].src.sizes[chunk].max()) for lang, chunk in jobs]
     decoded: dict[tuple[str, int], list[int]] = {}
     for j in share_batches(jobs, costs, world)[rank]:
@@ -66,8 +81,8 @@ def dev_scores(model: torch.nn.Module, cfg: Config, dev: dict[str, LangSplit], r
     if rank == 0:
         out = {}
         for lang in langs:
-            hyps = [vocab.decode(decoded[(lang, i)]) for i in range(counts[lang])]
-            s = corpus_scores(hyps, refs[lang][:counts[lang]], tokenizer_for(lang, ecfg))
+            hyps = [vocab.decode(decoded[(lang, i)]) for i in refs[lang].picks]
+            s = corpus_scores(hyps, refs[lang].refs, tokenizer_for(lang, ecfg))
             out[lang] = {"bleu": s.bleu, "chrf": s.chrf, "n": counts[lang]}
         scores = [out]
     if world > 1:

@@ -33,6 +33,7 @@ share many tokens across languages: placeholders, names, options).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -50,10 +51,12 @@ from cats_ds.checkpoint import CheckpointError, load_for_inference, read_meta
 from cats_ds.config import Config, EvalConfig, config_from_dict, merge_overrides, parse_override
 from cats_ds.data.manifest import LangSplit, RawTextError, load_split, load_texts
 from cats_ds.data.sampler import chunk_by_budget, pad_stack
-from cats_ds.groups import GROUPS, group_of
+from cats_ds.groups import GROUPS, GroupError, group_for
 from cats_ds.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LIMIT_ORDER = "sha256 of the English source"
+"""How --limit picks its sentences (recorded in bleu.json settings.limit_order)."""
 
 
 class EvalError(Exception):
@@ -217,12 +220,26 @@ def read_lines(path: Path) -> list[str]:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_batches(data: LangSplit, n: int, batch_tokens: int) -> list[np.ndarray]:
-    """The batches (sentence indices) the first n sentences of `data` are decoded in: up to
-    batch_tokens padded source tokens of similar length (sorted by length, so little
-    padding). The same batches on any number of processes, so results do not depend on it."""
-    sizes = data.src.sizes[:n]
-    return chunk_by_budget(np.argsort(sizes, kind="stable"), sizes, batch_tokens)
+def limit_sample(sources: list[str], limit: Optional[int]) -> list[int]:
+    """The sentences (indices, in test-set order) that `--limit N` scores: all without a limit;
+    else the N whose English source has the smallest SHA-256 (UTF-8; ties by index). A fixed
+    pseudo-random sample: the same on every run, process count and machine, spread over the
+    whole test set (whose files are often sorted by the English text, so its first N are
+    not a sample), and the same English sentences in every language that shares them."""
+    if limit is None or limit >= len(sources):
+        return list(range(len(sources)))
+    keys = sorted((hashlib.sha256(src.encode("utf-8")).digest(), i) for i, src in enumerate(sources))
+    return sorted(i for _, i in keys[:limit])
+
+
+def decode_batches(data: LangSplit, n: int | np.ndarray | list[int], batch_tokens: int) -> list[np.ndarray]:
+    """The batches (sentence indices) the first n sentences of `data` (or the sentences
+    listed in `n`) are decoded in: up to batch_tokens padded source tokens of similar
+    length (sorted by length, so little padding). The same batches on any number of
+    processes, so results do not depend on it."""
+    picked = np.arange(n) if isinstance(n, (int, np.integer)) else np.asarray(n, dtype=np.int64)
+    order = picked[np.argsort(data.src.sizes[picked], kind="stable")]
+    return chunk_by_budget(order, data.src.sizes, batch_tokens)
 
 
 def decode_chunk(model: Transformer, data: LangSplit, chunk: np.ndarray, tag_id: int, lang_index: int,
@@ -297,7 +314,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     """Decode `split` of every (or each listed) training language of a checkpoint,
     score it against the raw references, print and write the results (see the module
     docstring); returns what bleu.json holds (on rank 0; {} on the other ranks of a
-    data-parallel run). `limit`: the first N sentences of each language. `samples`: also
+    data-parallel run). `limit`: N sentences of each language, a fixed hash-ordered sample
+    (`limit_sample`). `samples`: also
     print that many sample translations. `device`: cpu or cuda (this process' GPU).
     `checkpoint`: a DeepSpeed checkpoint or a model folder; `data_dir`: the prepared data
     to score against (default: the data.dir the model was trained with; a `data.dir=DIR`
@@ -382,6 +400,12 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     except RawTextError as e:
         raise EvalError(str(e)) from None
 
+    try:
+        groups = {lang: group_for(lang, manifest.train_pairs(lang), ecfg.lo_max, ecfg.hi_min, ecfg.groups)
+                  for lang in langs}
+    except GroupError as e:
+        raise EvalError(str(e)) from None
+
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
     ct2 = None
     if backend == "ctranslate2":
@@ -395,10 +419,11 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     say(f"| evaluating {ckpt} (step {meta.get('step')}) on {split} with {backend}: {len(langs)} languages, "
         f"beam {ecfg.beam}, "
         f"lenpen {ecfg.lenpen}, max length {ecfg.max_len_a} * src + {ecfg.max_len_b}"
-        + (f", first {limit} sentences each" if limit else "") + f"; {world} process(es) on {device}, {dtype}")
+        + (f", {limit} sentences each (sample by {LIMIT_ORDER})" if limit else "") + f"; {world} process(es) on {device}, {dtype}")
 
-    counts = {lang: len(splits[lang]) if limit is None else min(limit, len(splits[lang])) for lang in langs}
-    jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(splits[lang], counts[lang], ecfg.batch_tokens)]
+    picks = {lang: limit_sample(texts[lang][0][:len(splits[lang])], limit) for lang in langs}
+    counts = {lang: len(picks[lang]) for lang in langs}
+    jobs = [(lang, chunk) for lang in langs for chunk in decode_batches(splits[lang], picks[lang], ecfg.batch_tokens)]
     costs = [len(chunk) * int(splits[lang].src.sizes[chunk].max()) for lang, chunk in jobs]
     mine = share_batches(jobs, costs, world)[rank]
     t0 = time.time()
@@ -432,13 +457,13 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     results: list[LangResult] = []
     chrf_signature = ""
     for lang in langs:
-        n = counts[lang]
-        hyps = [vocab.decode(decoded[(lang, i)]) for i in range(n)]
-        srcs, refs = texts[lang][0][:n], texts[lang][1][:n]
+        n, pick = counts[lang], picks[lang]
+        hyps = [vocab.decode(decoded[(lang, i)]) for i in pick]
+        srcs, refs = [texts[lang][0][i] for i in pick], [texts[lang][1][i] for i in pick]
         scores = corpus_scores(hyps, refs, tokenizers[lang])
         copy = corpus_scores(srcs, refs, tokenizers[lang])
         pairs = manifest.train_pairs(lang)
-        results.append(LangResult(lang, pairs, group_of(pairs, ecfg.lo_max, ecfg.hi_min), scores.bleu,
+        results.append(LangResult(lang, pairs, groups[lang], scores.bleu,
                                   scores.chrf, copy.bleu, copy.chrf, scores.bleu_signature, tokenizers[lang], n))
         chrf_signature = scores.chrf_signature
         for kind, lines in (("hyp", hyps), ("ref", refs), ("src", srcs)):
@@ -465,6 +490,7 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
         "averages": avg,
         "timing": {"processes": world, "decode_seconds": seconds, "sentences_per_s": total / max(seconds, 1e-9)},
         "settings": {"checkpoint": str(ckpt), "step": meta.get("step"), "split": split, "limit": limit,
+                     "limit_order": LIMIT_ORDER if limit else None, "groups": ecfg.groups or None,
                      "processes": world, "dtype": dtype, "backend": backend,
                      "beam": ecfg.beam, "lenpen": ecfg.lenpen, "max_len_a": ecfg.max_len_a,
                      "max_len_b": ecfg.max_len_b, "lo_max": ecfg.lo_max, "hi_min": ecfg.hi_min,

@@ -5,7 +5,10 @@ cats_ds/families/ (`default`, `ted8_related`, `ted8_diverse`, `wmt10`). Language
 looked up exactly first, then by their base language, so gettext locale names route
 with their language (`pt_BR` -> `pt`, `sr@latin` -> `sr`, `zh_Hans` -> `zh`, `en_GB`
 -> `en`) and mBART codes too (`de_DE` -> `de`); a map may still list a locale on its own
-to give it a different family. A language found neither way is an error naming it.
+to give it a different family. ISO 639-1 and 639-3 codes are interchangeable
+(cats_ds/langcodes.py): the 639-3 TED8 maps route a 2-letter corpus (`tr`, `pt_BR` ->
+`tur`, `por`) and the 639-1 maps a 3-letter one. A language found in none of these ways
+is an error naming it.
 
 Only families that hold at least one of the run's languages get an expert, numbered in
 the order the map lists them: `assign(["cc", "aa"])` with the map `{x: [aa, bb], y: [cc]}`
@@ -22,6 +25,7 @@ from typing import Sequence
 import yaml
 
 from cats_ds.config import ConfigError
+from cats_ds.langcodes import equivalents
 
 FAMILY_DIR = Path(__file__).resolve().parent / "families"
 """Where the shipped maps live (installed as package data)."""
@@ -58,6 +62,10 @@ class FamilyMap:
         base = base_language(lang)
         if base in index:
             return index[base]
+        for key in (lang, base):
+            for code in equivalents(key):
+                if code in index:
+                    return index[code]
         shown = f"'{lang}'" if base == lang else f"'{lang}' (base language '{base}')"
         raise ConfigError(f"experts.families: unknown language {shown} in family map {self.source}; add it to "
                           f"a family there, or pick another map (shipped: {', '.join(shipped_maps())})")
@@ -97,9 +105,11 @@ def load_family_map(spec: str) -> FamilyMap:
         if not isinstance(langs, list) or not langs or not all(isinstance(l, str) and l for l in langs):
             raise ConfigError(f"experts.families: {path}: family {fam!r} must list language codes, got {langs!r}")
         for lang in langs:
-            if lang in seen:
+            other = next((c for c in [lang, *equivalents(lang)] if c in seen), None)
+            if other is not None and (other == lang or seen[other] != str(fam)):
+                also = "" if other == lang else f" (as '{other}', the same language)"
                 raise ConfigError(f"experts.families: {path}: language '{lang}' is listed under both "
-                                  f"{seen[lang]!r} and {fam!r}")
+                                  f"{seen[other]!r}{also} and {fam!r}")
             seen[lang] = str(fam)
         families[str(fam)] = list(langs)
     return FamilyMap(str(path), families)

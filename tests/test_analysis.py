@@ -263,7 +263,7 @@ def test_training_analysis_figures_and_report(tmp_path, tiny_recipe, capsys):
     assert "--pairs: unknown language 'zz' in 'aa:zz'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         analyze_main(["--checkpoint", str(run / "latest"), "--out", str(out), "model.heads=2"])
-    assert "only analysis.*, eval.lo_max and eval.hi_min" in capsys.readouterr().err
+    assert "only analysis.*, eval.lo_max, eval.hi_min and eval.groups" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- report logic

@@ -17,7 +17,7 @@ from cats_ds.checkpoint import MODEL_STATES, CheckpointError, gather_state_dict,
 from cats_ds.cli import evaluate_main
 from cats_ds.config import ConfigError, config_from_dict
 from cats_ds.data.manifest import EOS, Manifest, Vocab, load_split
-from cats_ds.evaluate import EvalError, corpus_scores, evaluate_checkpoint
+from cats_ds.evaluate import LIMIT_ORDER, EvalError, corpus_scores, evaluate_checkpoint, limit_sample
 from cats_ds.groups import group_of
 from cats_ds.model.transformer import build_model
 from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, make_plain_corpus, write_json
@@ -69,16 +69,17 @@ def test_evaluate_writes_every_file(ckpt, tiny_data):
     for lang in ("aa", "bb", "cc"):
         hyps, refs = lines(out / f"hyp.en-{lang}.txt"), lines(out / f"ref.en-{lang}.txt")
         assert len(hyps) == len(refs) == 5
-        assert refs == lines(raw / f"test.en-{lang}.{lang}")[:5]  # the raw text
-        assert lines(out / f"src.en-{lang}.txt") == lines(raw / f"test.en-{lang}.en")[:5]
+        pick = limit_sample(lines(raw / f"test.en-{lang}.en"), 5)  # the hash-ordered sample, in test-set order
+        assert refs == [lines(raw / f"test.en-{lang}.{lang}")[i] for i in pick]  # the raw text
+        assert lines(out / f"src.en-{lang}.txt") == [lines(raw / f"test.en-{lang}.en")[i] for i in pick]
         r = report["languages"][lang]
         assert r["n"] == 5 and 0.0 <= r["bleu"] <= 100.0 and 0.0 <= r["chrf"] <= 100.0
         assert "tok:13a" in r["signature"] and r["tokenize"] == "13a"
     assert {lang: r["group"] for lang, r in report["languages"].items()} == {"aa": "Hi", "bb": "Mid", "cc": "Lo"}
     assert {lang: r["train_pairs"] for lang, r in report["languages"].items()} == {"aa": 400, "bb": 150, "cc": 50}
     assert report["settings"] | {"checkpoint": None} == {
-        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "processes": 1, "dtype": "fp32",
-        "backend": "pytorch", "beam": 2, "lenpen": 1.0,
+        "checkpoint": None, "step": 7, "split": "test", "limit": 5, "limit_order": LIMIT_ORDER, "groups": None,
+        "processes": 1, "dtype": "fp32", "backend": "pytorch", "beam": 2, "lenpen": 1.0,
         "max_len_a": 1.2, "max_len_b": 10, "lo_max": 100, "hi_min": 300, "references": "raw text",
         "chrf_signature": report["settings"]["chrf_signature"]}
     assert "nw:2" in report["settings"]["chrf_signature"]  # chrF++
@@ -181,8 +182,9 @@ def test_beam_search_output_is_what_gets_written(ckpt, tiny_data, tmp_path):
                         overrides=["eval.beam=3", "eval.batch_tokens=1000"])
     _, model, manifest, vocab, _ = load_for_inference(ckpt)
     test = load_split(tiny_data, manifest, "test")["bb"]
-    order = np.argsort(test.src.sizes[:6], kind="stable")
-    src = torch.nn.utils.rnn.pad_sequence([torch.tensor(test.src[i].astype(np.int64)) for i in order],
+    pick = np.array(limit_sample(lines(tiny_data.parent / "raw" / "test.en-bb.en"), 6))  # the --limit sample
+    order = np.argsort(test.src.sizes[pick], kind="stable")
+    src = torch.nn.utils.rnn.pad_sequence([torch.tensor(test.src[pick[i]].astype(np.int64)) for i in order],
                                           batch_first=True)
     nbest = search.beam_search(model, src, torch.full((6,), vocab.lang_ids["bb"]), torch.full((6,), 1),
                                beam=3, max_len_a=1.2, max_len_b=10)
@@ -258,7 +260,8 @@ def test_copy_baseline_scores_the_source(ckpt, tiny_data, monkeypatch, tmp_path)
     report = evaluate_checkpoint(ckpt, limit=12, out_dir=tmp_path / "o", overrides=GROUPS)
     raw = tiny_data.parent / "raw"
     for lang, r in report["languages"].items():
-        src, ref = lines(raw / f"test.en-{lang}.en")[:12], lines(raw / f"test.en-{lang}.{lang}")[:12]
+        pick = limit_sample(lines(raw / f"test.en-{lang}.en"), 12)
+        src, ref = ([lines(raw / f"test.en-{lang}.{side}")[i] for i in pick] for side in ("en", lang))
         expected = corpus_scores(src, ref, "13a")
         assert r["copy_bleu"] == pytest.approx(expected.bleu) and r["copy_chrf"] == pytest.approx(expected.chrf)
         assert r["bleu"] == pytest.approx(r["copy_bleu"]) and r["chrf"] == pytest.approx(r["copy_chrf"])
@@ -367,3 +370,56 @@ def test_device_cuda_without_cuda_is_an_error(ckpt, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--checkpoint", str(ckpt), "--device", "cuda"])
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_limit_is_a_fixed_hash_ordered_sample_not_the_first_sentences():
+    """--limit keeps the N sentences whose English source has the smallest SHA-256, in test-set
+    order: the same on every call (and machine: the indices below are pinned), not the
+    alphabetically first ones of a sorted test file, and spread over all of it."""
+    sources = sorted(f"{'%placeholder ' if i % 4 == 0 else ''}sentence number {i:04d}" for i in range(1000))
+    pick = limit_sample(sources, 100)
+    assert pick == limit_sample(list(sources), 100) == sorted(pick) and len(set(pick)) == 100
+    assert pick[:8] == [15, 23, 31, 35, 38, 43, 44, 59]  # pinned: sha256 is the same everywhere
+    assert pick != list(range(100)) and max(pick) > 900
+    # the first 100 of the sorted file are all placeholders; the sample has about the file's 25%
+    assert all(sources[i].startswith("%") for i in range(100))
+    assert 0.15 < np.mean([sources[i].startswith("%") for i in pick]) < 0.35
+    # chosen by content: the same sentences are kept when the file is reordered
+    shuffled = sources[::-1]
+    assert sorted(shuffled[i] for i in limit_sample(shuffled, 100)) == sorted(sources[i] for i in pick)
+    assert limit_sample(sources, None) == limit_sample(sources, 5000) == list(range(1000))
+
+
+def test_named_groups_in_evaluate_and_iso_codes(ckpt, tmp_path, monkeypatch):
+    """eval.groups by name overrides the size thresholds; an unlisted language is an error
+    naming it; malformed groups are config errors."""
+    report = evaluate_checkpoint(ckpt, limit=2, out_dir=tmp_path / "o", overrides=[
+        "eval.beam=1", "eval.groups={Lo: [aa], Hi: [bb, cc]}", *GROUPS])
+    assert {l: r["group"] for l, r in report["languages"].items()} == {"aa": "Lo", "bb": "Hi", "cc": "Hi"}
+    assert report["settings"]["groups"] == {"Lo": ["aa"], "Hi": ["bb", "cc"]}
+    assert report["averages"]["Hi"]["languages"] == ["bb", "cc"] and report["averages"]["Mid"] is None
+    with pytest.raises(EvalError, match=r"eval.groups: language 'cc' is in no group \(Lo: aa; Hi: bb\)"):
+        evaluate_checkpoint(ckpt, limit=2, out_dir=tmp_path / "p", overrides=["eval.groups={Lo: [aa], Hi: [bb]}"])
+    with pytest.raises(ConfigError, match=r"eval.groups: unknown group 'Low'"):
+        config_from_dict({"eval": {"groups": {"Low": ["aa"]}}})
+    with pytest.raises(ConfigError, match=r"eval.groups: language 'tur' is in both Lo and Hi \(as 'tr'\)"):
+        config_from_dict({"eval": {"groups": {"Lo": ["tr"], "Hi": ["tur"]}}})
+
+
+def test_ted8_group_map_on_a_two_letter_corpus():
+    """The TED8-related named sets in 639-3 group a 2-letter (gettext-style) corpus."""
+    from cats_ds.groups import group_for
+
+    ted8 = config_from_dict({"eval": {"groups": {"Lo": ["aze", "bel", "glg", "slk"],
+                                                 "Hi": ["tur", "rus", "por", "ces"]}}}).eval.groups
+    got = {lang: group_for(lang, 10**9, 100, 300, ted8) for lang in ("az", "be", "gl", "sk", "tr", "ru", "pt_BR", "cs")}
+    assert got == {"az": "Lo", "be": "Lo", "gl": "Lo", "sk": "Lo", "tr": "Hi", "ru": "Hi", "pt_BR": "Hi", "cs": "Hi"}
+    assert group_for("tr", 10**9, 100, 300, None) == "Hi" and group_for("tr", 50, 100, 300, {}) == "Lo"
+    from cats_ds.analysis.similarity import resource_groups  # analysis' HiLo / LoLo pair types follow them
+
+    class Sizes:
+        def train_pairs(self, lang):
+            return 10**9
+
+    assert resource_groups(Sizes(), ["az", "tr"], 100, 300, ted8) == {"az": "Lo", "tr": "Hi"}
+    assert resource_groups(Sizes(), ["az", "tr"], 100, 300) == {"az": "Hi", "tr": "Hi"}

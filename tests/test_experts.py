@@ -407,3 +407,28 @@ def test_checkpoint_resume_and_inference_with_experts(tmp_path, tiny_recipe, fam
 
     mean = checkpoint_dev_loss(latest)
     assert mean == pytest.approx(read_log(tmp_path / "part", "valid")[-1]["mean_loss"], rel=1e-5)
+
+
+def test_family_maps_accept_iso_639_1_and_639_3_alike(tmp_path):
+    """A 2-letter corpus (gettext / OPUS-100 codes and locales) routes with the 639-3 TED8 map,
+    a 3-letter one with the 639-1 maps; every 2-letter code of the shipped maps has its 639-3."""
+    from cats_ds.langcodes import ISO_639_1_TO_3, equivalents, same_language, to_639_1, to_639_3
+
+    related = load_family_map("ted8_related")
+    two = ["az", "be", "gl", "sk", "tr", "ru", "pt_BR", "cs"]
+    assert related.assign(two) == related.assign(["aze", "bel", "glg", "slk", "tur", "rus", "por", "ces"]) == (
+        ["Turkic", "Slavic", "Romance", "Czech-Slovak"], [0, 1, 2, 3, 0, 1, 2, 3])
+    diverse = load_family_map("ted8_diverse")
+    assert diverse.family_of("fr") == "Romance" and diverse.family_of("mk") == diverse.family_of("bg") == "Slavic"
+    assert load_family_map("wmt10").family_of("deu") == "Germanic" and load_family_map("default").family_of(
+        "ukr") == "Slavic"
+    with pytest.raises(ConfigError, match=r"unknown language 'de'"):  # still an error when no code matches
+        related.family_of("de")
+    assert to_639_3("pt") == "por" and to_639_1("por") == "pt" and to_639_3("fre") == "fra" and to_639_3("zz") is None
+    assert equivalents("tr") == ["tur"] and equivalents("tur") == ["tr"] and equivalents("ast") == []
+    assert same_language("ger", "de") and not same_language("de", "nl")
+    codes = {c for name in shipped_maps() for fam in load_family_map(name).families.values() for c in fam}
+    assert {c for c in codes if len(c) == 2} - set(ISO_639_1_TO_3) == {"mo"}  # withdrawn Moldavian
+    assert len(set(ISO_639_1_TO_3.values())) == len(ISO_639_1_TO_3)  # one-to-one
+    with pytest.raises(ConfigError, match=r"'tur' is listed under both 'x' \(as 'tr', the same language\) and 'y'"):
+        load_family_map(str(write_yaml(tmp_path / "dup2.yaml", {"x": ["tr"], "y": ["tur"]})))

@@ -93,13 +93,14 @@ def language_batches(plan: Plan, k: int, splits: dict[str, LangSplit], languages
 
 
 def check_override_keys(overrides: Optional[Sequence[str]]) -> None:
-    """Only `analysis.*`, `eval.lo_max` and `eval.hi_min` may change when analyzing a
-    checkpoint (the model, data and training settings are fixed by it)."""
+    """Only `analysis.*`, `eval.lo_max`, `eval.hi_min` and `eval.groups` may change when
+    analyzing a checkpoint (the model, data and training settings are fixed by it)."""
     for text in overrides or []:
         path, _ = parse_override(text)
         key = ".".join(path)
-        if not (path[0] == "analysis" and len(path) == 2) and key not in ("eval.lo_max", "eval.hi_min"):
-            raise ConfigError(f"override '{text}': only analysis.*, eval.lo_max and eval.hi_min can be set "
+        if not (path[0] == "analysis" and len(path) == 2) and key not in ("eval.lo_max", "eval.hi_min") \
+                and path[:2] != ["eval", "groups"]:
+            raise ConfigError(f"override '{text}': only analysis.*, eval.lo_max, eval.hi_min and eval.groups can be set "
                               f"when analyzing a checkpoint, not '{key}'")
 
 
@@ -194,7 +195,7 @@ def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, over
                                                  seed=li, grads=grads)
         del grads, loss
     grams = group_grams(torch.stack(rows), module_segments(model)).cpu()
-    resource = resource_groups(manifest, languages, cfg.eval.lo_max, cfg.eval.hi_min)
+    resource = resource_groups(manifest, languages, cfg.eval.lo_max, cfg.eval.hi_min, cfg.eval.groups)
     record = make_record(int(meta.get("step", 0)), languages, plan.langs, grams, torch.tensor(losses),
                          group_sizes(model), resource, pair_list, hessians, sources, cfg)
     record["seconds"] = time.time() - t0
@@ -296,7 +297,7 @@ def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:
     grams, losses = reduce_grams(partial.to(packed_device), loss_sums, toks)
 
     hessians = spread_hessians(run, plan, splits)
-    resource = resource_groups(run.manifest, run.languages, cfg.eval.lo_max, cfg.eval.hi_min)
+    resource = resource_groups(run.manifest, run.languages, cfg.eval.lo_max, cfg.eval.hi_min, cfg.eval.groups)
     record = make_record(run.step, run.languages, langs, grams, losses, group_sizes(run.engine.module), resource,
                          pairs, hessians, sources, cfg)
     record["seconds"] = time.time() - t0

@@ -115,7 +115,8 @@ def _resource_from_manifest(config: dict, languages: list[str]) -> dict[str, str
     except (FileNotFoundError, ValueError, KeyError):
         return {}  # the data folder moved: losses are then shown for all languages only
     ev = config.get("eval", {})
-    return resource_groups(manifest, languages, int(ev.get("lo_max", 100_000)), int(ev.get("hi_min", 1_000_000)))
+    return resource_groups(manifest, languages, int(ev.get("lo_max", 100_000)), int(ev.get("hi_min", 1_000_000)),
+                           ev.get("groups") or None)
 
 
 # --------------------------------------------------------------------------- series

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cats_ds.grads import is_expert_param, partial_gram
-from cats_ds.groups import group_of
+from cats_ds.groups import group_for
 
 if TYPE_CHECKING:
     from cats_ds.data.manifest import Manifest
@@ -175,9 +175,11 @@ def cos_gamma(gram: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- pairs and resource groups
 
 
-def resource_groups(manifest: "Manifest", languages: Iterable[str], lo_max: int, hi_min: int) -> dict[str, str]:
-    """Hi / Mid / Lo of each language by its training pairs (eval.lo_max, eval.hi_min)."""
-    return {lang: group_of(manifest.train_pairs(lang), lo_max, hi_min) for lang in languages}
+def resource_groups(manifest: "Manifest", languages: Iterable[str], lo_max: int, hi_min: int,
+                    named: Optional[dict[str, list[str]]] = None) -> dict[str, str]:
+    """Hi / Mid / Lo of each language: by name (eval.groups, `named`) when given, else by its
+    training pairs (eval.lo_max, eval.hi_min)."""
+    return {lang: group_for(lang, manifest.train_pairs(lang), lo_max, hi_min, named) for lang in languages}
 
 
 def pair_type(a: str, b: str) -> str:
