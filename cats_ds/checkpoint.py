@@ -598,8 +598,7 @@ def prepare_save_dir(cfg: Config, rank: int) -> None:
     start from step 0 over existing checkpoints unless train.overwrite=true (which then
     deletes them and RUN_OUTPUTS, so nothing of the old run is mixed in: no old scores in
     eval/, no old curves in TensorBoard)."""
-    save_dir = Path(cfg.train.save_dir)
-    check_save_dir(save_dir, rank, dist.get_world_size())  # before data loading and the engine build
+    save_dir = Path(cfg.train.save_dir)  # checked by check_save_dir before the lock was taken
     if rank == 0 and save_dir.is_dir():
         for line in recover_interrupted_saves(save_dir):
             print0(f"| recovered {line}")

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from cats_ds import preempt
 from cats_ds.analysis import analysis_step
-from cats_ds.checkpoint import needs_universal, prepare_save_dir, resume, save_checkpoint, save_numbered
+from cats_ds.checkpoint import (check_save_dir, needs_universal, prepare_save_dir, resume, save_checkpoint,
+                                save_numbered)
 from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_meta_steps, meta_interval
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
@@ -237,6 +238,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    check_save_dir(cfg.train.save_dir, rank, world)  # a folder every rank can write into, or a named error
     lock_save_dir(cfg, rank, world)
     ds = load_ds_config(ds_config_path, world, cfg)
     prepare_save_dir(cfg, rank)

@@ -193,7 +193,10 @@ def test_group_similarity_on_zero2_partitions_equals_single_process(tmp_path, ti
         assert record["pairs"]["aa:bb"]["type"] == "HiLo" and record["pairs"]["bb:cc"]["type"] == "LoLo"
         for lang, v in ref["loss"].items():
             assert record["loss"][lang] == pytest.approx(v, rel=1e-5)
-            assert record["lambda_max"][lang] == pytest.approx(ref["lambda_max"][lang], rel=1e-4)
+            # power iteration with a fixed number of steps: where the eigengap is small it carries the
+            # two paths' summation-order differences further (2.3e-4 measured since the length pools
+            # changed which sentences the run trains on before the analysis)
+            assert record["lambda_max"][lang] == pytest.approx(ref["lambda_max"][lang], rel=1e-3)
         assert res["finite"]
         assert res["losses_analyzed"] == pytest.approx(res["losses_plain"], rel=1e-6)
         assert len(set(res["losses_plain"])) == 4  # four different updates

@@ -355,13 +355,15 @@ def test_ep_size_must_divide_the_world_size(tmp_path, tiny_recipe, families):
 
 def test_table1_ablations_train_on_two_ranks(tmp_path, tiny_recipe, families):
     """Each Table 1 row (All, -Attn, -FFN, -OE) builds and trains 5 updates on 2 ranks; its
-    first loss equals the dense model's (same seed: experts start as the dense modules)."""
-    dense = tiny_recipe("dense", train={"max_updates": 5})
+    first loss equals the dense model's (same seed: experts start as the dense modules).
+    Every run trains on the sampler's draws at the meta-step schedule, as the CATS row does."""
+    draws = {"draws_at_meta_steps": True}
+    dense = tiny_recipe("dense", train={"max_updates": 5}, sampling=draws)
     launch([TRAIN, "--deepspeed_config", write_json(tmp_path / "z0.json", ds_config(0)), "--config", dense], 2)
     first = read_log(tmp_path / "dense")[0]["loss"]
-    runs = {"All": (2, 2, {}), "-Attn": (1, 1, {}), "-FFN": (2, 2, {}),
+    runs = {"All": (2, 2, {"sampling": draws}), "-Attn": (1, 1, {"sampling": draws}), "-FFN": (2, 2, {"sampling": draws}),
             "-OE": (0, 1, {"weighting": {"method": "cats"}, "cats": {"meta_every": [[None, 2]]},
-                           "sampling": {"distinct": False}})}  # dense's draws, so the first losses match
+                           "sampling": {"distinct": False, **draws}})}  # dense's draws, so the first losses match
     for row, (stage, ep, extra) in runs.items():
         name = "abl" + row.replace("-", "_")
         recipe = tiny_recipe(name, train={"max_updates": 5},
