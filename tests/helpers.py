@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,19 @@ def launch(args: list[str], nproc: int, timeout: int = 600, check: bool = True) 
         raise AssertionError(f"launcher exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def wait_for_updates(save_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until train_log.jsonl of a run started in the background holds n train records; an
+    error if the run ends first (it must still be running to be interrupted)."""
+    log = Path(save_dir) / "train_log.jsonl"
+    end = time.time() + timeout
+    while time.time() < end:
+        if log.is_file() and log.read_text().count('"kind": "train"') >= n:
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} logged updates after {timeout}s")
 
 
 def write_json(path: Path, obj) -> Path:

@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -19,7 +18,7 @@ import pytest
 
 from cats_ds.preempt import REQUEUE_EXIT
 from cats_ds.train import time_is_up
-from helpers import REPO, ds_config, free_port, launch, read_log, write_json
+from helpers import REPO, ds_config, free_port, launch, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
 
@@ -33,17 +32,6 @@ def start(args: list, nproc: int, out: Path, new_session: bool = False) -> tuple
     runner = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO, env=env, stdout=open(out, "w"),
                               stderr=subprocess.STDOUT, start_new_session=new_session)
     return runner, port
-
-
-def wait_for_updates(save_dir: Path, n: int, runner: subprocess.Popen, timeout: float = 120) -> None:
-    log = save_dir / "train_log.jsonl"
-    end = time.time() + timeout
-    while time.time() < end:
-        if log.is_file() and log.read_text().count('"kind": "train"') >= n:
-            return
-        assert runner.poll() is None, "the run ended before it could be signalled"
-        time.sleep(0.1)
-    raise AssertionError(f"no {n} logged updates after {timeout}s")
 
 
 def ranks_of(runner: subprocess.Popen) -> list[psutil.Process]:

@@ -19,7 +19,7 @@ import pytest
 
 from cats_ds.preempt import REQUEUE_EXIT
 from cats_ds.supervise import decide
-from helpers import REPO, ds_config, free_port, read_log, write_json
+from helpers import REPO, ds_config, free_port, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
 SUPERVISE = "launch/supervise.py"
@@ -127,17 +127,6 @@ def start_supervised(args: list, out: Path) -> tuple[subprocess.Popen, int]:
            "--master_port", str(port)] + [str(a) for a in args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True), port
-
-
-def wait_for_updates(save_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    log = save_dir / "train_log.jsonl"
-    end = time.time() + timeout
-    while time.time() < end:
-        if log.is_file() and log.read_text().count('"kind": "train"') >= n:
-            return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.1)
-    raise AssertionError(f"no {n} logged updates after {timeout}s")
 
 
 def kill_all(procs: list[psutil.Process], port: int) -> None:
