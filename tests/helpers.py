@@ -65,6 +65,20 @@ def launch(args: list[str], nproc: int, timeout: int = 600, check: bool = True) 
     return proc
 
 
+def kill_processes(procs, port: int) -> None:
+    """kill -9 each psutil.Process still alive, then remove the /dev/shm workspaces DeepSpeed's
+    CPU backend left for the run on `port`."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
 def wait_for_updates(save_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until train_log.jsonl of a run started in the background holds n train records; an
     error if the run ends first (it must still be running to be interrupted)."""

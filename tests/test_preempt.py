@@ -18,7 +18,7 @@ import pytest
 
 from cats_ds.preempt import REQUEUE_EXIT
 from cats_ds.train import time_is_up
-from helpers import REPO, ds_config, free_port, launch, read_log, wait_for_updates, write_json
+from helpers import REPO, ds_config, free_port, kill_processes, launch, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
 
@@ -37,16 +37,6 @@ def start(args: list, nproc: int, out: Path, new_session: bool = False) -> tuple
 def ranks_of(runner: subprocess.Popen) -> list[psutil.Process]:
     tree = psutil.Process(runner.pid).children(recursive=True)
     return [p for p in tree if TRAIN in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
-
-
-def cleanup(tree: list[psutil.Process], port: int) -> None:
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
 
 
 def saved_step(save_dir: Path) -> int:
@@ -72,7 +62,7 @@ def test_signal_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, tiny_r
     finally:
         if runner.poll() is None:
             tree = psutil.Process(runner.pid).children(recursive=True) + [psutil.Process(runner.pid)]
-        cleanup(tree, port)
+        kill_processes(tree, port)
     text = (tmp_path / "out.txt").read_text()
     assert rc == REQUEUE_EXIT, text[-4000:]
     k = saved_step(tmp_path / "part")
@@ -111,7 +101,7 @@ def test_sigterm_to_the_process_group_saves_before_the_watchdog_acts(tmp_path, t
         gone, alive = psutil.wait_procs(tree, timeout=60)
         assert not alive, f"still running: {alive}"
     finally:
-        cleanup(tree, port)
+        kill_processes(tree, port)
     text = (tmp_path / "out.txt").read_text()
     # the watchdog's "is gone after a stop signal" line shows only when it looked while the
     # tiny model's save was still running (not always: tests/test_faults.py tests that path)

@@ -19,7 +19,7 @@ import pytest
 
 from cats_ds.preempt import REQUEUE_EXIT
 from cats_ds.supervise import decide
-from helpers import REPO, ds_config, free_port, read_log, wait_for_updates, write_json
+from helpers import REPO, ds_config, free_port, kill_processes, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
 SUPERVISE = "launch/supervise.py"
@@ -129,16 +129,6 @@ def start_supervised(args: list, out: Path) -> tuple[subprocess.Popen, int]:
                             start_new_session=True), port
 
 
-def kill_all(procs: list[psutil.Process], port: int) -> None:
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def test_kill_9_of_the_launch_process_saves_and_the_wrapper_exits_75(tmp_path, tiny_recipe):
     """kill -9 of DeepSpeed's launch process (the middle one): `deepspeed` returns 0. The
     ranks' watchdogs find their launcher gone while both ranks live, so they stop as on
@@ -158,7 +148,7 @@ def test_kill_9_of_the_launch_process_saves_and_the_wrapper_exits_75(tmp_path, t
         gone, alive = psutil.wait_procs(tree, timeout=5)
         assert not alive, f"still running: {alive}"
     finally:
-        kill_all(tree + ([psutil.Process(proc.pid)] if proc.poll() is None else []), port)
+        kill_processes(tree + ([psutil.Process(proc.pid)] if proc.poll() is None else []), port)
     text = (tmp_path / "out.txt").read_text()
     assert rc == REQUEUE_EXIT, text[-4000:]
     step = json.loads((tmp_path / "run" / "latest" / "cats_ds.json").read_text())["step"]
