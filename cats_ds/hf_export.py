@@ -58,8 +58,6 @@ splits the control symbols as text and puts its `▁` before a tag.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -70,6 +68,7 @@ from cats_ds.config import Config
 from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
 from cats_ds.export import ExportError, _expert
 from cats_ds.model.transformer import Transformer
+from cats_ds.model_folder import staged_folder
 
 NORMS = ("layernorm", "layernorm_noaffine")
 
@@ -271,9 +270,6 @@ def export_transformers(cfg: Config, model: Transformer, vocab: Vocab, languages
     if out.exists() and not force:
         raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
     spm = Path(spm_dir or cfg.data.dir) / f"{SPM_PREFIX}.model"
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
 
     def readme(folder: Path, langs: list[str]) -> str:
         e = cfg.eval
@@ -281,7 +277,7 @@ def export_transformers(cfg: Config, model: Transformer, vocab: Vocab, languages
                             n=len(langs), languages=", ".join(langs), example_tag=lang_tag(langs[0]),
                             beam=e.beam, lenpen=e.lenpen, max_len_a=e.max_len_a, max_len_b=e.max_len_b)
 
-    try:
+    with staged_folder(out) as tmp:
         if not model.routed:
             _write_one(cfg, model, vocab, languages, spm, tmp, None, readme(out, languages))
         else:
@@ -297,10 +293,4 @@ def export_transformers(cfg: Config, model: Transformer, vocab: Vocab, languages
                 folders.update({lang: family for lang in langs})
             (tmp / "families.json").write_text(json.dumps({"families": names, "folder": folders}, indent=1),
                                                encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out

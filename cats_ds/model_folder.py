@@ -23,6 +23,7 @@ checked against the fingerprint in config.json).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -271,22 +272,30 @@ def write_model_folder(cfg: Config, model: torch.nn.Module, languages: list[str]
     scores = test_scores(checkpoint)
     if scores:
         conf["training"]["test_scores"] = scores
+    with staged_folder(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "cats_ds": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(conf, indent=1, ensure_ascii=False), encoding="utf-8")
+        shutil.copyfile(spm_path, tmp / SPM)
+        (tmp / "README.md").write_text(_readme(conf, out, checkpoint, pair_counts, scores), encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """Yield an empty `<out>.tmp` to write a whole folder into; when the block ends normally
+    it replaces `out`, on any error it is removed (no half-written folder is left)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "cats_ds": FORMAT})
-        (tmp / CONFIG).write_text(json.dumps(conf, indent=1, ensure_ascii=False), encoding="utf-8")
-        shutil.copyfile(spm_path, tmp / SPM)
-        (tmp / "README.md").write_text(_readme(conf, out, checkpoint, pair_counts, scores), encoding="utf-8")
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
 
 
 BEST_MODEL = "model"
