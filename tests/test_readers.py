@@ -372,3 +372,37 @@ def test_wmt_two_codes_for_one_language_is_an_error(tmp_path):
     write_pair(tmp_path, "train.en-de.en", "train.en-de.de", ["a"], ["b"])
     with pytest.raises(CorpusError, match="'de' and 'de_DE' map to language 'de'"):
         locate(cfg(tmp_path, "wmt"))
+
+
+def test_max_train_pairs_caps_train_and_fills_dev_test(tmp_path):
+    sentences = [f"Message number {i} about the files here" for i in range(400)]
+    for lang in ("de", "cy"):
+        write_mo(tmp_path / f"{lang}/LC_MESSAGES/a.mo", {s: f"{lang} words: {s[::-1]}" for s in sentences})
+    data = cfg(tmp_path, "gettext", dev_fraction=0.05, test_fraction=0.05, dev_max=60,
+               max_train_pairs={"cy": 100})
+    layout = locate(data)
+    de = read_language(layout, "de", data).splits
+    cy_data = read_language(layout, "cy", data)
+    cy = cy_data.splits
+    assert cy == read_language(layout, "cy", data).splits  # deterministic
+    assert len(cy["train"]) == 100 and len(de["train"]) > 300  # only the named language is capped
+    # train keeps the pairs of lowest English hash among de's train sentences
+    de_train = {en for en, _ in de["train"]}
+    assert {en for en, _ in cy["train"]} <= de_train
+    assert max(split_position(en) for en, _ in cy["train"]) <= min(
+        split_position(en) for en in de_train - {en for en, _ in cy["train"]})
+    # freed pairs fill dev and test up to dev_max; the split's own pairs come first
+    assert len(cy["dev"]) == 60 and len(cy["test"]) == 60
+    assert cy["dev"][:len(de["dev"])] == [(en, f"cy words: {en[::-1]}") for en, _ in de["dev"]]
+    # no English sentence in two splits of one language; the rest is counted as dropped
+    seen = [en for split in ("train", "dev", "test") for en, _ in cy[split]]
+    assert len(seen) == len(set(seen))
+    assert cy_data.dropped["over max_train_pairs"] == len(de["train"]) - 100 - (120 - len(de["dev"]) - len(de["test"]))
+
+
+def test_max_train_pairs_checks_its_languages(tmp_path):
+    from cats_ds.data.prepare import PrepareError, check_settings
+    with pytest.raises(PrepareError, match=r"data.max_train_pairs.xx"):
+        check_settings(DataConfig(languages=["de"], max_train_pairs={"xx": 10}))
+    with pytest.raises(PrepareError, match=r"data.max_train_pairs.de must be >= 1"):
+        check_settings(DataConfig(languages=["de"], max_train_pairs={"de": 0}))

@@ -133,6 +133,8 @@ def checksums(layout: Layout) -> list[dict]:
 
 def prepare_settings(data: DataConfig) -> dict:
     settings = {key: getattr(data, key) for key in FINGERPRINT_KEYS}
+    if data.max_train_pairs:  # only when set, so data prepared before the key keeps its fingerprint
+        settings["max_train_pairs"] = dict(sorted(data.max_train_pairs.items()))
     settings.update(prepare_version=PREPARE_VERSION, sample_seed=SAMPLE_SEED,
                     sentencepiece=spm.__version__)
     return settings
@@ -201,6 +203,11 @@ def check_settings(data: DataConfig) -> None:
     for key in ("vocab_size", "vocab_sentences", "max_chars", "max_tokens_per_side"):
         if getattr(data, key) < 2:
             raise PrepareError(f"data.{key} must be >= 2, got {getattr(data, key)}")
+    for lang, cap in data.max_train_pairs.items():
+        if cap < 1:
+            raise PrepareError(f"data.max_train_pairs.{lang} must be >= 1, got {cap}")
+        if data.languages and lang not in data.languages:
+            raise PrepareError(f"data.max_train_pairs.{lang}: '{lang}' is not in data.languages ({data.languages})")
 
 
 def check_min_pairs(train: dict[str, int], min_pairs: int, stage: str) -> None:

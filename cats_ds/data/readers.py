@@ -195,6 +195,32 @@ def hash_split(pairs: list[Pair], data: DataConfig, carve: Iterable[str] = ("dev
     return out
 
 
+def cap_train(splits: dict[str, list[Pair]], cap: int, split_max: int,
+              keep: Optional[Callable[[Pair], bool]], dropped: Counter) -> None:
+    """data.max_train_pairs for one language, in place: train keeps its `cap` pairs of
+    lowest English hash (split_position); each freed pair that `keep` accepts goes to dev
+    or test (by a second hash of its English side, half each), appended after the split's
+    own pairs while the split has fewer than `split_max`; the other freed pairs are
+    dropped (counted as 'over max_train_pairs'). The freed English sentences are not in
+    this language's train, but may be in another language's (as in multi-way corpora)."""
+    train = splits.get("train", [])
+    if len(train) <= cap:
+        return
+    order = sorted(range(len(train)), key=lambda i: (split_position(train[i][0]), i))
+    kept = set(order[:cap])
+    splits["train"] = [pair for i, pair in enumerate(train) if i in kept]
+    moved = 0
+    for i in order[cap:]:
+        pair = train[i]
+        split = "dev" if split_position("cap:" + pair[0]) < 0.5 else "test"
+        target = splits.setdefault(split, [])
+        if len(target) < split_max and (keep is None or keep(pair)):
+            target.append(pair)
+            moved += 1
+    if len(train) - cap - moved:
+        dropped["over max_train_pairs"] += len(train) - cap - moved
+
+
 def read_lines(path: Path) -> list[str]:
     """Lines of a strict UTF-8 file, split on \\n only; the error names file:line:column."""
     raw = path.read_bytes()
@@ -625,6 +651,8 @@ def read_language(layout: Layout, lang: str, data: DataConfig) -> LanguageData:
             warnings.append(f"{lang}: dropped {dropped['empty side']} pairs with an empty side")
     if keep is not None and data.translatable_train and "train" in splits:
         splits["train"] = [p for p in splits["train"] if keep(p)]
+    if lang in data.max_train_pairs:
+        cap_train(splits, data.max_train_pairs[lang], data.dev_max, keep, dropped)
     held_out = {en for split in ("dev", "test") for en, _ in splits.get(split, [])}
     if held_out and splits.get("train"):
         # corpora that ship their own dev/test can repeat them in train: the model would see
