@@ -40,6 +40,7 @@ setup(
             "cats-export=cats_ds.cli:export_main",
             "cats-average=cats_ds.cli:average_main",
             "cats-curve=cats_ds.cli:curve_main",
+            "cats-figure3=cats_ds.cli:figure3_main",
             "cats-compare=cats_ds.cli:compare_main",
             "cats-slurm-hostfile=cats_ds.cli:slurm_hostfile_main",
         ]

@@ -12,6 +12,9 @@
                   [--quantization int8] [--force]
     (DIR of --checkpoint: a DeepSpeed checkpoint or a model folder, for evaluate, analyze, average, export)
     cats-curve    --run DIR [--split test] [--evaluate] [--limit N] [--minutes 10,30,60] [--out DIR]
+    cats-figure3  --arm LABEL:DIR[,DIR...] ... --out FIG.png [--json F] [--alpha-out F.png]
+                  [--data DIR | --lo a,b --hi c,d] [--groups Lo,Hi] [--smooth 5] [--smooth-dev 1] [--band minmax]
+                  (also python -m cats_ds.figure3)
 """
 
 from __future__ import annotations
@@ -309,3 +312,49 @@ def curve_main(argv: Optional[list[str]] = None) -> None:
     out = Path(args.out) if args.out else Path(args.run) / "eval" / f"curve-{args.split}"
     print(write_curve(points, out, args.split, minutes))
     print(f"written: {out}/curve.md, curve.json" + (", curve.png" if (out / "curve.png").is_file() else ""))
+
+
+def figure3_main(argv: Optional[list[str]] = None) -> None:
+    """The paper's Figure 3 (train / dev loss of Lo and Hi against updates, mean over seeds
+    per arm), the dev minimum table, and CATS' alpha over seeds (cats_ds/figure3.py)."""
+    p = argparse.ArgumentParser(prog="cats-figure3", description="Figure 3: train and dev loss per language group "
+                                "against updates, one line per arm (mean over its seeds, band over seeds), from "
+                                "the runs' train_log.jsonl; prints where each arm's dev loss is lowest")
+    p.add_argument("--arm", action="append", default=[], dest="arms", metavar="LABEL:DIR[,DIR...]", required=True,
+                   help="an arm and its run folders (train.save_dir), one per seed, split at the first ':' "
+                        "(T=5:runs/t5-s1,runs/t5-s2); repeat for each arm (a repeated label adds seeds)")
+    p.add_argument("--out", required=True, help="the figure (PNG)")
+    p.add_argument("--json", default=None, help="also write the summary and the plotted curves here")
+    p.add_argument("--alpha-out", "--alpha_out", dest="alpha_out", default=None,
+                   help="also draw alpha/<lang> (weight/<lang>) of the arms that logged it, mean over seeds per "
+                        "language, into this PNG (Lo dashed)")
+    p.add_argument("--data", default=None, help="the prepared data folder: its manifest's train pairs give "
+                   "Lo/Mid/Hi with the runs' eval.lo_max / eval.hi_min (default: each run's own config and data.dir)")
+    p.add_argument("--lo", default="", help="comma-separated Lo languages (groups by name instead of --data)")
+    p.add_argument("--mid", default="", help="comma-separated Mid languages")
+    p.add_argument("--hi", default="", help="comma-separated Hi languages")
+    p.add_argument("--groups", default="Lo,Hi", help="the columns: groups among Lo, Mid, Hi, All")
+    p.add_argument("--smooth", type=int, default=5, help="train loss: centered moving average over this many "
+                   "log points (1: none)")
+    p.add_argument("--smooth-dev", "--smooth_dev", dest="smooth_dev", type=int, default=1,
+                   help="dev loss: the same over validations (1: none, the default)")
+    p.add_argument("--band", default="minmax", choices=["minmax", "sd", "none"],
+                   help="the shaded band over seeds around each mean line")
+    args = p.parse_args(argv)
+    from cats_ds.analysis.similarity import AnalysisError
+    from cats_ds.figure3 import make_figure3
+    from cats_ds.groups import GroupError
+
+    def names(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    if args.data and (args.lo or args.mid or args.hi):
+        _fail("give either --data or --lo/--mid/--hi, not both")
+    try:
+        table = make_figure3(args.arms, args.out, args.json, args.alpha_out, args.data, names(args.lo),
+                             names(args.mid), names(args.hi), names(args.groups), args.smooth, args.smooth_dev,
+                             args.band)
+    except (AnalysisError, GroupError, ImportError) as e:
+        _fail(str(e))
+    print(table)
+    print(f"written: {args.out}" + "".join(f", {f}" for f in (args.json, args.alpha_out) if f))

@@ -166,7 +166,7 @@ def test_every_command_has_a_console_script():
     from cats_ds import cli
 
     setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
-    scripts = dict(re.findall(r'"(cats-[a-z-]+)=cats_ds\.cli:(\w+)"', setup))
+    scripts = dict(re.findall(r'"(cats-[a-z0-9-]+)=cats_ds\.cli:(\w+)"', setup))
     mains = {name for name, f in inspect.getmembers(cli, inspect.isfunction) if name.endswith("_main")}
     assert set(scripts.values()) == mains
     assert scripts["cats-compare"] == "compare_main"

@@ -12,6 +12,8 @@
     weighting.png         CATS / GradNorm / MGDA runs: alpha (or w) per language over
                           updates (Hi blue, Mid green, Lo red), sum alpha, lambda_c and
                           the curvature ratio f / f0; one row per run
+    (cats_ds/figure3.py draws Figure 3 over seeds, and with --alpha-out the weights per
+    language as a mean over seeds, weights_over_seeds_figure)
 
 matplotlib is an optional dependency (`pip install 'cats_ds[plot]'`); it is imported
 only here, through its object API (no pyplot state, no display needed).
@@ -26,8 +28,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from cats_ds.analysis.records import (RunData, lambda_series, loss_by_resource, pair_type_series, weight_name,
-                                      weighting_series)
+from cats_ds.analysis.records import (RunData, SeedStats, lambda_series, loss_by_resource, pair_type_series,
+                                      seed_stats, weight_name, weighting_series)
 from cats_ds.analysis.similarity import ALL, GROUPS, PAIR_TYPES
 
 if TYPE_CHECKING:
@@ -165,12 +167,66 @@ def _hold_flat_axis(ax, values: Sequence[float]) -> None:
     ax.ticklabel_format(axis="y", useOffset=False)
 
 
+def language_styles(langs: Sequence[str], resource: dict[str, str]) -> dict[str, tuple]:
+    """{lang: (colour, line style, legend label)}: Hi blues, Mid greens, Lo reds (dashed),
+    ungrouped greys; shades tell the languages of a group apart."""
+    from matplotlib import colormaps
+
+    by_group: dict = {}
+    for lang in langs:
+        by_group.setdefault(resource.get(lang), []).append(lang)
+    out = {}
+    for group, members in by_group.items():
+        cmap = colormaps[RESOURCE_COLORS.get(group, "Greys")]
+        for i, lang in enumerate(members):
+            shade = 0.45 + 0.5 * (i / max(len(members) - 1, 1))
+            out[lang] = (cmap(shade), "--" if group == "Lo" else "-", f"{lang} ({group})" if group else lang)
+    return out
+
+
+BANDS = ("minmax", "sd", "none")
+"""What the shaded band around a mean over seeds shows: min-max over seeds, +-1 sd, nothing."""
+
+
+def seed_band(ax, stats: SeedStats, band: str, color, style: str = "-", label: Optional[str] = None, **kw) -> None:
+    """The mean over seeds as a line, the band (BANDS) around it shaded in its colour."""
+    ax.plot(stats.steps, stats.mean, style, color=color, label=label, **kw)
+    if band == "none" or stats.seeds < 2:
+        return
+    mean = np.asarray(stats.mean)
+    low, high = ((stats.low, stats.high) if band == "minmax"
+                 else (mean - np.asarray(stats.sd), mean + np.asarray(stats.sd)))
+    ax.fill_between(stats.steps, low, high, color=color, alpha=0.18, linewidth=0)
+
+
+def weights_over_seeds_figure(arms: Sequence[tuple[str, Sequence[RunData]]], resource: dict[str, str],
+                              band: str = "minmax") -> "Figure":
+    """One panel per arm: each language's alpha (CATS; w for the other methods), the mean
+    over the arm's seeds with a band (BANDS); Hi blues, Mid greens, Lo reds dashed."""
+    fig = _figure(4.2 * len(arms) + 1.6, 3.6)
+    axes = fig.subplots(1, len(arms), squeeze=False, sharey=True)[0]
+    for ax, (label, runs) in zip(axes, arms):
+        per_seed = [weighting_series(r)["weights"] for r in runs]
+        langs = [l for l in per_seed[0] if all(l in w for w in per_seed)]
+        for lang, (color, style, name) in language_styles(langs, resource).items():
+            stats = seed_stats([w[lang] for w in per_seed])
+            if stats is not None:
+                seed_band(ax, stats, band, color, style, name)
+        ax.axhline(1.0, color="k", lw=0.6, ls=":")  # weight 1: the temperature baseline
+        seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else "1 seed"
+        ax.set_title(f"{label}: {weight_name(runs[0])} ({seeds})")
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    bands = {"minmax": " (band: min-max over seeds)", "sd": " (band: ± 1 sd over seeds)"}
+    axes[0].set_ylabel(f"{weight_name(arms[0][1][0])} per language" + bands.get(band, ""))
+    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return fig
+
+
 def weighting_figure(runs: Sequence[RunData]) -> "Figure":
     """One row per run: weights per language (Hi blues, Mid greens, Lo reds; shades tell
     languages apart), their sum, and the panels any run logged: lambda_c, f / f0 (CATS),
     the meta batch's mean gradient cosine (Gram-based methods)."""
-    from matplotlib import colormaps
-
     all_series = [weighting_series(run) for run in runs]
     panels = ["weights", "sum"] + [p for p in ("lambda_c", "curvature_ratio", "mean_cos")
                                    if any(s[p] for s in all_series)]
@@ -180,15 +236,8 @@ def weighting_figure(runs: Sequence[RunData]) -> "Figure":
     axes = fig.subplots(len(runs), len(panels), squeeze=False)
     for row, run, series in zip(axes, runs, all_series):
         name = weight_name(run)
-        by_group: dict = {}
-        for lang in series["weights"]:
-            by_group.setdefault(run.resource.get(lang), []).append(lang)
-        for group, langs in by_group.items():
-            cmap = colormaps[RESOURCE_COLORS.get(group, "Greys")]
-            for i, lang in enumerate(langs):
-                shade = 0.45 + 0.5 * (i / max(len(langs) - 1, 1))
-                label = f"{lang} ({group})" if group else lang
-                row[0].plot(*series["weights"][lang], "-" if group != "Lo" else "--", color=cmap(shade), label=label)
+        for lang, (color, style, label) in language_styles(series["weights"], run.resource).items():
+            row[0].plot(*series["weights"][lang], style, color=color, label=label)
         row[0].axhline(1.0, color="k", lw=0.6, ls=":")  # weight 1: the temperature baseline
         for ax, panel in zip(row[1:], panels[1:]):
             for steps, values in series[panel].values():

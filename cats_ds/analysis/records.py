@@ -5,6 +5,9 @@ A run folder is a `train.save_dir`:
   train_log.jsonl       {"kind": "train", "step", "loss", "loss_lang": {lang: loss}, ...}
                         and {"kind": "valid", "step", "mean_loss", "langs": {lang: {"loss", "nll"}}}
   latest/cats_ds.json   the resolved config and languages (also best/)
+  config.yaml           the resolved config, written at the run's start (train.py's
+                        write_run_config): read when there is no checkpoint yet, with
+                        the languages then taken from the logs
 
 A resumed run repeats the steps after its checkpoint; the last record of a step wins.
 """
@@ -24,6 +27,8 @@ from cats_ds.checkpoint import CHECKPOINT_META
 
 ANALYSIS_LOG = "analysis.jsonl"
 TRAIN_LOG = "train_log.jsonl"
+RUN_CONFIG = "config.yaml"
+"""= cats_ds.train.RUN_CONFIG (not imported: train.py pulls in DeepSpeed)."""
 
 Series = tuple[list[int], list[float]]
 """(steps, values)"""
@@ -99,12 +104,33 @@ def load_run(path: str | Path, label: Optional[str] = None) -> RunData:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             config, languages = meta.get("config"), meta.get("languages")
             break
+    else:
+        config = _run_config(path)
+        if config is not None:
+            languages = sorted({l for r in log if r.get("kind") == "train" for l in r.get("loss_lang", {})} |
+                               {l for r in log if r.get("kind") == "valid" for l in r.get("langs", {})})
     resource: dict[str, str] = dict(analysis[-1]["resource"]) if analysis else {}
     if not resource and config is not None and languages:
         resource = _resource_from_manifest(config, languages)
     return RunData(label or path.name, path, config, resource, analysis,
                    by_step([r for r in log if r.get("kind") == "train"]),
                    by_step([r for r in log if r.get("kind") == "valid"]))
+
+
+def _run_config(path: Path) -> Optional[dict]:
+    """`<run>/config.yaml` as a {section: {key: value}} dict (None if there is none)."""
+    import yaml
+
+    file = path / RUN_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        tree = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise AnalysisError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise AnalysisError(f"{file}: top level must be a mapping of config sections")
+    return tree
 
 
 def _resource_from_manifest(config: dict, languages: list[str]) -> dict[str, str]:
@@ -209,3 +235,33 @@ def weight_name(run: RunData) -> str:
     """What the run's per-language weights are called: "alpha" (CATS) or "weight"."""
     return "alpha" if any(k.startswith("alpha/") for r in run.train for k in (r.get("weighting") or {})) else "weight"
 
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+@dataclass
+class SeedStats:
+    """One curve over seeds at the updates every seed logged: mean, min, max and sd (ddof 0)."""
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    sd: list[float]
+    seeds: int
+    dropped: int
+    """Updates some seeds logged and others did not (left out: a shorter or resumed seed)."""
+
+
+def seed_stats(series: list[Series]) -> Optional[SeedStats]:
+    """The seeds' curves (one series each) at their common updates; None if they share none."""
+    if not series:
+        return None
+    common = set(series[0][0]).intersection(*(s[0] for s in series[1:]))
+    if not common:
+        return None
+    steps = sorted(common)
+    grid = np.array([[dict(zip(*s))[t] for t in steps] for s in series], dtype=float)
+    everyone = set().union(*(s[0] for s in series))
+    return SeedStats(steps, grid.mean(0).tolist(), grid.min(0).tolist(), grid.max(0).tolist(),
+                     grid.std(0).tolist(), len(series), len(everyone) - len(steps))
