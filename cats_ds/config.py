@@ -125,7 +125,7 @@ class SamplingConfig:
     length_pool: int = 1024
     """Plain updates pool the sentences of this many consecutive draws (K slots each), sort
     them by (source, target) length and cut micro-batches of train.max_tokens x world size
-    padded tokens (1024: README "Benchmarks" has the padding per pool size):
+    padded tokens (1024: docs/results/benchmarks.md, "Length pool", has the padding per pool size):
     one forward each, little padding, the same sentences as the draws (so the sampling
     law is unchanged). Only with token-share loss coefficients (temperature, or
     cats.weight_by=tokens); meta steps use the draws themselves (and so do all updates

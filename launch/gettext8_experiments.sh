@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gettext8 comparisons, by the evaluation protocol in README ("Evaluation protocol"):
+# The gettext8 comparisons, by the evaluation protocol in docs/evaluation.md:
 # every arm trains UPDATES updates from the gettext8 recipe on NPROC CPU ranks, once per
 # seed (train.seed = 1..SEEDS, save dir $OUT/<arm>-s<seed>), is evaluated on the test
 # split (beam 5, raw references, chrF++ and BLEU, copy baseline; first EVAL_LIMIT
@@ -15,7 +15,7 @@
 #
 # Env: SEEDS (2), UPDATES (2000), NPROC (2), EVAL_LIMIT (500), OUT (runs/exp), DS_CONFIG,
 # DRY_RUN (0). At 2000 updates (~13 minutes per run on 2 CPU ranks) a T=5 gettext8 model
-# beats the copy baseline on Hi and Lo by a wide margin (README, "Learning curve"); by
+# beats the copy baseline on Hi and Lo by a wide margin (docs/results/learning_curve.md); by
 # 1500 (10 minutes) it already does on both, at 300 it mostly copies. compare.py warns
 # when an arm does not beat the copy baseline, and conclusions need a budget where none does. Resumable: a run whose latest checkpoint has reached
 # UPDATES is skipped, an unfinished one continues (train.resume=auto), and a run is
@@ -76,7 +76,7 @@ if [ "$WHAT" = weighting ] || [ "$WHAT" = all ]; then
   run gradnorm sampling.temperature=1 weighting.method=gradnorm; GRADNORM=$DIRS
   run mgda sampling.temperature=1 weighting.method=mgda; MGDA=$DIRS
   # the literal update with the paper's lr_alpha 0.1 leaves [0, N] at its second meta step (step 10);
-  # smaller steps and a budget near gettext8's curvature (README, "CATS on gettext8")
+  # smaller steps and a budget near gettext8's curvature (docs/results/weighting.md)
   run cats_literal sampling.temperature=1 weighting.method=cats cats.update=lagrangian cats.lr_alpha=0.001 \
     cats.lr_lambda=0.03 cats.budget=5; LITERAL=$DIRS
   # ablations after the methods: CATS' alpha = 1 reference (T=1 with the K distinct languages

@@ -3,7 +3,7 @@ DeepSpeed config trains on 2 gloo ranks, the Gram matrix from bf16 partitions ma
 fp32 one-process reference, and the checkpoints resume, evaluate, average and export.
 
 A covering set of launches rather than the full product (precision x ZeRO x method x
-experts): every value of each axis appears at least once (README, "Precision"):
+experts): every value of each axis appears at least once (docs/precision.md):
 
     launch                 ZeRO  methods (one meta step each)        experts
     gram[0]                0     cats, mgda                          -

@@ -1,4 +1,4 @@
-"""What happens when things go wrong (README): orphaned ranks, non-finite training,
+"""What happens when things go wrong (docs/faults.md): orphaned ranks, non-finite training,
 interrupted saves, resume mismatches, corrupt files. Ranks are real gloo ranks under the
 real `deepspeed` launcher where ranks matter."""
 

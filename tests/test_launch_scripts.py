@@ -110,3 +110,51 @@ def test_quickstart_installs_the_export_extra():
     text = (REPO / "launch" / "quickstart.sh").read_text()
     assert "pip install -q -e '.[export]'" in text
     assert "pip install -q -e .\n" not in text
+
+
+def quickstart_dry_run(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    full = dict(os.environ, DRY_RUN="1", CORPUS="plain", RAW=str(tmp_path), LANGS="de,fr", RUN=str(tmp_path / "run"),
+                VENV=str(tmp_path / "venv"), **env)
+    for knob in ("UPDATES", "MINUTES"):
+        if knob not in env:
+            full.pop(knob, None)
+    return subprocess.run(["bash", "launch/quickstart.sh"], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=60)
+
+
+def train_command(out: str) -> str:
+    return next(l for l in out.splitlines() if l.startswith("+ python launch/supervise.py deepspeed"))
+
+
+def test_quickstart_trains_a_fixed_number_of_updates_and_reports_its_wall_time(tmp_path):
+    """By default the quickstart trains UPDATES (1525, the README's number) updates with no time
+    limit, so a slower machine reaches the same model, only later; DRY_RUN=1 installs nothing."""
+    done = quickstart_dry_run(tmp_path)
+    assert done.returncode == 0, done.stderr
+    cmd = train_command(done.stdout)
+    assert " train.max_updates=1525 train.max_minutes=null" in cmd + " " and f"train.save_dir={tmp_path}/run" in cmd
+    assert "== 4/5 train 1525 updates on 2 ranks" in done.stdout
+    assert "| training wall time: 0:00:0" in done.stdout and "Wall time: training 0:00:0" in done.stdout
+    assert "+ python launch/prepare.py" in done.stdout and "+ python launch/evaluate.py" in done.stdout
+    assert not (tmp_path / "venv").exists()
+    done = quickstart_dry_run(tmp_path, UPDATES="3000")
+    assert " train.max_updates=3000 train.max_minutes=null" in train_command(done.stdout) + " "
+
+
+def test_quickstart_minutes_limits_by_time_instead(tmp_path):
+    done = quickstart_dry_run(tmp_path, MINUTES="20")
+    assert done.returncode == 0, done.stderr
+    assert " train.max_minutes=20 train.max_updates=100000" in train_command(done.stdout) + " "
+    assert "== 4/5 train 20 minutes on 2 ranks" in done.stdout
+    done = quickstart_dry_run(tmp_path, MINUTES="0.5", UPDATES="800")  # both: whichever comes first
+    assert " train.max_minutes=0.5 train.max_updates=800" in train_command(done.stdout) + " "
+
+
+@pytest.mark.parametrize("env, message", [({"UPDATES": "0"}, "UPDATES=0 must be a positive integer"),
+                                          ({"UPDATES": "10min"}, "UPDATES=10min must be a positive integer"),
+                                          ({"MINUTES": "0"}, "MINUTES=0 must be a positive number"),
+                                          ({"MINUTES": "ten"}, "MINUTES=ten must be a positive number")])
+def test_quickstart_refuses_bad_limits(tmp_path, env, message):
+    done = quickstart_dry_run(tmp_path, **env)
+    assert done.returncode == 2 and message in done.stderr
+    assert "== 1/5" not in done.stdout

@@ -117,7 +117,7 @@ def test_tensorboard_tags_weighting_grad_norms_hparams_and_fp32_weights(tmp_path
 
     from cats_ds.checkpoint import load_for_inference
 
-    assert (run / "zero_to_fp32.py").is_file()  # DeepSpeed's script, as the README says
+    assert (run / "zero_to_fp32.py").is_file()  # DeepSpeed's script, as docs/usage.md says
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(run), tag="best")
     model = load_for_inference(run / "best")[1].state_dict()
     assert set(model) - set(fp32) == {"dec_embed.weight"}

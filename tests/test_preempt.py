@@ -1,4 +1,4 @@
-"""Preemption (README "Preemption and requeue"): SIGTERM/SIGUSR1 on a rank -> all ranks stop
+"""Preemption (docs/usage.md, "Preemption and requeue"): SIGTERM/SIGUSR1 on a rank -> all ranks stop
 after the same update, save latest/ and exit 75; the resumed run continues exactly. Real
 gloo ranks under the real `deepspeed` launcher; the sbatch script with stand-ins for srun,
 scontrol and deepspeed."""

@@ -1,4 +1,4 @@
-"""Resume on another world size (README "Resuming on another number of ranks"): a ZeRO-2
+"""Resume on another world size (docs/usage.md, "Resuming on another number of ranks"): a ZeRO-2
 checkpoint of 2 gloo ranks resumes on 1 rank, and that one's on 2 again, through DeepSpeed
 universal checkpoints; the chain logs the losses of an uninterrupted 2-rank run and ends
 with its weights. Expert and ZeRO-3 checkpoints are refused before anything is loaded."""
