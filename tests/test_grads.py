@@ -45,6 +45,35 @@ def test_gram_from_partitions_and_cats_step(tmp_path, tiny_recipe, stage):
         assert all(a != 1.0 for a in np.array(res["alpha"])[res["langs"]])  # alpha was updated
 
 
+def test_split_gram_with_small_slots_and_empty_halves(tmp_path, tiny_recipe):
+    """Slots of one to four sentences (train.max_tokens=48): a slot of one sentence has an
+    empty half b on every rank (in both micro-steps: its S row and column are G's; in one:
+    the other micro-step's halves give S), and a half of one sentence leaves the other
+    rank with none (it runs the filler at weight 0). G, S, v and the losses still equal the
+    one-process reference on the same halves (2 ranks, ZeRO-2, gradient accumulation 2)."""
+    ds = write_json(tmp_path / "ds.json", ds_config(2, gas=2, clip=0.5))
+    recipe = tiny_recipe("small", weighting={"method": "cats"}, sampling={"langs_per_batch": 3},
+                         train={"max_tokens": 48, "warmup_init_lr": 0.003, "adam_eps": 1e-3})
+    launch([SCRIPT, "--deepspeed_config", ds, "--config", recipe, "--out", tmp_path / "out"], 2)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        rho = np.array(res["rho"])
+        print(rank, "rho", rho.round(3).tolist())
+        assert res["langs"] == res["ref_langs"] == res["whole_langs"]
+        empty = (rho == 0).any(axis=1)
+        assert empty.any() and not empty.all()  # a language with an empty half, and one with two halves
+        for key in ("gram", "split"):
+            got, ref = np.array(res[key]), np.array(res[f"ref_{key}"])
+            assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, key
+        whole = np.array(res["whole_gram"])
+        assert np.abs(np.array(res["gram"]) - whole).max() / np.abs(whole).max() < 1e-5
+        noise, ref_noise = np.array(res["noise"], dtype=float), np.array(res["ref_noise"], dtype=float)
+        assert np.array_equal(np.isnan(noise), (rho == 0).any(axis=1))
+        assert np.allclose(noise, ref_noise, rtol=1e-4, equal_nan=True)
+        assert np.allclose(res["losses"], res["ref_losses"], rtol=1e-5)
+        assert res["param_moved"] > 1e-3 and res["param_diff"] < 1e-3 * res["param_moved"]
+
+
 def test_gramspace_methods_on_zero2_partitions(tmp_path, tiny_recipe):
     """issue 12: on 2 gloo ranks with ZeRO-2 (accumulation 2, clipping), one meta step
     with each of PCGrad, GradVac, CAGrad, Nash-MTL, IMTL-G (in turn, one launch) moves
