@@ -359,21 +359,6 @@ def half_grams(grads: PartitionGrads, half: HalfGrads) -> MetaGrams:
     return MetaGrams(plain, split, noise, agreement, loss_sums / tokens, nll_sums / tokens)
 
 
-def gram_and_losses(grads: PartitionGrads, rows: torch.Tensor, loss_sums: torch.Tensor,
-                    tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows: (K, n_local) captured partitions. Returns (G (K, K), per-language mean loss (K,)),
-    both global, from ONE all_reduce of K*K + 2K floats."""
-    k = rows.size(0)
-    scale = grads.loss_scale()
-    partial = partial_gram(rows, grads.gram_weights(rows.device)) / (scale * scale)  # (K, K)
-    packed = torch.cat([partial.reshape(-1), loss_sums.double(), tokens.double()])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed)
-    gram = packed[:k * k].view(k, k)
-    losses = packed[k * k:k * k + k] / packed[k * k + k:].clamp(min=1)
-    return gram, losses
-
-
 def plan_mix(plan, splits: dict, languages: list[str], weight_by: str) -> dict[int, float]:
     """mix_n of one micro-step plan (weighting/base.py): tokens_n / tokens, or 1 per language."""
     from cats_ds.data.sampler import target_tokens

@@ -157,7 +157,8 @@ def summary_line(record: dict) -> str:
                    if r["cos"].get("all") is not None)
     split = " ".join(f"{t} {r['split_cos']['all']:.3f}" for t, r in record["pair_types"].items()
                      if r.get("split_cos", {}).get("all") is not None)
-    return f"| analysis step {record['step']} | lambda_max {lam} | cos {cos}" + (f" | split cos {split}" if split else "")
+    line = f"| analysis step {record['step']} | lambda_max {lam} | cos {cos}"
+    return line + (f" | split cos {split}" if split else "")
 
 
 def append_record(path: Path, record: dict) -> None:

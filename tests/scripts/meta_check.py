@@ -8,8 +8,8 @@ existed), the loss and nll values and the largest parameter difference after the
 With --methods m1,m2,...: instead, one meta step per method in turn (the engine and a
 reference model with its own Adam go through the same sequence), each compared to the
 reference step on sum_n c_n g_n with c from the method on the full-gradient Gram (plain or
-split, as grads.gram resolves for it); a method listed again continues with its state; writes <out>.rank<r>.json with a row per
-step."""
+split, as grads.gram resolves for it); a method listed again continues with its state;
+writes <out>.rank<r>.json with a row per step."""
 
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def check_methods(args, cfg, run):
         got = dict(run.engine.module.named_parameters())
         diff = max(float((got[name].detach().float() - p.detach()).abs().max()) for name, p in ref.named_parameters())
         moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
-        rows_out.append({"method": method, "gram_kind": gram_kind(cfg), "optimizer": type(run.engine.optimizer).__name__,
+        rows_out.append({"method": method, "gram_kind": gram_kind(cfg),
+                         "optimizer": type(run.engine.optimizer).__name__,
                          "langs": ref_langs, "param_diff": diff, "param_moved": moved,
                          "weights": [run.weighting.weight(l) for l in ref_langs],
                          "ref_weights": [ref_weighting.weight(l) for l in ref_langs],
