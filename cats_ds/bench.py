@@ -698,7 +698,7 @@ def worker_cats(args) -> None:
     Dropout is off so the reference sees the same function; the Gram check and the memory
     reading come after warm-up plain steps, so the first step's one-off allocations
     (activations, optimizer state) count in neither."""
-    from cats_ds.grads import gram_and_losses, reference_rows
+    from cats_ds.grads import half_grams, reference_rows
     from cats_ds.model.build import model_from_config
     from cats_ds.train import meta_update, per_language_gradients, plain_update
     from cats_ds.weighting.base import TemperatureWeighting
@@ -715,11 +715,11 @@ def worker_cats(args) -> None:
     ref.load_state_dict(run.model.state_dict())  # ZeRO 0-2 keep full fp32 module weights on every rank
     plans = [run.sampler.next_plan() for _ in range(run.gas)]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
-    gram, _ = gram_and_losses(run.grads, rows, loss_sums, toks)
+    half = per_language_gradients(run, plans, run.train_splits, log=False)
+    langs, gram = half.langs, half_grams(run.grads, half).plain
     extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    buffer_bytes = rows.numel() * rows.element_size()
-    del rows
+    buffer_bytes = half.rows.numel() * half.rows.element_size()
+    del half
     _, ref_rows, _ = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
                                     cfg.train.label_smoothing, run.gas)
     ref_gram = ref_rows @ ref_rows.T
@@ -750,7 +750,7 @@ def worker_cats(args) -> None:
     result = {"plain_step_s": plain, "meta_step_s": meta, "measured_ratio_m10": sum(measured) / len(measured),
               "methods": per_method,
               "gram_rel_err": gram_err, "extra_mem_bytes": extra, "meta_buffer_bytes": buffer_bytes,
-              "expected_extra_mem_bytes": len(langs) * n_params * 4 // run.world, "k_in_batch": len(langs)}
+              "expected_extra_mem_bytes": 2 * len(langs) * n_params * 4 // run.world, "k_in_batch": len(langs)}
     if run.rank == 0:
         Path(args.out).write_text(json.dumps(result))
 

@@ -236,6 +236,20 @@ class NashMtlConfig:
 
 
 @dataclass
+class GradsConfig:
+    gram: Optional[Literal["plain", "split"]] = None
+    """Which K x K matrix a meta step gives the Gram-based method. Each language's slot is
+    cut into two halves of disjoint sentences and about equal target tokens, each backed
+    up separately (2K backwards). plain: G[i, j] = <g_i, g_j> of the whole slots'
+    gradients (the paper's minibatch Gram; a single slot's gradient is mostly noise, which
+    inflates the diagonal). split: S[i, j] = (<g_i^a, g_j^b> + <g_i^b, g_j^a>) / 2 of the
+    per-half token-mean gradients, unbiased for the Gram of the expected gradients
+    (diagonal included), projected onto the PSD cone. null (default): split for gradnorm,
+    mgda, pcgrad, gradvac, cagrad, nashmtl, imtl; plain for cats. The update is sum_n c_n
+    g_n over the whole slots either way; both are logged (train_log.jsonl "gram")."""
+
+
+@dataclass
 class ExpertsConfig:
     modules: list[Literal["ffn", "attn", "out_embed", "all"]] = field(default_factory=list)
     """Which modules get one expert per language family; empty = dense model."""
@@ -371,6 +385,7 @@ class Config:
     gradvac: GradVacConfig = field(default_factory=GradVacConfig)
     cagrad: CagradConfig = field(default_factory=CagradConfig)
     nashmtl: NashMtlConfig = field(default_factory=NashMtlConfig)
+    grads: GradsConfig = field(default_factory=GradsConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -636,6 +651,18 @@ def draws_at_meta_steps(cfg: Config) -> bool:
     if cfg.sampling.draws_at_meta_steps is None:
         return cfg.weighting.method in GRAM_METHODS
     return cfg.sampling.draws_at_meta_steps
+
+
+SPLIT_GRAM_METHODS = ("gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
+"""The methods that get the split Gram unless grads.gram says otherwise (cats: plain)."""
+
+
+def gram_kind(cfg: Config) -> str:
+    """grads.gram with its default resolved: "split" for SPLIT_GRAM_METHODS, "plain" for
+    cats (and for temperature, which has no meta steps)."""
+    if cfg.grads.gram is not None:
+        return cfg.grads.gram
+    return "split" if cfg.weighting.method in SPLIT_GRAM_METHODS else "plain"
 
 
 def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:

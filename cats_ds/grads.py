@@ -1,17 +1,24 @@
 """Per-language gradients on ZeRO partitions -> Gram matrix (the CATS hook).
 
-At a meta step the loop runs one forward+backward per language of the batch, each at a
-forced accumulation boundary so DeepSpeed reduces it. Right after each backward this
-rank's share of every parameter's gradient is copied into a row of a (K, n_local)
-buffer and zeroed, so the next backward starts from nothing whatever DeepSpeed's
-accumulation semantics are (ZeRO-0 accumulates into param.grad, ZeRO-1/2 in fp32
-rebuild the partition, mixed precision accumulates into a flat fp32 partition).
+At a meta step the loop cuts each language's slot of the batch into two halves a, b of
+disjoint sentences and about equal target tokens (`split_slot`) and runs one
+forward+backward per half, each at a forced accumulation boundary so DeepSpeed reduces
+it. Right after each backward this rank's share of every parameter's gradient is copied
+into a row of a (2K, n_local) buffer and zeroed, so the next backward starts from
+nothing whatever DeepSpeed's accumulation semantics are (ZeRO-0 accumulates into
+param.grad, ZeRO-1/2 in fp32 rebuild the partition, mixed precision accumulates into a
+flat fp32 partition).
 
-Local dot products give a partial K x K Gram; ONE all_reduce (with the K loss sums and
-token counts folded in) gives G. The update sum_n c_n g_n is written back into the
-partition before engine.step(), so DeepSpeed's clipping and optimizer see the combined
-gradient. Full per-language gradients are never gathered: extra memory is the
-(K, |theta| / world) buffer, extra traffic K*K + 2K floats.
+Both halves are normalized by the WHOLE slot's target tokens, so row a + row b is
+exactly the whole slot's gradient g_n. Local dot products give a partial 2K x 2K Gram Q
+of the half rows; ONE all_reduce (with the K loss sums, nll sums and token counts folded
+in) gives Q, and from it (`fold_halves`) both the plain Gram G[i, j] = <g_i, g_j> and the
+split Gram S[i, j] = (<g_i^a, g_j^b> + <g_i^b, g_j^a>) / 2 of the per-half token means,
+whose expectation is <E g_i, E g_j> (the noise of two independent halves cancels,
+diagonal included). The update sum_n c_n g_n is written back into the partition before
+engine.step(), so DeepSpeed's clipping and optimizer see the combined gradient. Full
+per-language gradients are never gathered: extra memory is the (2K, |theta| / world)
+buffer, extra traffic 4K*K + 3K floats.
 
 Which fragment a rank owns:
   ZeRO-0      the whole (already averaged) param.grad; replicated on every rank of the
@@ -32,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -208,19 +216,147 @@ def partial_gram(rows: torch.Tensor, weights: Optional[torch.Tensor] = None, blo
     return out
 
 
-def gram_and_losses(grads: PartitionGrads, rows: torch.Tensor, loss_sums: torch.Tensor,
-                    tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows: (K, n_local) captured partitions. Returns (G (K, K), per-language mean loss (K,)),
-    both global, from ONE all_reduce of K*K + 2K floats."""
-    k = rows.size(0)
+def split_slot(sents: np.ndarray, tgt_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one language slot of a GLOBAL plan (sentence ids `sents`; `tgt_sizes`: target
+    tokens of every sentence of the language's split) into halves a, b: disjoint, together
+    the slot, with about equal target tokens (longest first, each to the half with fewer
+    tokens so far, ties to a; they differ by at most one sentence), each in the slot's order.
+    A function of the ids and their lengths only, so every rank cuts the same halves; each
+    half is then dealt to the ranks like any plan (a rank with none of a half's sentences
+    runs the filler at weight 0: it adds nothing and counts no tokens). A slot of one
+    sentence has an empty half b."""
+    sizes = np.asarray(tgt_sizes)[sents].astype(np.int64)
+    to_b = np.zeros(len(sents), dtype=bool)
+    t_a = t_b = 0
+    for i in np.argsort(-sizes, kind="stable").tolist():
+        if t_a <= t_b:
+            t_a += int(sizes[i])
+        else:
+            to_b[i] = True
+            t_b += int(sizes[i])
+    return sents[~to_b], sents[to_b]
+
+
+@dataclass
+class HalfGrads:
+    """What a meta step's backwards leave on one rank (train.per_language_gradients)."""
+    langs: list[int]
+    """The K distinct languages of the meta batch, ascending."""
+    rows: torch.Tensor
+    """(2K, n_local): rows[k] = g_k^a' and rows[K + k] = g_k^b', the captured half
+    gradients of langs[k] divided by S_n, each normalized by the whole slot's tokens, so
+    g_n = rows[k] + rows[K + k] is today's whole-slot gradient."""
+    rho: torch.Tensor
+    """(K, 2) float64: rho_n^h = sum_m (mix_n^(m) / gas) (tokens of half h / tokens of the
+    slot) / S_n, the token fraction of each half (rho^a + rho^b = 1). The per-half token
+    mean is g_n^h = rows / rho_n^h (0 for an empty half, rho 0)."""
+    loss_sums: torch.Tensor
+    """(K,) float64: this rank's smoothed loss sums."""
+    nll_sums: torch.Tensor
+    """(K,) float64: this rank's un-smoothed token NLL sums."""
+    tokens: torch.Tensor
+    """(K,) float64: this rank's target tokens."""
+    shares: dict
+    """{n: S_n} (base.py)."""
+
+    def whole(self) -> torch.Tensor:
+        """(K, n_local): the whole slots' g_n."""
+        k = len(self.langs)
+        return self.rows[:k] + self.rows[k:]
+
+    def combine(self, coeffs: dict[int, float]) -> torch.Tensor:
+        """sum_n c_n g_n, flat (n_local,), in the layout of PartitionGrads.capture()."""
+        c = torch.tensor([coeffs[l] for l in self.langs], dtype=self.rows.dtype, device=self.rows.device)
+        return torch.cat([c, c]) @ self.rows
+
+
+@dataclass
+class MetaGrams:
+    """The global quantities of a meta step, the same on every rank (float64, CPU)."""
+    plain: torch.Tensor
+    """G (K, K): <g_i, g_j> of the whole slots' gradients."""
+    split: torch.Tensor
+    """S (K, K), symmetric, NOT projected: (<g_i^a, g_j^b> + <g_i^b, g_j^a>) / 2 of the
+    per-half token means, unbiased for <E g_i, E g_j>. A language with an empty half (a
+    slot of one sentence) has no second estimate: its row and column are G's."""
+    noise: torch.Tensor
+    """v (K,): |g_n^a - g_n^b|^2 / 4, the noise part of G's diagonal (G_nn - S_nn when the
+    halves have equal tokens); nan without two halves."""
+    agreement: torch.Tensor
+    """r (K,): cos(g_n^a, g_n^b) (nan without two non-zero halves)."""
+    losses: torch.Tensor
+    """(K,) mean (label-smoothed) token loss."""
+    nll: torch.Tensor
+    """(K,) mean un-smoothed token NLL."""
+
+    def for_method(self, kind: str) -> torch.Tensor:
+        """The K x K matrix the weighting gets under grads.gram=`kind`: G, or S projected onto
+        the PSD cone (`psd_project`; a non-finite S is passed on as it is, for the loop's
+        finite check)."""
+        if kind == "plain":
+            return self.plain
+        if kind != "split":
+            raise ValueError(f"grads.gram: {kind!r} is not one of 'plain', 'split'")
+        return psd_project(self.split) if bool(torch.isfinite(self.split).all()) else self.split
+
+
+def psd_project(m: torch.Tensor) -> torch.Tensor:
+    """The nearest (Frobenius) symmetric positive semi-definite matrix: eigenvalues of the
+    symmetric part clipped at 0 (symmetric eigh in float64). Works on (..., K, K)."""
+    m = m.double()
+    sym = (m + m.transpose(-1, -2)) / 2
+    w, v = torch.linalg.eigh(sym)
+    out = (v * w.clamp(min=0).unsqueeze(-2)) @ v.transpose(-1, -2)
+    return (out + out.transpose(-1, -2)) / 2
+
+
+def fold_halves(q: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q (..., 2K, 2K), the Gram of the half rows (HalfGrads.rows: a rows, then b rows) and
+    rho (K, 2) -> (G, S, v, r) of MetaGrams, (..., K, K), (..., K, K), (..., K), (..., K).
+
+    G = Qaa + Qab + Qba + Qbb (g_n = row a + row b); with the per-half token means
+    g^h = row h / rho^h: S = (X + X^T) / 2, X[i, j] = <g_i^a, g_j^b> = Qab[i, j] / (rho_i^a
+    rho_j^b); v_n = |g_n^a - g_n^b|^2 / 4; r_n = Qab[n, n] / sqrt(Qaa[n, n] Qbb[n, n]).
+    An empty half (rho 0) divides nothing: its mean is taken as 0, and that language's row
+    and column of S are G's (MetaGrams.split)."""
+    q = q.double()
+    rho = rho.double().to(q.device)
+    k = rho.size(0)
+    qaa, qab, qba, qbb = q[..., :k, :k], q[..., :k, k:], q[..., k:, :k], q[..., k:, k:]
+    plain = qaa + qab + qba + qbb
+    inv = torch.where(rho > 0, 1.0 / rho.clamp(min=1e-300), torch.zeros_like(rho))
+    ia, ib = inv[:, 0], inv[:, 1]
+    x = qab * ia[:, None] * ib[None, :]
+    split = (x + x.transpose(-1, -2)) / 2
+    missing = (rho <= 0).any(dim=1)
+    if bool(missing.any()):
+        split[..., missing, :] = plain[..., missing, :]
+        split[..., :, missing] = plain[..., :, missing]
+    daa, dbb, dab = (d.diagonal(dim1=-2, dim2=-1) for d in (qaa, qbb, qab))
+    noise = (daa * ia * ia + dbb * ib * ib - 2 * dab * ia * ib) / 4
+    noise = torch.where(missing, torch.full_like(noise, float("nan")), noise)
+    prod = daa * dbb
+    agreement = torch.where(prod > 0, dab / prod.clamp(min=1e-300).sqrt(), torch.full_like(dab, float("nan")))
+    return plain, split, noise, agreement
+
+
+def half_grams(grads: PartitionGrads, half: HalfGrads) -> MetaGrams:
+    """The meta step's MetaGrams from this rank's half rows: the partial 2K x 2K Gram, the
+    K loss sums, nll sums and token counts in ONE all_reduce of 4K*K + 3K floats."""
+    k = len(half.langs)
     scale = grads.loss_scale()
-    partial = partial_gram(rows, grads.gram_weights(rows.device)) / (scale * scale)  # (K, K)
-    packed = torch.cat([partial.reshape(-1), loss_sums.double(), tokens.double()])
+    partial = partial_gram(half.rows, grads.gram_weights(half.rows.device)) / (scale * scale)  # (2K, 2K)
+    sums = torch.cat([half.loss_sums, half.nll_sums, half.tokens]).double().to(partial.device)
+    packed = torch.cat([partial.reshape(-1), sums])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(packed)
-    gram = packed[:k * k].view(k, k)
-    losses = packed[k * k:k * k + k] / packed[k * k + k:].clamp(min=1)
-    return gram, losses
+    packed = packed.cpu()
+    n = 4 * k * k
+    q = packed[:n].view(2 * k, 2 * k)
+    loss_sums, nll_sums, tokens = packed[n:].view(3, k)
+    plain, split, noise, agreement = fold_halves(q, half.rho)
+    tokens = tokens.clamp(min=1)
+    return MetaGrams(plain, split, noise, agreement, loss_sums / tokens, nll_sums / tokens)
 
 
 def plan_mix(plan, splits: dict, languages: list[str], weight_by: str) -> dict[int, float]:
@@ -275,3 +411,46 @@ def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[
     rows = torch.stack([grads[l] for l in langs])
     losses = torch.tensor([sums[l][0] / sums[l][1] for l in langs], dtype=torch.float64)
     return langs, rows, losses
+
+
+def reference_halves(model: torch.nn.Module, plans, splits: dict, languages: list[str], tag_ids: list[int],
+                     smoothing: float, gas: int, weight_by: str = "tokens"):
+    """reference_rows for the halves (`split_slot` of each global slot): the single-process
+    HalfGrads.rows and rho by plain autograd on a full copy of the model. Returns (langs,
+    rows (2K, |theta|) float64: the a rows, then the b rows, each normalized by the whole
+    slot's tokens, rho (K, 2), mean losses (K,), mean nll (K,))."""
+    from cats_ds.data.sampler import Plan, collate, target_tokens
+    from cats_ds.losses import per_language_sums
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    width = sum(p.numel() for p in params)
+    grads: dict[int, torch.Tensor] = {}
+    rho: dict[int, list[float]] = {}
+    sums: dict[int, list[float]] = {}
+    shares = plan_shares(plans, splits, languages, weight_by)
+    for plan in plans:
+        tokens = target_tokens(plan, splits, languages)
+        mix = plan_mix(plan, splits, languages, weight_by)
+        for li, sents in zip(plan.langs, plan.sents):
+            sizes = splits[languages[li]].tgt.sizes
+            rows = grads.setdefault(li, torch.zeros(2, width, dtype=torch.float64))
+            for h, part in enumerate(split_slot(sents, sizes)):
+                rho.setdefault(li, [0.0, 0.0])[h] += mix[li] / gas * int(sizes[part].sum()) / tokens[li]
+                if not len(part):
+                    continue
+                batch = collate(Plan([li], [part]), splits, languages, tag_ids)
+                logits = model(batch.src, batch.prev, batch.langs)
+                loss_sum, nll_sum, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
+                g = torch.autograd.grad(loss_sum[li] / tokens[li], params, allow_unused=True)
+                flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
+                rows[h] += flat.double() * (mix[li] / gas)
+                acc = sums.setdefault(li, [0.0, 0.0, 0.0])
+                acc[0] += float(loss_sum[li])
+                acc[1] += float(nll_sum[li])
+                acc[2] += float(tok[li])
+    langs = sorted(grads)
+    rows = torch.cat([torch.stack([grads[l][h] / shares[l] for l in langs]) for h in (0, 1)])
+    rho_t = torch.tensor([[rho[l][0] / shares[l], rho[l][1] / shares[l]] for l in langs], dtype=torch.float64)
+    losses = torch.tensor([sums[l][0] / sums[l][2] for l in langs], dtype=torch.float64)
+    nll = torch.tensor([sums[l][1] / sums[l][2] for l in langs], dtype=torch.float64)
+    return langs, rows, rho_t, losses, nll

@@ -26,11 +26,11 @@ from cats_ds import preempt
 from cats_ds.analysis import analysis_step
 from cats_ds.checkpoint import (check_save_dir, needs_universal, prepare_save_dir, resume, save_checkpoint,
                                 save_numbered)
-from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_meta_steps, meta_interval
+from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_meta_steps, gram_kind, meta_interval
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
-from cats_ds.grads import PartitionGrads, grad_norms, gram_and_losses, is_expert_param
+from cats_ds.grads import HalfGrads, MetaGrams, PartitionGrads, grad_norms, half_grams, is_expert_param, split_slot
 from cats_ds.losses import per_language_sums
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import param_groups
@@ -230,6 +230,8 @@ class Run:
     """Gradient norms of the last update that logs (total "all" and per parameter group)."""
     last_valid: Optional[dict] = None
     """The last validation's train_log.jsonl record (mean_loss; bleu and chrf when translated)."""
+    gram_log: Optional[dict] = None
+    """The Gram diagnostics of the last meta step since the last log line (gram_diagnostics)."""
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -535,18 +537,23 @@ def plain_update(run: Run, plans: Optional[list[Plan]] = None) -> None:
                 accumulate(run, loss_sum.detach(), nll_sum, tok)
 
 
-def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool):
-    """One forward+backward per language of each micro-batch plan, each captured from
-    this rank's gradient partition (cats_ds/grads.py). Micro-step m contributes
-    mix_n^(m) grad L_n^(m) / gas (mix: weighting.mix; DeepSpeed divides by gas); the sum
-    over m is S_n g_n with S_n = sum_m mix_n^(m) / gas, so g_n is language n's gradient
-    averaged over the micro-steps that contain it and sum_n S_n g_n is the plain update at
-    weight 1. Returns (langs, rows g_n (K, n_local), local loss sums (K,), local target
-    tokens (K,), shares {n: S_n})."""
-    rows: dict[int, torch.Tensor] = {}
-    n = len(run.languages)
-    loss_sums = torch.zeros(n, dtype=torch.float64)
-    toks = torch.zeros(n, dtype=torch.float64)
+def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool) -> HalfGrads:
+    """Two forward+backwards per language slot of each micro-batch plan, one per half
+    (grads.split_slot: disjoint sentences, about equal target tokens), each captured from
+    this rank's gradient partition (cats_ds/grads.py). Both halves are normalized by the
+    whole slot's target tokens, so half a + half b is the slot's gradient. Micro-step m
+    contributes mix_n^(m) grad L_n^(m) / gas (mix: weighting.mix; DeepSpeed divides by
+    gas); the sum over m is S_n g_n with S_n = sum_m mix_n^(m) / gas, so g_n is language
+    n's gradient averaged over the micro-steps that contain it and sum_n S_n g_n is the
+    plain update at weight 1. A half without sentences (a slot of one sentence) runs no
+    backward on any rank: its row stays 0 and its rho 0. Returns HalfGrads (rows (2K,
+    n_local), rho, this rank's loss / nll / token sums, shares {n: S_n})."""
+    langs = sorted({li for plan in plans for li in plan.langs})
+    k, n = len(langs), len(run.languages)
+    pos = {li: i for i, li in enumerate(langs)}
+    rows: Optional[torch.Tensor] = None
+    rho = torch.zeros(k, 2, dtype=torch.float64)
+    sums = torch.zeros(3, n, dtype=torch.float64)  # loss, nll, tokens
     shares: dict[int, float] = {}
     for plan in plans:
         tokens = target_tokens(plan, splits, run.languages)
@@ -554,60 +561,106 @@ def per_language_gradients(run: Run, plans: list[Plan], splits: dict, log: bool)
         for li, m in mix.items():
             shares[li] = shares.get(li, 0.0) + m / run.gas
         for li, sents in zip(plan.langs, plan.sents):
-            run.engine.set_gradient_accumulation_boundary(True)
-            loss_sum, nll_sum, tok, live = forward_plan(run, Plan([li], [sents]), splits)
-            run.engine.backward(scaled_loss(run, loss_sum, {li: mix[li]}, tokens))
-            g = run.grads.capture()
-            rows[li] = g if li not in rows else rows[li] + g
-            if live:
-                loss_sums += loss_sum.detach().double().cpu()
-                toks += tok.double().cpu()
-                if log:
-                    accumulate(run, loss_sum.detach(), nll_sum, tok)
-    langs = sorted(rows)
+            sizes = splits[run.languages[li]].tgt.sizes
+            for h, part in enumerate(split_slot(sents, sizes)):
+                rho[pos[li], h] += mix[li] / run.gas * int(sizes[part].sum()) / tokens[li]
+                if not len(part):  # the same on every rank (global plan)
+                    continue
+                run.engine.set_gradient_accumulation_boundary(True)
+                loss_sum, nll_sum, tok, live = forward_plan(run, Plan([li], [part]), splits)
+                run.engine.backward(scaled_loss(run, loss_sum, {li: mix[li]}, tokens))
+                g = run.grads.capture()
+                if rows is None:
+                    rows = torch.zeros(2 * k, g.numel(), dtype=g.dtype, device=g.device)
+                rows[h * k + pos[li]] += g
+                del g
+                if live:
+                    sums += torch.stack([loss_sum.detach().double().cpu(), nll_sum.double().cpu(), tok.double().cpu()])
+                    if log:
+                        accumulate(run, loss_sum.detach(), nll_sum, tok)
+    share = torch.tensor([shares[l] for l in langs], dtype=torch.float64)
+    rows /= torch.cat([share, share]).to(rows)[:, None]
     idx = torch.tensor(langs)
-    return langs, torch.stack([rows[l] / shares[l] for l in langs]), loss_sums[idx], toks[idx], shares
+    return HalfGrads(langs, rows, rho / share[:, None], sums[0, idx], sums[1, idx], sums[2, idx], shares)
 
 
 def meta_update(run: Run) -> None:
-    """A meta step: per-language gradients -> G -> weighting.update -> sum_n c_n g_n
-    written into the partition -> engine.step(). Meta batches are the training batches
-    (the paper's Algorithm 1) unless cats.meta_data=dev."""
+    """A meta step: per-language half gradients -> G and S -> weighting.update on the one
+    grads.gram picks -> sum_n c_n g_n (whole slots) written into the partition ->
+    engine.step(). Meta batches are the training batches (the paper's Algorithm 1) unless
+    cats.meta_data=dev."""
     plans = next_plans(run, meta=True)
     if run.cfg.cats.meta_data == "dev":
         # dev gradients only steer the weights; the update is a plain one on the train plans
         meta_plans = [run.dev_sampler.plan_for(p.langs) for p in plans]
-        langs, rows, loss_sums, toks, shares = per_language_gradients(run, meta_plans, run.dev_splits, log=False)
-        gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-        weighting_update(run, langs, losses, gram, shares)
-        del rows
+        half = per_language_gradients(run, meta_plans, run.dev_splits, log=False)
+        meta_weighting(run, half)
+        del half
         plain_update(run, plans)
         return
-    langs, rows, loss_sums, toks, shares = per_language_gradients(run, plans, run.train_splits, log=True)
-    gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-    coeffs = weighting_update(run, langs, losses, gram, shares)
-    combo = torch.tensor([coeffs[l] for l in langs], dtype=rows.dtype) @ rows  # (n_local,)
-    run.grads.write_back(combo)
+    half = per_language_gradients(run, plans, run.train_splits, log=True)
+    coeffs = meta_weighting(run, half)
+    run.grads.write_back(half.combine(coeffs))
+    del half
     measure_grad_norms(run)
     for m in range(run.gas):
         run.engine.set_gradient_accumulation_boundary(m == run.gas - 1)
         run.engine.step()
 
 
-def weighting_update(run: Run, langs, losses, gram, shares) -> dict[int, float]:
+def meta_weighting(run: Run, half: HalfGrads) -> dict[int, float]:
+    """The meta step's one all_reduce (grads.half_grams), its diagnostics kept for the next
+    log line, and weighting_update on the Gram grads.gram picks (the plain G or the PSD
+    projection of the split S, MetaGrams.for_method) with the mean losses and nll.
+    Returns the c_n."""
+    grams = half_grams(run.grads, half)
+    run.gram_log = gram_diagnostics(run, half.langs, grams)
+    return weighting_update(run, half.langs, grams.losses, grams.for_method(gram_kind(run.cfg)), half.shares,
+                            nll=grams.nll)
+
+
+def weighting_update(run: Run, langs, losses, gram, shares, nll=None) -> dict[int, float]:
     """weighting.update, or weighting.skip when G or the losses are not finite (fp16
     overflow, e.g. at step 0's initial loss scale): the weights stay, the training step
     goes ahead and DeepSpeed's loss scaler handles the overflow. G and the losses come
     out of one all_reduce, so every rank holds the same values and takes the same branch
-    (a non-finite partial on any rank makes the sum non-finite on all)."""
+    (a non-finite partial on any rank makes the sum non-finite on all). nll: the mean
+    un-smoothed token NLL per language, passed on to the method."""
     if not (torch.isfinite(gram).all() and torch.isfinite(losses).all()):
         print0(f"| step {run.step}: non-finite Gram matrix or losses; the {run.weighting.name} weights are not "
                f"updated at this meta step")
         return run.weighting.skip(run.step, langs, shares)
-    coeffs = run.weighting.update(run.step, langs, losses, gram, shares)  # WeightingError: refused, exit 2
+    coeffs = run.weighting.update(run.step, langs, losses, gram, shares, nll=nll)  # WeightingError: exit 2
     for line in run.weighting.floor_warnings():
         print0(f"| warning: step {run.step}: {line}")
     return coeffs
+
+
+def gram_diagnostics(run: Run, langs, grams: MetaGrams) -> dict:
+    """What a meta step logs about its Gram matrices (train_log.jsonl "gram", TensorBoard
+    gram/...): the kind the weighting got; per language r = cos(g^a, g^b) (half agreement)
+    and noise_share = v / G_nn (the part of |g_n|^2 that is noise); the mean over distinct
+    in-batch pairs of the plain cosine G_ij / sqrt(G_ii G_jj) and of the split cosine
+    S+_ij / sqrt(S+_ii S+_jj), S+ the PSD projection of S; and that split cosine matrix."""
+    from cats_ds.weighting.base import mean_pairwise_cosine
+
+    names = [run.languages[l] for l in langs]
+    out: dict = {"step": run.step, "kind": gram_kind(run.cfg)}
+    if not (torch.isfinite(grams.plain).all() and torch.isfinite(grams.split).all()):
+        return out
+    psd = grams.for_method("split")
+    diag = grams.plain.diagonal()
+    out["r"] = {l: float(v) for l, v in zip(names, grams.agreement) if math.isfinite(float(v))}
+    out["noise_share"] = {l: float(v / d) for l, v, d in zip(names, grams.noise, diag)
+                          if math.isfinite(float(v)) and float(d) > 0}
+    for key, value in (("plain_cos_mean", mean_pairwise_cosine(grams.plain)),
+                       ("split_cos_mean", mean_pairwise_cosine(psd))):
+        if math.isfinite(value):  # (nan with one language)
+            out[key] = value
+    norms = psd.diagonal().clamp(min=0).sqrt()
+    cos = psd / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
+    out["split_cos"] = {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+    return out
 
 
 def logs_this_update(run: Run) -> bool:
@@ -711,6 +764,9 @@ def log_train(run: Run) -> None:
     if run.grad_norms is not None:
         record["grad_norm"] = run.grad_norms
         run.grad_norms = None
+    if run.gram_log is not None:
+        record["gram"] = run.gram_log
+        run.gram_log = None
     slots = a["slots"] / max(a["slots"].sum(), 1)
     events = [("train/loss", record["loss"], run.step), ("train/nll", record["nll"], run.step),
               ("train/lr", record["lr"], run.step), ("perf/tokens_per_s", record["tokens_per_s"], run.step)]
@@ -720,6 +776,7 @@ def log_train(run: Run) -> None:
     if a["slots"].sum() > 0:  # length-pooled draws happen once per pool, not every interval
         events += [(f"weighting/sampled/{l}", float(slots[i]), run.step) for i, l in enumerate(run.languages)]
     events += [(f"weighting/{k}", float(v), run.step) for k, v in record["weighting"].items()]
+    events += gram_events(record.get("gram"), run.step)
     write_events(run, events)
     eta, line = progress(run)
     record["eta_s"] = eta
@@ -727,6 +784,16 @@ def log_train(run: Run) -> None:
            f"lr {record['lr']:.3g} | {record['tokens_per_s']:.0f} tok/s{line}")
     write_log(run, {"kind": "train", **record})
     run.acc = {}
+
+
+def gram_events(gram: Optional[dict], step: int) -> list[tuple[str, float, int]]:
+    """TensorBoard scalars of a meta step's Gram diagnostics: gram/r/<lang>,
+    gram/noise_share/<lang>, gram/plain_cos_mean, gram/split_cos_mean (finite values only)."""
+    if not gram:
+        return []
+    events = [(f"gram/{key}/{lang}", v, step) for key in ("r", "noise_share") for lang, v in gram.get(key, {}).items()]
+    events += [(f"gram/{key}", gram[key], step) for key in ("plain_cos_mean", "split_cos_mean") if key in gram]
+    return [(tag, float(v), s) for tag, v, s in events if math.isfinite(float(v))]
 
 
 def progress(run: Run) -> tuple[Optional[float], str]:

@@ -152,6 +152,15 @@ def test_group_grams_and_pairs_on_a_plain_module():
     all_cos, _ = cos_gamma(grams.sum(0))  # "all" is the cos of the summed Gram, not a mean over groups
     assert res["pair_types"]["HiLo"]["cos"]["all"] == pytest.approx((all_cos[0, 1] + all_cos[0, 2]) / 2)
     assert "experts" not in res["param_groups"] and "experts" not in res["pair_types"]["LoLo"]["cos"]
+    assert "split_cos" not in res["pairs"]["cc:aa"]
+    # split_cos: a PSD split Gram equal to G gives cos; a negative eigenvalue is projected away
+    res = summarize(["aa", "bb", "cc"], grams, group_sizes(model), resource, [("aa", "bb")], split=grams)
+    assert res["pairs"]["aa:bb"]["split_cos"] == pytest.approx(res["pairs"]["aa:bb"]["cos"])
+    assert res["pair_types"]["HiLo"]["split_cos"] == pytest.approx(res["pair_types"]["HiLo"]["cos"])
+    flipped = grams.clone()
+    flipped[:, 0, 1] = flipped[:, 1, 0] = 2 * (flipped[:, 0, 0] * flipped[:, 1, 1]).sqrt()  # |cos| 2: not PSD
+    res = summarize(["aa", "bb", "cc"], grams, group_sizes(model), resource, [("aa", "bb")], split=flipped)
+    assert all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in res["pairs"]["aa:bb"]["split_cos"].values())
 
 
 def test_pairs_are_checked():
@@ -168,8 +177,8 @@ def test_pairs_are_checked():
 
 
 def test_group_similarity_on_zero2_partitions_equals_single_process(tmp_path, tiny_recipe):
-    """cos and gamma of every parameter group (and all parameters) from 2 ZeRO-2 ranks'
-    gradient partitions == the single-process values (< 1e-5), with group boundaries
+    """cos, gamma and split_cos (batch halves) of every parameter group (and all parameters)
+    from 2 ZeRO-2 ranks' gradient partitions == the single-process values (< 1e-5), with group boundaries
     inside the flat partitions; the per-language loss and lambda_max (languages spread
     over ranks) match too; and training around the analysis (dropout on) is exactly
     training without it."""
@@ -186,7 +195,8 @@ def test_group_similarity_on_zero2_partitions_equals_single_process(tmp_path, ti
         for pair, want in ref["pairs"].items():
             got = record["pairs"][pair]
             assert set(got["cos"]) == set(want["cos"]) and len(got["cos"]) == 9  # 8 groups + all
-            for measure in ("cos", "gamma"):
+            assert set(got["split_cos"]) == set(want["split_cos"])
+            for measure in ("cos", "gamma", "split_cos"):
                 for group, v in want[measure].items():
                     worst = max(worst, abs(got[measure][group] - v))
         assert worst < 1e-5

@@ -226,21 +226,24 @@ class _FakeEngine:
 
 def test_fp16_loss_scale_is_divided_out_of_the_gram():
     """Under fp16 the captured gradients are multiplied by DeepSpeed's dynamic loss scale
-    (FP16_Optimizer.cur_scale, ZeRO's loss_scale): G is divided by scale^2, so it equals the
-    unscaled Gram, and the losses are untouched."""
+    (FP16_Optimizer.cur_scale, ZeRO's loss_scale): the Gram of the half rows is divided by
+    scale^2, so G and S equal the unscaled ones, and the losses and nll are untouched."""
     from types import SimpleNamespace
 
-    from cats_ds.grads import PartitionGrads, gram_and_losses
+    from cats_ds.grads import HalfGrads, PartitionGrads, fold_halves, half_grams
 
     torch.manual_seed(0)
-    rows = torch.randn(3, 60, dtype=torch.float64)  # the Linear(5, 10) weight and bias, flat
-    losses, tokens = torch.tensor([2.0, 4.0, 9.0]), torch.tensor([2.0, 2.0, 3.0])
+    rows = torch.randn(6, 60, dtype=torch.float64)  # halves a, b of 3 languages; the Linear(5, 10) weight and bias
+    rho = torch.tensor([[0.5, 0.5], [0.4, 0.6], [1.0, 0.0]], dtype=torch.float64)
+    losses, nll, tokens = torch.tensor([2.0, 4.0, 9.0]), torch.tensor([1.0, 3.0, 6.0]), torch.tensor([2.0, 2.0, 3.0])
+    plain, split, _, _ = fold_halves(rows @ rows.T, rho)
     module = torch.nn.Linear(5, 10)
     for attr in ("cur_scale", "loss_scale"):
         grads = PartitionGrads(_FakeEngine(module, SimpleNamespace(**{attr: 1024.0})))
         grads._layout = [50, 10]
-        gram, mean = gram_and_losses(grads, rows * 1024.0, losses, tokens)
-        assert torch.allclose(gram, rows @ rows.T, rtol=1e-12) and mean.tolist() == [1.0, 2.0, 3.0]
+        got = half_grams(grads, HalfGrads([0, 1, 2], rows * 1024.0, rho, losses, nll, tokens, {}))
+        assert torch.allclose(got.plain, plain, rtol=1e-12) and torch.allclose(got.split, split, rtol=1e-12)
+        assert got.losses.tolist() == [1.0, 2.0, 3.0] and got.nll.tolist() == [0.5, 1.5, 2.0]
     grads = PartitionGrads(_FakeEngine(module, SimpleNamespace()))  # bf16 / fp32: no scale
     assert grads.loss_scale() == 1.0
 

@@ -14,9 +14,11 @@ SCRIPT = "tests/scripts/meta_check.py"
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_gram_from_partitions_and_cats_step(tmp_path, tiny_recipe, stage):
-    """G from 2 ranks' partitions == G from full gradients in one process (gradient
-    accumulation 2), and the parameters after one CATS step == a reference Adam step on
-    sum_n alpha_n L_n (with DeepSpeed's clipping)."""
+    """G and the split S from 2 ranks' partitions of the halves == from full gradients of
+    the same halves in one process (gradient accumulation 2); G from halves == the Gram of
+    the whole slots (one backward per language, as before halves); the nll handed on
+    matches; and the parameters after one CATS step == a reference Adam step on sum_n
+    alpha_n L_n (with DeepSpeed's clipping)."""
     ds = write_json(tmp_path / "ds.json", ds_config(stage, gas=2, clip=0.5))
     recipe = tiny_recipe("meta", weighting={"method": "cats"},
                          train={"warmup_init_lr": 0.003, "adam_eps": 1e-3})
@@ -26,10 +28,50 @@ def test_gram_from_partitions_and_cats_step(tmp_path, tiny_recipe, stage):
         assert res["langs"] == res["ref_langs"] and len(res["langs"]) >= 2
         gram, ref = np.array(res["gram"]), np.array(res["ref_gram"])
         assert np.abs(gram - ref).max() / np.abs(ref).max() < 1e-5
+        assert res["whole_langs"] == res["langs"]
+        whole = np.array(res["whole_gram"])  # plain from halves is the whole slots' Gram
+        assert np.abs(gram - whole).max() / np.abs(whole).max() < 1e-5
+        split, ref_split = np.array(res["split"]), np.array(res["ref_split"])
+        assert np.abs(split - ref_split).max() / np.abs(ref_split).max() < 1e-5
+        assert np.allclose(res["noise"], res["ref_noise"], rtol=1e-4)
+        assert np.allclose(res["agreement"], res["ref_agreement"], rtol=1e-5, atol=1e-6)
+        assert np.allclose(np.array(res["rho"]).sum(1), 1.0) and (np.array(res["rho"]) > 0.3).all()
         assert np.allclose(res["losses"], res["ref_losses"], rtol=1e-5)
+        assert np.allclose(res["losses"], res["whole_losses"], rtol=1e-5)
+        assert np.allclose(res["nll"], res["ref_nll"], rtol=1e-5)
+        assert np.abs(np.array(res["nll"]) - res["losses"]).min() > 1e-4  # the un-smoothed NLL, not the loss
         assert res["param_moved"] > 1e-3  # the step did move the weights ...
         assert res["param_diff"] < 1e-3 * res["param_moved"]  # ... exactly as the reference did
         assert all(a != 1.0 for a in np.array(res["alpha"])[res["langs"]])  # alpha was updated
+
+
+def test_split_gram_with_small_slots_and_empty_halves(tmp_path, tiny_recipe):
+    """Slots of one to four sentences (train.max_tokens=48): a slot of one sentence has an
+    empty half b on every rank (in both micro-steps: its S row and column are G's; in one:
+    the other micro-step's halves give S), and a half of one sentence leaves the other
+    rank with none (it runs the filler at weight 0). G, S, v and the losses still equal the
+    one-process reference on the same halves (2 ranks, ZeRO-2, gradient accumulation 2)."""
+    ds = write_json(tmp_path / "ds.json", ds_config(2, gas=2, clip=0.5))
+    recipe = tiny_recipe("small", weighting={"method": "cats"}, sampling={"langs_per_batch": 3},
+                         train={"max_tokens": 48, "warmup_init_lr": 0.003, "adam_eps": 1e-3})
+    launch([SCRIPT, "--deepspeed_config", ds, "--config", recipe, "--out", tmp_path / "out"], 2)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        rho = np.array(res["rho"])
+        print(rank, "rho", rho.round(3).tolist())
+        assert res["langs"] == res["ref_langs"] == res["whole_langs"]
+        empty = (rho == 0).any(axis=1)
+        assert empty.any() and not empty.all()  # a language with an empty half, and one with two halves
+        for key in ("gram", "split"):
+            got, ref = np.array(res[key]), np.array(res[f"ref_{key}"])
+            assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, key
+        whole = np.array(res["whole_gram"])
+        assert np.abs(np.array(res["gram"]) - whole).max() / np.abs(whole).max() < 1e-5
+        noise, ref_noise = np.array(res["noise"], dtype=float), np.array(res["ref_noise"], dtype=float)
+        assert np.array_equal(np.isnan(noise), (rho == 0).any(axis=1))
+        assert np.allclose(noise, ref_noise, rtol=1e-4, equal_nan=True)
+        assert np.allclose(res["losses"], res["ref_losses"], rtol=1e-5)
+        assert res["param_moved"] > 1e-3 and res["param_diff"] < 1e-3 * res["param_moved"]
 
 
 def test_gramspace_methods_on_zero2_partitions(tmp_path, tiny_recipe):
@@ -50,7 +92,9 @@ def test_gramspace_methods_on_zero2_partitions(tmp_path, tiny_recipe):
         for r in rows:
             print(rank, r["method"], "K", len(r["langs"]), "weights", np.round(r["weights"], 4),
                   f"diff/moved {r['param_diff'] / r['param_moved']:.2e}")
-            assert len(r["langs"]) == 3
+            assert len(r["langs"]) == 3 and r["gram_kind"] == "split"  # grads.gram's default for these
+            assert np.allclose(r["gram"], r["ref_gram"], rtol=1e-5, atol=1e-5 * np.abs(r["ref_gram"]).max()), r
+            assert np.allclose(r["nll"], r["ref_nll"], rtol=1e-5), r
             assert r["param_moved"] > 1e-4 and r["param_diff"] < 1e-3 * r["param_moved"], r
             assert np.allclose(r["weights"], r["ref_weights"], rtol=1e-5, atol=1e-7), r
         for r in rows[2:]:  # GradVac's vaccine (2nd step), CAGrad, Nash-MTL, IMTL-G move the weights off 1

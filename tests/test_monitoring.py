@@ -16,7 +16,7 @@ import torch
 from cats_ds import train
 from helpers import ds_config, launch, read_log, write_json
 
-GROUPS = ("train/", "valid/", "weighting/", "perf/", "hparams/")
+GROUPS = ("train/", "valid/", "weighting/", "gram/", "perf/", "hparams/")
 
 
 def test_csv_monitor_block_gets_the_train_events(tmp_path, tiny_recipe):
@@ -35,8 +35,8 @@ def test_csv_monitor_block_gets_the_train_events(tmp_path, tiny_recipe):
                  "valid_mean_loss.csv"):
         assert (folder / name).is_file(), name
     # DeepSpeed's engine writes no per-sample events of its own (Train/Samples/lr, ...)
-    assert not [p.name for p in folder.iterdir() if not p.name.startswith(("train_", "valid_", "weighting_", "perf_",
-                                                                            "hparams_"))]
+    assert not [p.name for p in folder.iterdir() if not p.name.startswith(("train_", "valid_", "weighting_", "gram_",
+                                                                            "perf_", "hparams_"))]
     assert "| 3/3 (100.0%)" in out.stdout and "ETA 0:00:00 (max_updates)" in out.stdout
     assert "| 1/3 (33.3%)" in out.stdout
 
@@ -92,6 +92,12 @@ def test_tensorboard_tags_weighting_grad_norms_hparams_and_fp32_weights(tmp_path
         assert [e.step for e in events] == [r["step"] for r in log] == [1, 2, 3, 4]
         assert [e.value for e in events] == pytest.approx([r["weighting"][f"alpha/{lang}"] for r in log], rel=1e-6)
     assert "weighting/cats/lambda_c" in tags and "weighting/meta/curvature" in tags
+    # the meta steps' Gram diagnostics (grads.gram), as in train_log.jsonl
+    for key in ("split_cos_mean", "plain_cos_mean"):
+        events = acc.Scalars(f"gram/{key}")
+        assert [e.step for e in events] == [1, 2, 3, 4], key
+        assert [e.value for e in events] == pytest.approx([r["gram"][key] for r in log], rel=1e-6), key
+    assert any(t.startswith("gram/r/") for t in tags) and any(t.startswith("gram/noise_share/") for t in tags)
     assert [e.step for e in acc.Scalars("train/lr")] == [1, 2, 3, 4]
     # gradient norms: the total and per parameter group, consistent with each other
     groups = [t for t in tags if t.startswith("train/grad_norm/")]

@@ -3,14 +3,15 @@
 Both compute, on FIXED analysis batches (the first `analysis.sentences` dev sentences of
 each language, train sentences where a language has no dev split):
   - per-language gradients -> per-group Gram matrices -> cos / gamma per pair and per
-    pair type (similarity.py);
+    pair type, and split_cos from the two halves of each language's batch (similarity.py);
   - lambda_max of each language's loss by power iteration (hessian.py);
 and return one record (a dict, one line of analysis.jsonl):
 
     {"step", "languages", "resource": {lang: Hi|Mid|Lo}, "loss": {lang: mean token loss},
      "lambda_max": {lang: value}, "hessian": {lang: {"iters", "converged"}},
      "param_groups": {group: parameters}, "pairs": {"a:b": {"type", "cos": {group: v},
-     "gamma": {group: v}}}, "pair_types": {"HiLo": {"n", "cos": {...}, "gamma": {...}}},
+     "gamma": {group: v}, "split_cos": {group: v}}}, "pair_types": {"HiLo": {"n", "cos": {...},
+     "gamma": {...}, "split_cos": {...}}},
      "settings": {...}, "seconds"}
 
 In training (`analysis_step`, called from fit() every analysis.every updates) the
@@ -41,7 +42,7 @@ from cats_ds.analysis.similarity import (AnalysisError, group_grams, group_sizes
 from cats_ds.config import Config, ConfigError, config_from_dict, merge_overrides, parse_override
 from cats_ds.data.manifest import LangSplit
 from cats_ds.data.sampler import Batch, Plan, chunk_by_budget, collate
-from cats_ds.grads import PartitionGrads
+from cats_ds.grads import PartitionGrads, fold_halves, split_slot
 from cats_ds.output import print0, write_events
 
 if TYPE_CHECKING:
@@ -116,9 +117,10 @@ def apply_overrides(cfg: Config, overrides: Optional[Sequence[str]]) -> Config:
 def make_record(step: int, languages: Sequence[str], langs: Sequence[int], grams: torch.Tensor,
                 losses: torch.Tensor, sizes: dict[str, int], resource: dict[str, str],
                 pairs: Sequence[tuple[str, str]], hessians: dict[str, HessianResult], sources: dict[str, str],
-                cfg: Config) -> dict:
+                cfg: Config, split: Optional[torch.Tensor] = None) -> dict:
     """One analysis record (see the module docstring). langs: language indices of the
-    Gram's rows; grams: global (len(GROUPS), K, K); losses: (K,) mean token loss."""
+    Gram's rows; grams: global (len(GROUPS), K, K); losses: (K,) mean token loss; split:
+    the split Grams (len(GROUPS), K, K) of the batch halves."""
     names = [languages[i] for i in langs]
     return {
         "step": int(step),
@@ -127,7 +129,7 @@ def make_record(step: int, languages: Sequence[str], langs: Sequence[int], grams
         "loss": {lang: float(losses[k]) for k, lang in enumerate(names)},
         "lambda_max": {lang: hessians[lang].value for lang in names},
         "hessian": {lang: {"iters": hessians[lang].iters, "converged": hessians[lang].converged} for lang in names},
-        **summarize(names, grams, sizes, resource, pairs),
+        **summarize(names, grams, sizes, resource, pairs, split),
         "settings": {"sentences": cfg.analysis.sentences, "batch_split": {lang: sources[lang] for lang in names},
                      "hessian_iters": cfg.analysis.hessian_iters, "hessian_tol": cfg.analysis.hessian_tol,
                      "label_smoothing": cfg.train.label_smoothing, "lo_max": cfg.eval.lo_max,
@@ -141,10 +143,11 @@ def record_events(record: dict) -> list[tuple[str, float, int]]:
     events = [(f"analysis/lambda_max/en-{l}", v, step) for l, v in record["lambda_max"].items()]
     events += [(f"analysis/loss/en-{l}", v, step) for l, v in record["loss"].items()]
     for ptype, res in record["pair_types"].items():
-        for measure in ("cos", "gamma"):
-            events += [(f"analysis/{measure}/{ptype}/{g}", v, step) for g, v in res[measure].items()]
+        for measure in ("cos", "gamma", "split_cos"):
+            events += [(f"analysis/{measure}/{ptype}/{g}", v, step) for g, v in res.get(measure, {}).items()]
     for pair, res in record["pairs"].items():
-        events += [(f"analysis/pair/{pair}/{m}", res[m]["all"], step) for m in ("cos", "gamma")]
+        events += [(f"analysis/pair/{pair}/{m}", res[m]["all"], step) for m in ("cos", "gamma", "split_cos")
+                   if m in res]
     return [(tag, float(v), s) for tag, v, s in events if v is not None and np.isfinite(v)]
 
 
@@ -152,7 +155,10 @@ def summary_line(record: dict) -> str:
     lam = " ".join(f"{l} {v:.3g}" for l, v in record["lambda_max"].items())
     cos = " ".join(f"{t} {r['cos']['all']:.3f}" for t, r in record["pair_types"].items()
                    if r["cos"].get("all") is not None)
-    return f"| analysis step {record['step']} | lambda_max {lam} | cos {cos}"
+    split = " ".join(f"{t} {r['split_cos']['all']:.3f}" for t, r in record["pair_types"].items()
+                     if r.get("split_cos", {}).get("all") is not None)
+    line = f"| analysis step {record['step']} | lambda_max {lam} | cos {cos}"
+    return line + (f" | split cos {split}" if split else "")
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -168,7 +174,8 @@ def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, over
     """The analysis record of a checkpoint folder (`<save_dir>/best` or `latest`) or a model
     folder, in one process on a plain module. `pairs` ("de:af,uk:kk") replaces
     analysis.pairs; `data_dir`: the prepared data (default: the data.dir it was trained with).
-    Memory: K full gradients (K = number of languages) plus one double-backward graph."""
+    Memory: 2K full gradients (K = number of languages; the halves of each batch) plus one
+    double-backward graph."""
     from cats_ds.checkpoint import load_for_inference, read_meta
     from cats_ds.data.manifest import load_split
 
@@ -183,21 +190,33 @@ def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, over
     plan, splits, sources = analysis_plan(dev, train, languages, cfg.analysis.sentences)
     tag_ids = [vocab.lang_ids[lang] for lang in languages]
     params = [p for p in model.parameters() if p.requires_grad]
-    rows, losses, hessians = [], [], {}
+    rows_a, rows_b, rho, losses, hessians = [], [], [], [], {}
     t0 = time.time()
     for k, li in enumerate(plan.langs):
         batches = language_batches(plan, k, splits, languages, tag_ids, device)
         loss = language_loss(model, batches, li, len(languages), cfg.train.label_smoothing)
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        rows.append(torch.cat([g.detach().reshape(-1) for g in grads]))
+        whole = torch.cat([g.detach().reshape(-1) for g in grads])
         losses.append(float(loss.detach()))
         hessians[languages[li]] = top_eigenvalue(loss, params, cfg.analysis.hessian_iters, cfg.analysis.hessian_tol,
                                                  seed=li, grads=grads)
         del grads, loss
-    grams = group_grams(torch.stack(rows), module_segments(model)).cpu()
+        # the half a's token mean, one more backward; half b's part is the rest: g = rho^a g^a + rho^b g^b
+        sizes = splits[languages[li]].tgt.sizes
+        half_a, half_b = split_slot(plan.sents[k], sizes)
+        r_a = float(sizes[half_a].sum()) / float(sizes[plan.sents[k]].sum())
+        loss_a = language_loss(model, language_batches(Plan([li], [half_a]), 0, splits, languages, tag_ids, device),
+                               li, len(languages), cfg.train.label_smoothing)
+        row_a = r_a * torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_a, params)])
+        rows_a.append(row_a)
+        rows_b.append(whole - row_a if len(half_b) else torch.zeros_like(whole))
+        rho.append([r_a, 1.0 - r_a])
+        del loss_a
+    q = group_grams(torch.stack(rows_a + rows_b), module_segments(model)).cpu()
+    grams, split, _, _ = fold_halves(q, torch.tensor(rho, dtype=torch.float64))
     resource = resource_groups(manifest, languages, cfg.eval.lo_max, cfg.eval.hi_min, cfg.eval.groups)
     record = make_record(int(meta.get("step", 0)), languages, plan.langs, grams, torch.tensor(losses),
-                         group_sizes(model), resource, pair_list, hessians, sources, cfg)
+                         group_sizes(model), resource, pair_list, hessians, sources, cfg, split)
     record["seconds"] = time.time() - t0
     record["checkpoint"] = str(checkpoint)
     return record
@@ -286,20 +305,22 @@ def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:
     saved, run.grads = run.grads, grads
     run.engine.eval()
     try:
-        langs, rows, loss_sums, toks, _ = per_language_gradients(run, [plan], splits, log=False)
+        half = per_language_gradients(run, [plan], splits, log=False)  # the halves of each language's batch
     finally:
         run.grads = saved
         run.engine.train()
     scale = grads.loss_scale()
-    partial = group_grams(rows, partition_segments(grads)) / (scale * scale)  # (Q, K, K)
-    del rows
+    partial = group_grams(half.rows, partition_segments(grads)) / (scale * scale)  # (Q, 2K, 2K)
+    langs, rho = half.langs, half.rho
     packed_device = run.device if dist.is_initialized() and run.world > 1 else partial.device
-    grams, losses = reduce_grams(partial.to(packed_device), loss_sums, toks)
+    q, losses = reduce_grams(partial.to(packed_device), half.loss_sums, half.tokens)
+    del half
+    grams, split, _, _ = fold_halves(q, rho)
 
     hessians = spread_hessians(run, plan, splits)
     resource = resource_groups(run.manifest, run.languages, cfg.eval.lo_max, cfg.eval.hi_min, cfg.eval.groups)
     record = make_record(run.step, run.languages, langs, grams, losses, group_sizes(run.engine.module), resource,
-                         pairs, hessians, sources, cfg)
+                         pairs, hessians, sources, cfg, split)
     record["seconds"] = time.time() - t0
     if run.rank == 0:
         append_record(Path(cfg.train.save_dir) / ANALYSIS_LOG, record)

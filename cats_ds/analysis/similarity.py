@@ -6,7 +6,15 @@ For languages i, j and a parameter group q (E.SA, E.FC, ..., see GROUPS):
     gamma_q(i, j) = 2 |g_i|_q |g_j|_q / (|g_i|_q^2 + |g_j|_q^2)      magnitude similarity
 
 Both come from the per-language Gram matrix restricted to the group,
-G_q = (rows * mask_q) @ rows.T, whose diagonal holds the squared norms. `rows` is
+G_q = (rows * mask_q) @ rows.T, whose diagonal holds the squared norms. One batch's
+gradient is partly noise, which G_q's diagonal carries: cos_q is biased toward 0. So each
+language's analysis batch is also cut into two halves (cats_ds.grads.split_slot) and
+
+    split_cos_q(i, j) = S+_q[i, j] / sqrt(S+_q[i, i] S+_q[j, j])
+
+with S_q the split Gram of the two halves' token-mean gradients (grads.fold_halves: its
+expectation is the Gram of the expected gradients, the noise cancels) and S+_q its
+projection onto the PSD cone; reported beside cos (gamma stays plain). `rows` is
 (K, n_local): this rank's share of every language's gradient, flat in the layout of
 PartitionGrads.capture() (cats_ds/grads.py) or of a plain module's parameters. A group's
 boundaries may fall anywhere inside a ZeRO flat partition: the layout is per parameter,
@@ -148,16 +156,28 @@ def group_grams(rows: torch.Tensor, segments: Sequence[Segment], block: int = 1 
 
 def reduce_grams(partial: torch.Tensor, loss_sums: torch.Tensor, tokens: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum the partial per-group Grams (Q, K, K) and the local loss sums / target tokens
-    (K,) over ranks with ONE all_reduce. Returns (G (Q, K, K), mean token loss (K,)), on CPU."""
-    q, k, _ = partial.shape
+    """Sum the partial per-group Grams (Q, R, R) (R = K rows, or 2K half rows) and the
+    local loss sums / target tokens (K,) over ranks with ONE all_reduce. Returns (G (Q, R,
+    R), mean token loss (K,)), on CPU."""
+    q, r, _ = partial.shape
+    k = loss_sums.numel()
     packed = torch.cat([partial.reshape(-1), loss_sums.to(partial).reshape(-1), tokens.to(partial).reshape(-1)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(packed)
     packed = packed.cpu()
-    grams = packed[:q * k * k].view(q, k, k)
-    losses = packed[q * k * k:q * k * k + k] / packed[q * k * k + k:].clamp(min=1)
+    n = q * r * r
+    grams = packed[:n].view(q, r, r)
+    losses = packed[n:n + k] / packed[n + k:].clamp(min=1)
     return grams, losses
+
+
+def split_cos(split: torch.Tensor) -> np.ndarray:
+    """S (..., K, K) -> S+_ij / sqrt(S+_ii S+_jj), S+ the PSD projection of S; NaN where a
+    diagonal entry of S+ is 0 (no signal left, or a group without parameters)."""
+    from cats_ds.grads import psd_project
+
+    cos, _ = cos_gamma(psd_project(split))
+    return cos
 
 
 def cos_gamma(gram: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -220,20 +240,25 @@ def _mean(values: np.ndarray) -> Optional[float]:
 
 
 def summarize(langs: Sequence[str], grams: torch.Tensor, sizes: dict[str, int], resource: dict[str, str],
-              pairs: Sequence[tuple[str, str]]) -> dict:
+              pairs: Sequence[tuple[str, str]], split: Optional[torch.Tensor] = None) -> dict:
     """The similarity part of an analysis record.
 
     langs: the K languages of the Gram's rows; grams: global (len(GROUPS), K, K);
     sizes: parameters per group (groups without any are left out); pairs: the pairs to
-    report one by one. Pair types average over ALL pairs of the K languages.
+    report one by one; split: the split Grams S_q (len(GROUPS), K, K), if any. Pair
+    types average over ALL pairs of the K languages.
 
     Returns {"param_groups": {group: n}, "pairs": {"a:b": {"type", "cos": {group: v},
-    "gamma": {...}}}, "pair_types": {"HiLo": {"n": pairs, "cos": {...}, "gamma": {...}}}}
-    with group keys in GROUPS order plus "all"."""
+    "gamma": {...}, "split_cos": {...}}}, "pair_types": {"HiLo": {"n": pairs, "cos": {...},
+    "gamma": {...}, "split_cos": {...}}}} with group keys in GROUPS order plus "all"
+    (split_cos only with `split`; its "all" projects the summed S)."""
     present = [i for i, g in enumerate(GROUPS) if sizes.get(g, 0) > 0]
     names = [GROUPS[i] for i in present] + [ALL]
     stacked = torch.cat([grams[present], grams.sum(0, keepdim=True)])  # (len(names), K, K)
     cos, gamma = cos_gamma(stacked)
+    measures = {"cos": cos, "gamma": gamma}
+    if split is not None:
+        measures["split_cos"] = split_cos(torch.cat([split[present], split.sum(0, keepdim=True)]))
     index = {lang: i for i, lang in enumerate(langs)}
 
     def values(arr: np.ndarray, i: int, j: int) -> dict[str, Optional[float]]:
@@ -243,7 +268,7 @@ def summarize(langs: Sequence[str], grams: torch.Tensor, sizes: dict[str, int], 
     for a, b in pairs:
         i, j = index[a], index[b]
         out_pairs[f"{a}:{b}"] = {"type": pair_type(resource[a], resource[b]),
-                                 "cos": values(cos, i, j), "gamma": values(gamma, i, j)}
+                                 **{m: values(arr, i, j) for m, arr in measures.items()}}
     by_type: dict[str, list[tuple[int, int]]] = {}
     for i in range(len(langs)):
         for j in range(i + 1, len(langs)):
@@ -251,7 +276,7 @@ def summarize(langs: Sequence[str], grams: torch.Tensor, sizes: dict[str, int], 
     types = {}
     for t in sorted(by_type, key=PAIR_TYPES.index):
         ii, jj = map(list, zip(*by_type[t]))
-        types[t] = {"n": len(ii), "cos": {name: _mean(cos[q, ii, jj]) for q, name in enumerate(names)},
-                    "gamma": {name: _mean(gamma[q, ii, jj]) for q, name in enumerate(names)}}
+        types[t] = {"n": len(ii), **{m: {name: _mean(arr[q, ii, jj]) for q, name in enumerate(names)}
+                                     for m, arr in measures.items()}}
     return {"param_groups": {GROUPS[i]: int(sizes[GROUPS[i]]) for i in present},
             "pairs": out_pairs, "pair_types": types}

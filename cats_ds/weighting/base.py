@@ -5,10 +5,11 @@ for the per-language loss weights c_n of the combined loss sum_n c_n L_n (one ba
 c_n = w_n * mix_n, with w_n the method's weight (CATS: alpha_n; 1 for temperature) and
 mix_n the sampled mix (`cats.weight_by`: tokens_n / tokens, or 1 per language).
 
-On a meta step (`is_meta_step`) it instead runs one backward per language, builds the
-K x K Gram matrix G of the per-language gradients g_n (on ZeRO partitions,
-cats_ds/grads.py) and calls `update(step, langs, losses, G, shares)`, whose returned
-coefficients combine the g_n into the update, before `engine.step()`. g_n is the gradient
+On a meta step (`is_meta_step`) it instead runs two backwards per language (the halves
+of its slot), builds the K x K Gram matrix G of the per-language gradients g_n (on ZeRO
+partitions, cats_ds/grads.py; plain or split, `grads.gram`) and calls
+`update(step, langs, losses, G, shares, nll=nll)`, whose returned coefficients combine
+the g_n into the update, before `engine.step()`. g_n is the gradient
 of language n's loss averaged over the micro-steps that contain it (weighted by mix_n
 there), and shares[n] = S_n = (1/gas) sum_m mix_n^(m), so that sum_n S_n g_n is exactly
 the update a plain step with w = 1 would make. If G or the losses are not finite (fp16
@@ -74,10 +75,12 @@ class Weighting:
         return {l: self.weight(l) * m for l, m in self.mix(langs, tokens).items()}
 
     def update(self, step: int, langs: list[int], losses: torch.Tensor, gram: torch.Tensor,
-               shares: dict[int, float]) -> dict[int, float]:
-        """Meta step: losses[i] = L_{langs[i]}, G[i, j] = <g_langs[i], g_langs[j]> (float64),
-        shares[n] = S_n (module docstring). Returns the c_n that combine the g_n into this
-        update (w_n * S_n unless the method says otherwise)."""
+               shares: dict[int, float], nll: Optional[torch.Tensor] = None) -> dict[int, float]:
+        """Meta step: losses[i] = L_{langs[i]} (label-smoothed mean token loss), G[i, j] =
+        <g_langs[i], g_langs[j]> (float64; the plain or the split Gram, grads.gram),
+        shares[n] = S_n (module docstring), nll[i] the mean un-smoothed token NLL of
+        langs[i] in the meta batch (None when the caller has none). Returns the c_n that
+        combine the g_n into this update (w_n * S_n unless the method says otherwise)."""
         raise NotImplementedError
 
     def skip(self, step: int, langs: list[int], shares: dict[int, float]) -> dict[int, float]:

@@ -159,7 +159,7 @@ class CatsWeighting(Weighting):
                 f"max |G|={float(gram.abs().max()):.3g}). Lower cats.lr_alpha / cats.lr_lambda"
                 + (", raise cats.budget, or use cats.update=mirror" if self.cfg.update == "lagrangian" else ""))
 
-    def update(self, step, langs, losses, gram, shares):
+    def update(self, step, langs, losses, gram, shares, nll=None):
         losses, gram = losses.double().cpu(), gram.double().cpu()
         new = (self._mirror if self.cfg.update == "mirror" else self._lagrangian)(step, langs, losses, gram)
         self.alpha = new["alpha"]

@@ -46,7 +46,7 @@ class GradNormWeighting(LanguageWeights):
         self.vocab_size = vocab_size
         self.initial_loss = torch.full((len(languages),), float("nan"), dtype=torch.float64)
 
-    def update(self, step, langs, losses, gram, shares):
+    def update(self, step, langs, losses, gram, shares, nll=None):
         idx = torch.tensor(langs)
         losses, gram = losses.double().cpu(), gram.double().cpu()
         if torch.isnan(self.initial_loss).all():  # the first meta step: L_n(0) for every language

@@ -291,7 +291,7 @@ class GramSpaceWeighting(LanguageWeights):
     unsolved_reason: Optional[str] = None
     """Why the last unsolved meta step had no solution."""
 
-    def update(self, step, langs, losses, gram, shares):
+    def update(self, step, langs, losses, gram, shares, nll=None):
         gram = gram.double().cpu()
         k = len(langs)
         idx = torch.tensor(langs)

@@ -92,7 +92,7 @@ class MgdaWeighting(LanguageWeights):
         super().__init__(languages, meta_every, weight_by)
         self.cfg = cfg
 
-    def update(self, step, langs, losses, gram, shares):
+    def update(self, step, langs, losses, gram, shares, nll=None):
         gram = gram.double().cpu()
         lam = min_norm_exact(gram) if len(langs) <= EXACT_MAX else min_norm_simplex(gram, self.cfg.iters)
         idx = torch.tensor(langs)

@@ -1,14 +1,15 @@
 """Run under `deepspeed --num_gpus W`: one CATS meta step through the real training code,
 checked against a single-process full-gradient reference built on every rank.
 
-Writes <out>.rank<r>.json with the Gram matrices, the loss values and the largest
-parameter difference after the step.
+Writes <out>.rank<r>.json with the Gram matrices (plain G and split S from the halves of
+each language's slot, and G of the whole slots as the reference computed before halves
+existed), the loss and nll values and the largest parameter difference after the step.
 
 With --methods m1,m2,...: instead, one meta step per method in turn (the engine and a
 reference model with its own Adam go through the same sequence), each compared to the
-reference step on sum_n c_n g_n with c from the method on the full-gradient Gram; a
-method listed again continues with its state; writes <out>.rank<r>.json with a row per
-step."""
+reference step on sum_n c_n g_n with c from the method on the full-gradient Gram (plain or
+split, as grads.gram resolves for it); a method listed again continues with its state;
+writes <out>.rank<r>.json with a row per step."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import plan_shares, reference_rows
+from cats_ds.config import gram_kind
+from cats_ds.grads import MetaGrams, fold_halves, half_grams, plan_shares, reference_halves, reference_rows
 from cats_ds.model.transformer import build_model
-from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything
+from cats_ds.train import meta_update, per_language_gradients, seed_everything
 from cats_ds.weighting import make_weighting
 from checkscript import setup_from_command_line
 
@@ -38,13 +40,15 @@ def main():
     ref = build_and_load(cfg, run)  # the same seed gives the engine's initial weights
     sampler_state = run.sampler.state_dict()
 
-    # 1) the Gram matrix from partitions == from full gradients
+    # 1) the Gram matrices from partitions == from full gradients
     plans = [run.sampler.next_plan() for _ in range(run.gas)]
-    langs, rows, loss_sums, toks, _ = per_language_gradients(run, plans, run.train_splits, log=False)
-    gram, losses = gram_and_losses(run.grads, rows, loss_sums, toks)
-    ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
-                                                     cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
-    ref_gram = ref_rows @ ref_rows.T
+    half = per_language_gradients(run, plans, run.train_splits, log=False)
+    grams = half_grams(run.grads, half)
+    langs, gram, losses = half.langs, grams.plain, grams.losses
+    whole_langs, whole_rows, whole_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
+                                                           cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+    ref_langs, ref_rows, ref_grams = reference(ref, plans, run, cfg)
+    ref_gram, ref_losses = ref_grams.plain, ref_grams.losses
     run.engine.optimizer.zero_grad()
     for p in run.engine.module.parameters():
         p.grad = None
@@ -55,7 +59,7 @@ def main():
     meta_update(run)
     ref_weighting = make_weighting(cfg, run.languages, len(run.vocab))
     shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
-    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_gram, shares)
+    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_grams.for_method(gram_kind(cfg)), shares)
     combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
     params = [p for p in ref.parameters() if p.requires_grad]
     offset = 0
@@ -80,6 +84,12 @@ def main():
     moved = max(float((p.detach() - q).abs().max()) for p, q in
                 zip(ref.parameters(), [v for v in build_and_load(cfg, run).parameters()]))
     out = {"langs": langs, "ref_langs": ref_langs, "gram": gram.tolist(), "ref_gram": ref_gram.tolist(),
+           "whole_langs": whole_langs, "whole_gram": (whole_rows @ whole_rows.T).tolist(),
+           "whole_losses": whole_losses.tolist(),
+           "split": grams.split.tolist(), "ref_split": ref_grams.split.tolist(),
+           "noise": grams.noise.tolist(), "ref_noise": ref_grams.noise.tolist(),
+           "agreement": grams.agreement.tolist(), "ref_agreement": ref_grams.agreement.tolist(),
+           "rho": half.rho.tolist(), "nll": grams.nll.tolist(), "ref_nll": ref_grams.nll.tolist(),
            "losses": losses.tolist(), "ref_losses": ref_losses.tolist(), "param_diff": diff, "param_scale": scale,
            "param_moved": moved, "per_param": per_param, "coeffs": {str(k): v for k, v in coeffs.items()},
            "alpha": run.weighting.state_dict().get("alpha")}
@@ -111,10 +121,10 @@ def check_methods(args, cfg, run):
         seen = spy_on_update(run.weighting)
         meta_update(run)
         del run.weighting.update  # the class's method again
-        ref_langs, ref_rows, ref_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
-                                                         cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+        ref_langs, ref_rows, ref_grams = reference(ref, plans, run, cfg)
+        ref_losses, ref_gram = ref_grams.losses, ref_grams.for_method(gram_kind(cfg))
         shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
-        coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_rows @ ref_rows.T, shares)
+        coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_gram, shares)
         combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
         offset = 0
         for p in params:
@@ -128,17 +138,29 @@ def check_methods(args, cfg, run):
         got = dict(run.engine.module.named_parameters())
         diff = max(float((got[name].detach().float() - p.detach()).abs().max()) for name, p in ref.named_parameters())
         moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
-        rows_out.append({"method": method, "optimizer": type(run.engine.optimizer).__name__,
+        rows_out.append({"method": method, "gram_kind": gram_kind(cfg),
+                         "optimizer": type(run.engine.optimizer).__name__,
                          "langs": ref_langs, "param_diff": diff, "param_moved": moved,
                          "weights": [run.weighting.weight(l) for l in ref_langs],
                          "ref_weights": [ref_weighting.weight(l) for l in ref_langs],
                          "ref_coeffs": [coeffs[l] for l in ref_langs],
                          "shares": [shares[l] for l in ref_langs],
-                         "gram": seen["gram"].tolist(), "ref_gram": (ref_rows @ ref_rows.T).tolist(),
-                         "losses": seen["losses"].tolist(), "ref_losses": ref_losses.tolist()})
+                         "gram": seen["gram"].tolist(), "ref_gram": ref_gram.tolist(),
+                         "losses": seen["losses"].tolist(), "ref_losses": ref_losses.tolist(),
+                         "nll": seen["nll"].tolist(), "ref_nll": ref_grams.nll.tolist()})
         run.step += 1
     with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(rows_out, f)
+
+
+def reference(ref, plans, run, cfg):
+    """The single-process reference of a meta step on the same halves: (langs, whole-slot
+    rows g_n (K, |theta|), MetaGrams from the 2K half rows)."""
+    langs, rows, rho, losses, nll = reference_halves(ref, plans, run.train_splits, run.languages, run.tag_ids,
+                                                     cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+    k = len(langs)
+    plain, split, noise, agreement = fold_halves(rows @ rows.T, rho)
+    return langs, rows[:k] + rows[k:], MetaGrams(plain, split, noise, agreement, losses, nll)
 
 
 def load_engine_weights(run, ref) -> None:
@@ -152,13 +174,13 @@ def load_engine_weights(run, ref) -> None:
 
 
 def spy_on_update(weighting) -> dict:
-    """Record the Gram matrix and losses the training code hands to weighting.update."""
+    """Record the Gram matrix, losses and nll the training code hands to weighting.update."""
     seen = {}
     update = weighting.update
 
-    def spy(step, langs, losses, gram, shares):
-        seen.update(gram=gram.detach().clone(), losses=losses.detach().clone())
-        return update(step, langs, losses, gram, shares)
+    def spy(step, langs, losses, gram, shares, nll=None):
+        seen.update(gram=gram.detach().clone(), losses=losses.detach().clone(), nll=nll.detach().clone())
+        return update(step, langs, losses, gram, shares, nll=nll)
 
     weighting.update = spy
     return seen
