@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from cats_ds.data.groups import GroupError, check_named_groups
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
@@ -445,8 +447,6 @@ class Config:
         if e.valid_every < 0 or (e.valid_every and e.valid_every % t.valid_every):
             raise ConfigError(f"eval.valid_every={e.valid_every} must be 0 (off) or a multiple of "
                               f"train.valid_every={t.valid_every} (dev translation runs at validations)")
-        from cats_ds.groups import GroupError, check_named_groups
-
         try:
             check_named_groups(e.groups)
         except GroupError as err:
@@ -644,6 +644,20 @@ def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:
         if until is None or step < until:
             return int(every)
     return int(schedule[-1][1])
+
+
+def micro_step_tokens(cfg: Config | dict, world: int) -> int:
+    """The global token budget of one micro-step: train.max_tokens (per rank) x world size.
+    The sampler plans each draw for this budget, so it is what a run resumed on another
+    world size must keep. `cfg`: a Config, or the dict a checkpoint's cats_ds.json stores."""
+    max_tokens = cfg["train"]["max_tokens"] if isinstance(cfg, dict) else cfg.train.max_tokens
+    return max_tokens * world
+
+
+def tokens_per_update(cfg: Config | dict, world: int, gas: int = 1) -> int:
+    """The token budget of one optimizer update over all ranks: train.max_tokens x
+    gradient_accumulation_steps (`gas`, from the DeepSpeed JSON) x world size."""
+    return micro_step_tokens(cfg, world) * gas
 
 
 # --------------------------------------------------------------------------- printing

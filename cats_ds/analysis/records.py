@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 
 from cats_ds.analysis.similarity import AnalysisError, resource_groups
-from cats_ds.checkpoint import CHECKPOINT_META
+from cats_ds.checkpoints import CHECKPOINT_META
+from cats_ds.data.manifest import Manifest
 
 ANALYSIS_LOG = "analysis.jsonl"
 TRAIN_LOG = "train_log.jsonl"
@@ -108,8 +109,6 @@ def load_run(path: str | Path, label: Optional[str] = None) -> RunData:
 
 
 def _resource_from_manifest(config: dict, languages: list[str]) -> dict[str, str]:
-    from cats_ds.data.manifest import Manifest
-
     try:
         manifest = Manifest.load(config["data"]["dir"])
     except (FileNotFoundError, ValueError, KeyError):

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import is_expert_param, partial_gram
-from cats_ds.groups import group_for
+from cats_ds.data.groups import group_for
+from cats_ds.training.grads import is_expert_param, partial_gram
 
 if TYPE_CHECKING:
     from cats_ds.data.manifest import Manifest
-    from cats_ds.grads import PartitionGrads
+    from cats_ds.training.grads import PartitionGrads
 
 GROUPS: tuple[str, ...] = ("Emb", "E.SA", "E.FC", "E.LN", "D.SA", "D.EA", "D.FC", "D.LN", "experts", "other")
 """Parameter groups, in the order of the heatmap rows. Emb: the (tied) token embeddings;

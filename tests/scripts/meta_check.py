@@ -18,9 +18,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import plan_shares, reference_rows
 from cats_ds.model.transformer import build_model
-from cats_ds.train import gram_and_losses, meta_update, per_language_gradients, seed_everything
+from cats_ds.training.grads import plan_shares, reference_rows
+from cats_ds.training.loop import gram_and_losses, meta_update, per_language_gradients, seed_everything
 from cats_ds.weighting import make_weighting
 from checkscript import setup_from_command_line
 

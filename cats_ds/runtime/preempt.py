@@ -8,7 +8,7 @@ does (the non-finite check, MAX over ranks), so all ranks stop after the same up
 `latest` (the usual atomic save) and exit with REQUEUE_EXIT. A rank whose signal arrives
 while another rank is inside a collective is fine: the flag waits for the next boundary.
 
-The watchdog (cats_ds/watchdog.py) treats a launcher that is gone while this node's
+The watchdog (cats_ds/runtime/watchdog.py) treats a launcher that is gone while this node's
 ranks live (SIGTERM or kill -9 to the `deepspeed` runner, which installs no handler;
 kill -9 of DeepSpeed's launch process) as the same stop request (`request`); once a stop
 was requested it gives the rank STOP_GRACE_SECONDS to finish that update and the save

@@ -80,8 +80,8 @@ from typing import Optional
 
 import numpy as np
 
-from cats_ds.evaluate import EvalError, metrics, read_lines
-from cats_ds.groups import GROUPS
+from cats_ds.data.groups import GROUPS
+from cats_ds.inference.evaluate import EvalError, metrics, read_lines
 
 METRIC_NAMES = {"chrf": "chrF++", "bleu": "BLEU"}
 """bleu.json keys -> table names, in table order."""

@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
+from cats_ds.runtime.preempt import REQUEUE_EXIT
+
 OUTCOME_DIR_ENV = "CATS_OUTCOME_DIR"
 POLL_SECONDS = 0.2
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -70,8 +74,6 @@ def record_start() -> None:
 
 def record_exit(code: int, note: str = "") -> None:
     """This rank ends with exit status `code` (0 done, 75 stopped with latest/ saved)."""
-    from cats_ds.preempt import REQUEUE_EXIT
-
     _record("done" if code == 0 else "preempted" if code == REQUEUE_EXIT else "failed", code, note)
 
 
@@ -93,8 +95,6 @@ def read_outcomes(folder: Path) -> dict[int, dict]:
 def decide(runner_rc: int, outcomes: dict[int, dict]) -> tuple[int, str]:
     """(exit status, explanation or "") from the runner's status (negative: killed by that
     signal) and the ranks' records."""
-    from cats_ds.preempt import REQUEUE_EXIT
-
     if runner_rc > 0:
         return runner_rc, ""
     runner = "deepspeed exited 0" if runner_rc == 0 else f"deepspeed was killed by {signal.Signals(-runner_rc).name}"
@@ -171,9 +171,15 @@ def supervise(cmd: list[str]) -> int:
     return code
 
 
-def _alive(proc) -> bool:
-    from cats_ds.watchdog import gone
+def gone(proc: psutil.Process) -> bool:
+    """Exited, killed (a zombie not yet reaped counts as gone) or its pid reused."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
+
+def _alive(proc) -> bool:
     return not gone(proc)
 
 

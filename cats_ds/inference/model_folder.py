@@ -16,7 +16,7 @@ The folder holds
   README.md           what the model is: training data, updates, dev/test scores where known
 
 `evaluate`, `average`, `export` and `analyze` take such a folder wherever they take a
-checkpoint (cats_ds/checkpoint.py: read_meta, gather_state_dict, load_for_inference).
+checkpoint (cats_ds/checkpoints.py reads it: read_meta, gather_state_dict, load_for_inference).
 Translating needs only the folder; scoring needs the prepared data folder (`--data-dir`,
 checked against the fingerprint in config.json).
 """
@@ -32,85 +32,10 @@ from typing import Optional
 
 import torch
 
-from cats_ds.checkpoint import CheckpointError
+from cats_ds.checkpoints import CONFIG, FORMAT, FORMAT_VERSION, SPM, WEIGHTS, ModelFolderError
 from cats_ds.config import Config
-from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, lang_tag
-
-FORMAT = "cats_ds-model"
-FORMAT_VERSION = 1
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-SPM = f"{SPM_PREFIX}.model"
-
-
-class ModelFolderError(CheckpointError):
-    """The folder cannot be written or read as a model folder; the message names the file."""
-
-
-def is_model_folder(path: str | Path) -> bool:
-    """Whether `path` holds a model folder's config.json (not, e.g., a CTranslate2 export's)."""
-    config = Path(path) / CONFIG
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def read_config(path: str | Path) -> dict:
-    """config.json of a model folder, checked for the keys loading needs."""
-    file = Path(path) / CONFIG
-    try:
-        conf = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no model folder at {path} (expected {CONFIG} inside)") from None
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{file}: not valid JSON: {e}") from None
-    if conf.get("format") != FORMAT:
-        raise ModelFolderError(f"{file}: not a cats_ds model folder (format {conf.get('format')!r}, "
-                               f"expected {FORMAT!r})")
-    if conf.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFolderError(f"{file}: format_version {conf['format_version']} is newer than this cats_ds "
-                               f"reads ({FORMAT_VERSION}); update cats_ds")
-    missing = [k for k in ("model", "vocab_size", "languages", "training") if k not in conf]
-    if missing:
-        raise ModelFolderError(f"{file}: missing key(s) {', '.join(missing)}; export the model again")
-    for name in (WEIGHTS, SPM):
-        if not (Path(path) / name).is_file():
-            raise ModelFolderError(f"{Path(path) / name} is missing: a model folder holds {CONFIG}, {WEIGHTS} and "
-                                   f"{SPM}; copy the whole folder")
-    return conf
-
-
-def folder_meta(path: str | Path) -> dict:
-    """A model folder described like a checkpoint's cats_ds.json (what read_meta returns),
-    plus `model_folder: True`: the training config with config.json's model section."""
-    conf = read_config(path)
-    train = conf["training"]
-    config = dict(train["config"], model=conf["model"])
-    if conf.get("experts") is not None:
-        config["experts"] = conf["experts"]
-    config["eval"] = dict(config.get("eval", {}), **conf.get("eval", {}))
-    return {"step": train.get("step"), "valid_loss": train.get("valid_loss"), "config": config,
-            "languages": list(conf["languages"]), "manifest_fingerprint": train.get("manifest_fingerprint", ""),
-            "vocab_size": conf["vocab_size"], "world_size": 1, "zero_stage": 0,
-            "valid_scores": train.get("valid_scores"), "families": conf.get("families"),
-            "model_folder": True}
-
-
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in model.safetensors (tied tensors under one name; see fill_tied)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(path) / WEIGHTS
-    try:
-        return load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFolderError(f"{file}: damaged or not a safetensors file ({e}); copy the model folder again "
-                               f"or export it again") from None
-
+from cats_ds.data.manifest import BOS, EOS, PAD, UNK, lang_tag
+from cats_ds.model.families import load_family_map
 
 def untied_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every tensor once: a parameter registered under several
@@ -128,8 +53,6 @@ def family_assignment(cfg: Config, languages: list[str]) -> Optional[dict]:
     families the run's languages were routed to, so the folder needs no family-map file."""
     if not cfg.experts.modules:
         return None
-    from cats_ds.families import load_family_map
-
     names, ids = load_family_map(cfg.experts.families or "default").assign(languages)
     return {"map": cfg.experts.families or "default", "names": names,
             "of_language": {lang: names[i] for lang, i in zip(languages, ids)}}
@@ -182,8 +105,8 @@ python launch/export.py --checkpoint {out} --format transformers --out <folder>
 ```
 ```python
 import torch
-from cats_ds import search
-from cats_ds.checkpoint import load_model
+from cats_ds.checkpoints import load_model
+from cats_ds.inference import search
 
 cfg, model, vocab, languages, meta = load_model("{out}")
 lang = "{example}"
@@ -296,30 +219,3 @@ def staged_folder(out: Path):
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-BEST_MODEL = "model"
-"""The model folder training writes into its best checkpoint: <save_dir>/best/model/."""
-
-
-def write_best_model(save_dir: str | Path) -> Optional[Path]:
-    """At the end of training (rank 0): <save_dir>/best/model/, the model folder of the
-    best checkpoint. A failure is reported, not raised: the run itself is complete, and the
-    message gives the command that writes the folder later."""
-    from cats_ds.checkpoint import CHECKPOINT_META
-    from cats_ds.output import print0
-
-    best = Path(save_dir) / "best"
-    if not (best / CHECKPOINT_META).is_file():
-        return None
-    out = best / BEST_MODEL
-    try:
-        from cats_ds.export import export_checkpoint
-
-        export_checkpoint(best, out, "pytorch", force=True)
-    except Exception as e:  # reported with the fix; training's result stands
-        print0(f"| warning: could not write the model folder {out} ({type(e).__name__}: {e}); write it with "
-               f"python launch/export.py --checkpoint {best} --format pytorch --out {out} --force")
-        return None
-    print0(f"| model folder (weights, config, spm.model; needs no data folder): {out}")
-    return out

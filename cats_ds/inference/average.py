@@ -9,7 +9,7 @@ Each input's consolidated weights come from checkpoint.gather_state_dict: ZeRO-0
 model states, ZeRO-3 partitions (zero_to_fp32), and family-expert parameters from
 DeepSpeed MoE's per-expert files (keyed by global expert id, so expert e of one checkpoint
 is averaged with expert e of the others). Sums are taken in float64, the mean is stored
-in float32. Inputs may also be model folders (cats_ds/model_folder.py). The output folder
+in float32. Inputs may also be model folders (cats_ds/inference/model_folder.py). The output folder
 holds
   mp_rank_00_model_states.pt   {"module": averaged state dict} (expert parameters included;
                                the tied embedding once, as `embed.weight`)
@@ -30,10 +30,10 @@ from typing import Optional
 
 import torch
 
-from cats_ds.checkpoint import (CHECKPOINT_META, MODEL_STATES, CheckpointError, build_for_checkpoint, fill_tied,
-                                gather_state_dict, numbered_checkpoints, read_meta)
+from cats_ds.checkpoints import (CHECKPOINT_META, MODEL_STATES, SPM, CheckpointError, build_for_checkpoint, fill_tied,
+                                 gather_state_dict, numbered_checkpoints, read_meta)
 from cats_ds.config import config_from_dict
-from cats_ds.model_folder import SPM, untied_state, write_model_folder
+from cats_ds.inference.model_folder import untied_state, write_model_folder
 
 MUST_MATCH = ("languages", "vocab_size", "manifest_fingerprint")
 

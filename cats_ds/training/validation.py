@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from cats_ds.config import Config
 from cats_ds.data.manifest import LangSplit, Manifest, load_texts
-from cats_ds.evaluate import (EvalError, corpus_scores, decode_batches, decode_chunk, limit_sample,
-                              prepare_command, share_batches, tokenizer_for)
+from cats_ds.inference.evaluate import (EvalError, corpus_scores, decode_batches, decode_chunk, limit_sample,
+                                        prepare_command, share_batches, tokenizer_for)
 
 
 class DevSample(NamedTuple):

@@ -251,7 +251,7 @@ def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[
     autograd on a full copy of the model. Returns (langs, rows (K, |theta|) float64,
     mean losses (K,) float64)."""
     from cats_ds.data.sampler import Plan, collate, target_tokens
-    from cats_ds.losses import per_language_sums
+    from cats_ds.training.losses import per_language_sums
 
     params = [p for p in model.parameters() if p.requires_grad]
     grads: dict[int, torch.Tensor] = {}

@@ -22,20 +22,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cats_ds import preempt
 from cats_ds.analysis import analysis_step
-from cats_ds.checkpoint import (check_save_dir, needs_universal, prepare_save_dir, resume, save_checkpoint,
-                                save_numbered)
-from cats_ds.config import GRAM_METHODS, Config, distinct_languages, draws_at_meta_steps, meta_interval
+from cats_ds.analysis.analyze import AnalysisError, check_settings
+from cats_ds.analysis.similarity import param_group
+from cats_ds.config import GRAM_METHODS, Config, config_yaml, distinct_languages, draws_at_meta_steps, meta_interval
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
-from cats_ds.grads import PartitionGrads, grad_norms, gram_and_losses, is_expert_param
-from cats_ds.losses import per_language_sums
+from cats_ds.inference.evaluate import EvalError
+from cats_ds.inference.export import write_best_model
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import param_groups
 from cats_ds.model.transformer import Transformer
-from cats_ds.output import monitor, print0, split_monitors, write_events
+from cats_ds.runtime import preempt
+from cats_ds.runtime.output import monitor, print0, split_monitors, write_events
+from cats_ds.runtime.runlock import LockError, acquire, release
+from cats_ds.training.checkpoint import (check_save_dir, free_space, needs_universal, prepare_save_dir, resume,
+                                         save_checkpoint, save_numbered)
+from cats_ds.training.grads import PartitionGrads, grad_norms, gram_and_losses, is_expert_param
+from cats_ds.training.losses import per_language_sums
+from cats_ds.training.validation import check_supported, dev_scores, load_dev_texts, mean_score
 from cats_ds.weighting import make_weighting
 from cats_ds.weighting.base import Weighting
 
@@ -254,8 +260,6 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
             raise TrainError(f"data.languages: unknown language '{lang}'; prepared corpus "
                              f"{cfg.data.dir} has: {', '.join(manifest.languages)}")
     if cfg.analysis.every:
-        from cats_ds.analysis.analyze import AnalysisError, check_settings
-
         try:
             check_settings(cfg, languages)  # fail now, not at the first analysis
         except (AnalysisError, ValueError) as e:
@@ -295,9 +299,6 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
             run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
                                               cfg.train.seed, allow_missing=True)
     if cfg.eval.valid_every:
-        from cats_ds.dev_translation import check_supported, load_dev_texts
-        from cats_ds.evaluate import EvalError
-
         try:
             check_supported(cfg, engine.zero_optimization_stage())
             run.dev_refs = load_dev_texts(cfg, manifest, dev_splits)
@@ -320,8 +321,6 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
 def lock_save_dir(cfg: Config, rank: int, world: int) -> None:
     """One training per train.save_dir (cats_ds/runlock.py): rank 0 takes <save_dir>/train.lock
     before anything is written there; every rank raises its refusal."""
-    from cats_ds.runlock import LockError, acquire
-
     error = ""
     if rank == 0:
         try:
@@ -345,8 +344,6 @@ def write_run_config(cfg: Config, ds: dict, ds_config_path: str) -> None:
     (every key, its doc and its default; `--config` reads it back) and the DeepSpeed JSON
     as DeepSpeed got it (`ds_config.json`: blocks this project added included), and the
     config printed. A resumed run rewrites them with the settings of this session."""
-    from cats_ds.config import config_yaml
-
     save_dir = Path(cfg.train.save_dir)
     (save_dir / RUN_CONFIG).write_text(config_yaml(cfg, header=(
         f"Resolved experiment config of the run in {save_dir} (written by cats_ds at its start; a resumed run rewrites "
@@ -622,8 +619,6 @@ def measure_grad_norms(run: Run) -> None:
     train/grad_norm and train/grad_norm/<group>."""
     if not logs_this_update(run):
         return
-    from cats_ds.analysis.similarity import param_group
-
     if run.norm_grads is None:
         run.norm_grads = run.grads or PartitionGrads(run.engine)
     run.grad_norms = grad_norms(run.norm_grads, lambda name, p: param_group(name, is_expert_param(p)), run.device)
@@ -754,8 +749,6 @@ def write_log(run: Run, record: dict) -> None:
             with open(run.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a full or vanished disk: named (the launcher then stops the other ranks)
-            from cats_ds.checkpoint import free_space
-
             raise TrainError(f"{run.log_path}: cannot write the training log at step {run.step}: {e.strerror} "
                              f"({free_space(run.log_path.parent)}). Free space in train.save_dir="
                              f"{run.cfg.train.save_dir} (or choose another), then resume from the last good "
@@ -794,8 +787,6 @@ def log_valid(run: Run, res: dict, scores: Optional[dict] = None) -> float:
     events.append(("valid/mean_loss", mean, run.step))
     record = {"kind": "valid", "step": run.step, "mean_loss": mean, "langs": res}
     if scores is not None:
-        from cats_ds.dev_translation import mean_score
-
         for metric in ("bleu", "chrf"):
             events += [(f"valid/{metric}/en-{l}", v[metric], run.step) for l, v in scores.items()]
             record[metric] = mean_score(scores, metric)
@@ -840,8 +831,6 @@ def should_stop(run: Run) -> bool:
 
 def translate_dev(run: Run) -> dict[str, dict]:
     """BLEU / chrF++ per language on the dev subset (cats_ds/dev_translation.py)."""
-    from cats_ds.dev_translation import dev_scores
-
     run.engine.eval()
     scores = dev_scores(run.engine.module, run.cfg, run.dev_splits, run.dev_refs, run.languages, run.tag_ids,
                         run.vocab, run.rank, run.world)
@@ -872,8 +861,6 @@ def validate_and_save(run: Run, final: bool = False) -> None:
     run.best_valid = min(run.best_valid, mean)
     metric = run.cfg.train.best_metric
     if metric == "loss" or scores is not None:
-        from cats_ds.dev_translation import mean_score
-
         value = mean if metric == "loss" else mean_score(scores, metric)
         if is_better(metric, value, run.best_score):
             run.best_score, run.stale = value, 0
@@ -946,8 +933,6 @@ checkpoint of the run on the whole test split."""
 def hparam_values(run: Run) -> dict:
     """{section.key: value} for the hparams table (scalars; lists and None as text), plus
     the world size and accumulation steps."""
-    from cats_ds.config import Config
-
     default = Config().to_dict()
     values = {}
     for section, fields in run.cfg.to_dict().items():
@@ -981,8 +966,6 @@ def train(cfg: Config, ds_config_path: str) -> Run:
     """The whole run; run.requeue tells the caller it stopped on SIGTERM/SIGUSR1 (exit
     with preempt.REQUEUE_EXIT)."""
     preempt.install()  # before setup: a signal during start-up is honoured after the first update
-    from cats_ds.runlock import release
-
     try:
         try:
             run = setup(cfg, ds_config_path)
@@ -995,8 +978,6 @@ def train(cfg: Config, ds_config_path: str) -> Run:
         finally:  # done, stopped by a signal, or an error every rank raised outside a collective
             shutdown_distributed()
         if run.rank == 0 and not run.requeue:
-            from cats_ds.model_folder import write_best_model
-
             write_best_model(cfg.train.save_dir)  # still under the save_dir lock
     finally:
         release()  # <save_dir>/train.lock (rank 0)

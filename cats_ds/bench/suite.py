@@ -105,7 +105,7 @@ def bench_train(args) -> dict:
                 f"full step and bare PyTorch step interleaved; target tokens)",
                 ["ranks", "tokens/s", "bare tokens/s", "full/bare", "tokens/CPU-s", "full/bare CPU", "forwards/update",
                  "pad src", "pad tgt", "tokens/update", "peak RSS/rank MB", "model TFLOP/s", "MFU"], rows)
-    print(f"precision {results[0]['precision']} on {results[0]['device']}; MFU = model FLOPs (cats_ds/flops.py) / "
+    print(f"precision {results[0]['precision']} on {results[0]['device']}; MFU = model FLOPs (cats_ds/bench/flops.py) / "
           f"(peak x ranks), n/a where the peak is unknown (set PEAK_TFLOPS)")
     print_table("full step by phase (s per update, rank 0; reduction = DeepSpeed's backward epilogue, "
                 "backward excludes it)", ["ranks"] + PHASES + ["other", "total"],
@@ -171,12 +171,12 @@ def bench_decode(args) -> dict:
 
     from cats_ds.config import load_config
     from cats_ds.data.manifest import Manifest, Vocab, load_split
+    from cats_ds.inference.search import beam_search
     from cats_ds.model.build import model_from_config
-    from cats_ds.search import beam_search
 
     _ensure_prepared(args.recipe, args.overrides)
     if args.checkpoint:
-        from cats_ds.checkpoint import load_for_inference
+        from cats_ds.checkpoints import load_for_inference
 
         cfg, model, manifest, vocab, languages = load_for_inference(args.checkpoint)
         trained = True
@@ -277,8 +277,8 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
     and scoring excluded), same sentences, beam and eval.batch_tokens."""
     import torch
 
-    from cats_ds.checkpoint import MODEL_STATES
-    from cats_ds.checkpoint import CHECKPOINT_META
+    from cats_ds.checkpoints import MODEL_STATES
+    from cats_ds.checkpoints import CHECKPOINT_META
 
     rows, out = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +298,7 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
                    str(_free_port()), "launch/evaluate.py", "--checkpoint", str(ckpt), "--limit", str(per_lang),
                    "--out", str(res), f"eval.beam={args.beam}"]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[2])
             if proc.returncode != 0:
                 raise SystemExit(f"evaluate on {nproc} process(es) failed (exit {proc.returncode}):\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -315,7 +315,7 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
 def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
     """A function lang -> (seconds, {(lang, id): best hypothesis' tokens}) that translates
     the language's `batches` with an in-memory float32 CTranslate2 export of the same model,
-    decoded as `evaluate --backend ctranslate2` does (cats_ds/ct2_backend.py: same beam,
+    decoded as `evaluate --backend ctranslate2` does (cats_ds/inference/ct2_backend.py: same beam,
     length penalty, per-sentence length limits, banned tokens, </s> re-scoring of cut
     hypotheses; family-expert models: each language through its family's model); None
     when ctranslate2 is not installed or the model cannot be exported."""
@@ -325,8 +325,9 @@ def _ctranslate2_decoder(args, cfg, model, vocab, languages, splits, batches):
         print("(ctranslate2 not installed: no CTranslate2 row; pip install -e '.[export]')")
         yield None
         return
-    from cats_ds.ct2_backend import CT2Decoder
-    from cats_ds.export import ExportError, export_ctranslate2
+    from cats_ds.inference.ct2_backend import CT2Decoder
+    from cats_ds.inference.ct2_export import export_ctranslate2
+    from cats_ds.inference.export_common import ExportError
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -463,7 +464,7 @@ def _worker_setup(args):
     import torch.distributed as dist
 
     from cats_ds.config import load_config
-    from cats_ds.train import setup
+    from cats_ds.training.loop import setup
 
     overrides = list(args.overrides) + [f"train.save_dir={args.save_dir}", "train.tensorboard=false",
                                         "train.max_minutes=null"]
@@ -501,7 +502,7 @@ class BareStep:
     def __init__(self, run):
         import torch
 
-        from cats_ds.flops import precision_of
+        from cats_ds.bench.flops import precision_of
         from cats_ds.model.build import model_from_config
 
         cfg = run.cfg
@@ -539,12 +540,13 @@ class BareStep:
 def _local_forwards(run, plans) -> list:
     """The forwards the full step runs for these plans, collated for this rank (as
     train.forward_plan does): [(global target tokens, [(batch, live), ...])]."""
+    from cats_ds.config import micro_step_tokens
     from cats_ds.data.sampler import split_by_length, target_tokens
-    from cats_ds.train import local_batch
+    from cats_ds.training.loop import local_batch
 
     out = []
     for plan in plans:
-        groups = split_by_length(plan, run.train_splits, run.languages, run.cfg.train.max_tokens * run.world)
+        groups = split_by_length(plan, run.train_splits, run.languages, micro_step_tokens(run.cfg, run.world))
         tokens = sum(target_tokens(plan, run.train_splits, run.languages).values())
         out.append((tokens, [local_batch(run, g, run.train_splits) for g in groups]))
     return out
@@ -558,9 +560,9 @@ def worker_train(args) -> None:
 
     import torch
 
+    from cats_ds.bench.flops import peak_flops, precision_of, train_flops
     from cats_ds.data.manifest import PAD
-    from cats_ds.flops import peak_flops, precision_of, train_flops
-    from cats_ds.train import draws_as_drawn, plain_update
+    from cats_ds.training.loop import draws_as_drawn, plain_update
 
     cfg, run, dist = _worker_setup(args)
     bare = BareStep(run)
@@ -663,7 +665,7 @@ def _use_cats(run, cfg, every: int):
 
 def _ensure_grads(run) -> None:
     """The partition-gradient hook that meta steps need (a temperature recipe has none)."""
-    from cats_ds.grads import PartitionGrads, is_expert_param
+    from cats_ds.training.grads import PartitionGrads, is_expert_param
 
     if run.grads is None:
         run.grads = PartitionGrads(run.engine, include=lambda n, p: not is_expert_param(p))
@@ -672,7 +674,7 @@ def _ensure_grads(run) -> None:
 def _method_steps(run, cfg, dist, args) -> dict:
     """Per `--methods` entry: the same batches through its meta step (M=1), alternating
     with plain steps so drift in machine load hits both; seconds per step and the ratio."""
-    from cats_ds.train import meta_update, plain_update
+    from cats_ds.training.loop import meta_update, plain_update
     from cats_ds.weighting import make_weighting
 
     out = {}
@@ -698,9 +700,9 @@ def worker_cats(args) -> None:
     Dropout is off so the reference sees the same function; the Gram check and the memory
     reading come after warm-up plain steps, so the first step's one-off allocations
     (activations, optimizer state) count in neither."""
-    from cats_ds.grads import gram_and_losses, reference_rows
     from cats_ds.model.build import model_from_config
-    from cats_ds.train import meta_update, per_language_gradients, plain_update
+    from cats_ds.training.grads import gram_and_losses, reference_rows
+    from cats_ds.training.loop import meta_update, per_language_gradients, plain_update
     from cats_ds.weighting.base import TemperatureWeighting
 
     args.overrides = list(args.overrides) + ["model.dropout=0.0", "model.attention_dropout=0.0",
@@ -757,7 +759,7 @@ def worker_cats(args) -> None:
 
 def train_step_no_count(run) -> None:
     """train_step without its step increment (_timed counts steps)."""
-    from cats_ds.train import meta_update, plain_update
+    from cats_ds.training.loop import meta_update, plain_update
 
     (meta_update if run.weighting.is_meta_step(run.step) else plain_update)(run)
 
@@ -765,7 +767,7 @@ def train_step_no_count(run) -> None:
 def worker_meta(args) -> None:
     """CATS' meta-step time alone (for N=8 vs N=100 at the same K) or, with `--methods`,
     only each method's meta step against the plain step."""
-    from cats_ds.train import meta_update, plain_update
+    from cats_ds.training.loop import meta_update, plain_update
 
     cfg, run, dist = _worker_setup(args)
     result = {"languages": len(run.languages)}
@@ -825,7 +827,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="with --methods: only the coefficient-solve timings (1 process, no data, no launches)")
     s.add_argument("--steps", type=int, default=6)
     s.add_argument("--warmup", type=int, default=2)
-    from cats_ds.bench_experts import add_arguments as experts_arguments
+    from cats_ds.bench.experts import add_arguments as experts_arguments
 
     experts_arguments(sub.add_parser("experts", help="dense vs family-expert placements"))
     for name in ("train", "cats", "meta"):
@@ -847,7 +849,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta}[args.cmd](args)
         return
     if args.cmd == "experts":
-        from cats_ds.bench_experts import bench_experts
+        from cats_ds.bench.experts import bench_experts
 
         bench_experts(args)  # prints its table and writes --json itself
         return

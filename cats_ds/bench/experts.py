@@ -1,7 +1,7 @@
 """Benchmark of family-expert placements: training tokens/s of the dense model and of each
 placement, and parameters per rank with ep_size 1 and 2.
 
-    python -m cats_ds.bench experts --json out.json     (cats_ds/bench.py wires the CLI:
+    python -m cats_ds.bench experts --json out.json     (cats_ds/bench/suite.py wires the CLI:
                                                           `add_arguments` + `bench_experts`)
 
 Throughput is measured on this one process with ep_size 1: forward + backward + Adam step
@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from cats_ds.config import Config, config_from_dict, load_config
-from cats_ds.families import load_family_map
-from cats_ds.grads import is_expert_param
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import MODULES, set_local_dispatch
+from cats_ds.model.families import load_family_map
+from cats_ds.training.grads import is_expert_param
 
 PLACEMENTS = {"dense": [], **{m: [m] for m in MODULES}, "all": list(MODULES)}
 """Benchmarked configurations: experts.modules of each."""

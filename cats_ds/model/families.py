@@ -1,12 +1,12 @@
 """Language-family maps for expert routing: YAML files of `family: [language, ...]`.
 
 `experts.families` names a map: a path to a YAML file, or the name of one shipped in
-cats_ds/families/ (`default`, `ted8_related`, `ted8_diverse`, `wmt10`). Languages are
+cats_ds/model/families/ (`default`, `ted8_related`, `ted8_diverse`, `wmt10`). Languages are
 looked up exactly first, then by their base language, so gettext locale names route
 with their language (`pt_BR` -> `pt`, `sr@latin` -> `sr`, `zh_Hans` -> `zh`, `en_GB`
 -> `en`) and mBART codes too (`de_DE` -> `de`); a map may still list a locale on its own
 to give it a different family. ISO 639-1 and 639-3 codes are interchangeable
-(cats_ds/langcodes.py): the 639-3 TED8 maps route a 2-letter corpus (`tr`, `pt_BR` ->
+(cats_ds/data/langcodes.py): the 639-3 TED8 maps route a 2-letter corpus (`tr`, `pt_BR` ->
 `tur`, `por`) and the 639-1 maps a 3-letter one. A language found in none of these ways
 is an error naming it.
 
@@ -17,7 +17,6 @@ gives families ["x", "y"] and ids [1, 0].
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,26 +24,15 @@ from typing import Sequence
 import yaml
 
 from cats_ds.config import ConfigError
-from cats_ds.langcodes import equivalents
+from cats_ds.data.langcodes import base_language, equivalents
 
 FAMILY_DIR = Path(__file__).resolve().parent / "families"
 """Where the shipped maps live (installed as package data)."""
 
-# language, then optional _REGION / -Script parts, .encoding and @modifier:
-# pt_BR, zh_Hans, sr@latin, ca@valencia, de_DE.UTF-8, en@quot
-_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-][A-Za-z0-9]+)*(?:\.[A-Za-z0-9-]+)?(?:@[A-Za-z0-9]+)?")
-
 
 def shipped_maps() -> list[str]:
-    """Names of the maps in cats_ds/families/."""
+    """Names of the maps in cats_ds/model/families/."""
     return sorted(p.stem for p in FAMILY_DIR.glob("*.yaml"))
-
-
-def base_language(code: str) -> str:
-    """The language part of a locale or mBART code (`pt_BR` -> `pt`); `code` itself when
-    it has no region, script or modifier, or does not look like a locale at all."""
-    m = _LOCALE.fullmatch(code)
-    return m.group(1).lower() if m else code
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ launch process and every rank running. So each rank polls the launcher processes
 When one of them is gone while this node's other ranks (the launch process' other
 children) still live, that is a stop like a preemption (`docker stop`, systemd and
 `kill <pid>` signal the main process, which is the runner): the watchdog requests a stop
-(cats_ds/preempt.py), the ranks agree after the current update, save `latest/` and exit
+(cats_ds/runtime/preempt.py), the ranks agree after the current update, save `latest/` and exit
 75, and a rank still running preempt.STOP_GRACE_SECONDS later is ended. Only when a peer
 rank is gone too (no all_reduce can complete) does the rank exit at once (EXIT_CODE).
 A process started any other way (plain `python`, a debugger) is not watched: its parent
@@ -26,7 +26,8 @@ import time
 
 import psutil
 
-from cats_ds import preempt
+from cats_ds.runtime import preempt, runlock, supervise
+from cats_ds.runtime.supervise import gone
 
 POLL_SECONDS = 1.0
 """Seconds between checks; the environment variable CATS_WATCHDOG_POLL_S overrides it."""
@@ -73,14 +74,6 @@ def launcher_chain() -> list[psutil.Process]:
     return chain
 
 
-def gone(proc: psutil.Process) -> bool:
-    """Exited, killed (a zombie not yet reaped counts as gone) or its pid reused."""
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
 def siblings(launch: psutil.Process) -> list[psutil.Process]:
     """The other ranks the launch process started on this node (its other children)."""
     try:
@@ -90,8 +83,6 @@ def siblings(launch: psutil.Process) -> list[psutil.Process]:
 
 
 def _exit(label: str, message: str) -> None:
-    from cats_ds import runlock, supervise
-
     print(f"error: {label}: {message}", file=sys.stderr, flush=True)
     supervise.record_exit(EXIT_CODE, message)
     runlock.release()  # os._exit skips atexit
@@ -101,7 +92,7 @@ def _exit(label: str, message: str) -> None:
 def watch(processes: list[psutil.Process], label: str, poll: float = POLL_SECONDS,
           grace: float = preempt.STOP_GRACE_SECONDS, launch: psutil.Process | None = None) -> threading.Thread:
     """Start a daemon thread that watches `processes` (the launchers above this rank).
-    When one is gone: a stop request (cats_ds/preempt.py: agree, save latest/, exit 75),
+    When one is gone: a stop request (cats_ds/runtime/preempt.py: agree, save latest/, exit 75),
     unless one of the peer ranks (the other children of `launch`, as last seen while it
     lived; none if None) is gone too: then this process ends at once (exit code EXIT_CODE,
     a message on stderr). A rank still running `grace` seconds after a launcher went away

@@ -4,7 +4,7 @@ corpus that uses the other: the shipped TED8 maps are 639-3 (`tur`, `por`), gett
 OPUS-100 corpora are 639-1 (`tr`, `pt_BR`).
 
 Coverage, on purpose a small table and not the whole standard: every 2-letter code in
-the shipped family maps (cats_ds/families/*.yaml), which covers the 99 OPUS-100
+the shipped family maps (cats_ds/model/families/*.yaml), which covers the 99 OPUS-100
 languages, the gettext locales of the reference image, WMT10 and the TED8 languages
 (tests/test_experts.py checks this). A 639-3 code is the T (terminology) code; the
 bibliographic 639-2/B codes that differ (`fre`, `ger`, `cze` ...) are accepted as
@@ -15,6 +15,7 @@ withdrawn from 639-1 but used by OPUS-100) maps to the macrolanguage `hbs`; `mo`
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 ISO_639_1_TO_3: dict[str, str] = dict(pair.split(":") for pair in """
@@ -67,3 +68,15 @@ def equivalents(code: str) -> list[str]:
 def same_language(a: str, b: str) -> bool:
     """Whether two codes name the same language (equal, or 639-1/639-3/639-2B of one another)."""
     return a == b or (to_639_3(a) is not None and to_639_3(a) == to_639_3(b))
+
+
+# language, then optional _REGION / -Script parts, .encoding and @modifier:
+# pt_BR, zh_Hans, sr@latin, ca@valencia, de_DE.UTF-8, en@quot
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-][A-Za-z0-9]+)*(?:\.[A-Za-z0-9-]+)?(?:@[A-Za-z0-9]+)?")
+
+
+def base_language(code: str) -> str:
+    """The language part of a locale or mBART code (`pt_BR` -> `pt`); `code` itself when
+    it has no region, script or modifier, or does not look like a locale at all."""
+    m = _LOCALE.fullmatch(code)
+    return m.group(1).lower() if m else code

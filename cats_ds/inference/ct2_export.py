@@ -1,11 +1,5 @@
-"""Export a checkpoint (or a model folder) for inference outside this project:
-
-    python launch/export.py --checkpoint runs/gettext8/best --format pytorch --out models/gettext8
-    python launch/export.py --checkpoint runs/gettext8/best --format transformers --out hf/gettext8
-    python launch/export.py --checkpoint runs/gettext8/best --format ctranslate2 --out exports/gettext8
-
-`pytorch` writes a model folder (cats_ds/model_folder.py), `transformers` a Hugging Face
-folder (cats_ds/hf_export.py); the rest of this file is the CTranslate2 export.
+"""The CTranslate2 export (`launch/export.py --format ctranslate2`; cats_ds/inference/export.py
+dispatches the formats).
 
 The CTranslate2 export folder holds
   model.bin, config.json,           the CTranslate2 model (ctranslate2.Translator(DIR) loads it)
@@ -47,14 +41,11 @@ import torch
 
 from cats_ds.config import Config
 from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
+from cats_ds.inference.export_common import ExportError, _expert
+from cats_ds.model.families import load_family_map
 from cats_ds.model.transformer import Attention, FeedForward, Transformer
 
-FORMATS = ("pytorch", "transformers", "ctranslate2")
 NORM_EPS = {"layernorm": 1e-5, "layernorm_noaffine": 1e-5, "rmsnorm": 1e-6, "rmsnorm_noaffine": 1e-6}
-
-
-class ExportError(Exception):
-    """The checkpoint cannot be exported as asked; the message says why and what is supported."""
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -90,24 +81,6 @@ def _set_linear(spec, *linears: torch.nn.Linear) -> None:
     """One CTranslate2 linear from one or more of ours stacked along the output dimension."""
     spec.weight = np.concatenate([_np(lin.weight) for lin in linears], axis=0)
     spec.bias = np.concatenate([_np(lin.bias) for lin in linears], axis=0)
-
-
-def _expert(module: torch.nn.Module, family: Optional[int]) -> torch.nn.Module:
-    """`module` itself, or, for a family-expert layer, its expert of `family` (the module
-    that family's tokens run through)."""
-    from cats_ds.model.experts import ExpertFeedForward, ExpertOutputEmbedding, FamilyMoE
-
-    if isinstance(module, (ExpertFeedForward, ExpertOutputEmbedding)):
-        module = module.moe
-    if not isinstance(module, FamilyMoE):
-        return module
-    if family is None:
-        raise ExportError("a family-expert layer needs the family to export (export_ctranslate2 does it per family)")
-    experts = module.deepspeed_moe.experts.deepspeed_experts
-    if len(experts) != module.num_experts:
-        raise ExportError(f"expert layer holds {len(experts)} of {module.num_experts} experts: load the model "
-                          f"on one process (ep_size 1), as load_for_inference does")
-    return experts[family]
 
 
 def _set_attention(spec, attn: Attention, cross: bool, family: Optional[int]) -> None:
@@ -214,7 +187,7 @@ print([sp.decode(r.hypotheses[0]) for r in results])
 ```
 
 With `beam_size=1` and these options CTranslate2 gives the same tokens as the project's
-greedy search (`cats_ds.search.greedy_search`, tested), which never generates <pad>, <unk>
+greedy search (`cats_ds.inference.search.greedy_search`, tested), which never generates <pad>, <unk>
 or <s> and may stop at once. Its length limit is int({max_len_a} * source length + {max_len_b})
 tokens including </s> (source length counting </s>): pass that minus 1 as
 `max_decoding_length` (CTranslate2 does not count </s>) to match it exactly.
@@ -284,8 +257,6 @@ def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: li
         _write_ctranslate2(transformer_spec(cfg, model, tokens), spm_dir, languages, tmp, quantization,
                            readme(out, languages))
     else:
-        from cats_ds.families import load_family_map
-
         if family_names is not None:  # a model folder's stored assignment: no map file needed
             families, lang_family = list(family_names), model.lang_family.tolist()
         else:
@@ -305,40 +276,3 @@ def _write_all(cfg: Config, model: Transformer, tokens: list[str], languages: li
             folders.update({lang: family for lang in langs})
         (tmp / "families.json").write_text(json.dumps({"families": families, "folder": folders}, indent=1),
                                            encoding="utf-8")
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "ctranslate2", force: bool = False,
-                      quantization: Optional[str] = None, data_dir: Optional[str | Path] = None) -> Path:
-    """Export a training checkpoint folder (see cats_ds/checkpoint.py) or a model folder
-    (cats_ds/model_folder.py) as `fmt`. A DeepSpeed checkpoint needs its data folder for
-    spm.model (`data_dir`, default its data.dir); a model folder needs nothing else."""
-    from cats_ds.checkpoint import load_model
-
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt}: supported formats: {', '.join(FORMATS)}")
-    if quantization and fmt != "ctranslate2":
-        raise ExportError(f"--quantization is for --format ctranslate2; --format {fmt} writes float32 weights")
-    if fmt == "ctranslate2":
-        _ctranslate2()
-    cfg, model, vocab, languages, meta = load_model(checkpoint, data_dir=data_dir)
-    spm_dir = Path(checkpoint) if meta.get("model_folder") else Path(cfg.data.dir)
-    if fmt == "pytorch":
-        from cats_ds.model_folder import write_model_folder
-
-        pairs = None
-        if not meta.get("model_folder"):
-            from cats_ds.data.manifest import Manifest
-
-            manifest = Manifest.load(cfg.data.dir)
-            pairs = {lang: manifest.train_pairs(lang) for lang in languages}
-        return write_model_folder(cfg, model, languages, spm_dir / f"{SPM_PREFIX}.model", out, meta,
-                                  checkpoint=str(checkpoint), force=force, pair_counts=pairs)
-    if fmt == "transformers":
-        from cats_ds.hf_export import export_transformers
-
-        return export_transformers(cfg, model, vocab, languages, out, force=force, checkpoint=str(checkpoint),
-                                   step=meta.get("step"), spm_dir=spm_dir,
-                                   family_names=(meta.get("families") or {}).get("names"))
-    return export_ctranslate2(cfg, model, vocab, languages, out, force=force, quantization=quantization,
-                              checkpoint=str(checkpoint), step=meta.get("step"), spm_dir=spm_dir,
-                              family_names=(meta.get("families") or {}).get("names"))

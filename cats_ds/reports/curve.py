@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cats_ds.checkpoint import CHECKPOINT_META, STEP_PREFIX, numbered_checkpoints, read_meta
-from cats_ds.evaluate import EvalError, default_out_dir
+from cats_ds.analysis.figures import _figure, have_matplotlib
+from cats_ds.checkpoints import CHECKPOINT_META, STEP_PREFIX, numbered_checkpoints, read_meta
+from cats_ds.inference.evaluate import EvalError, default_out_dir, evaluate_checkpoint
 
 GROUP_ORDER = ("Lo", "Mid", "Hi", "All")
 
@@ -114,8 +115,6 @@ def curve_points(run: str | Path, split: str = "test", evaluate_missing: bool = 
                 raise EvalError(f"{ckpt}: {why} on {split} ({scores_file}); run `python launch/evaluate.py "
                                 f"--checkpoint {ckpt} --split {split}"
                                 f"{f' --limit {limit}' if limit else ''}` or pass --evaluate")
-            from cats_ds.evaluate import evaluate_checkpoint
-
             evaluate_checkpoint(ckpt, split=split, limit=limit)
         result = json.loads(scores_file.read_text(encoding="utf-8"))
         settings = result.get("settings", {})
@@ -180,8 +179,6 @@ def curve_figure(points: Sequence[CurvePoint]):
     """chrF++ | BLEU | dev loss against minutes (updates on the upper axis)."""
     import numpy as np
 
-    from cats_ds.analysis.figures import _figure
-
     fig = _figure(13.5, 4.0)
     axes = fig.subplots(1, 3)
     minutes = np.array([p.minutes for p in points])
@@ -215,8 +212,6 @@ def curve_figure(points: Sequence[CurvePoint]):
 def write_curve(points: Sequence[CurvePoint], out: str | Path, split: str,
                 minutes: Sequence[float] = (10, 30, 60)) -> str:
     """curve.md, curve.json and (with matplotlib) curve.png under `out`; returns the table."""
-    from cats_ds.analysis.figures import have_matplotlib
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marks = at_minutes(points, minutes)

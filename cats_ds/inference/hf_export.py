@@ -66,9 +66,10 @@ import torch
 
 from cats_ds.config import Config
 from cats_ds.data.manifest import BOS, EOS, PAD, SPM_PREFIX, UNK, Vocab, lang_tag
-from cats_ds.export import ExportError, _expert
+from cats_ds.inference.export_common import ExportError, _expert
+from cats_ds.inference.model_folder import staged_folder
+from cats_ds.model.families import load_family_map
 from cats_ds.model.transformer import Transformer
-from cats_ds.model_folder import staged_folder
 
 NORMS = ("layernorm", "layernorm_noaffine")
 
@@ -282,8 +283,6 @@ def export_transformers(cfg: Config, model: Transformer, vocab: Vocab, languages
             _write_one(cfg, model, vocab, languages, spm, tmp, None, readme(out, languages))
         else:
             if family_names is None:
-                from cats_ds.families import load_family_map
-
                 family_names = load_family_map(cfg.experts.families or "default").assign(languages)[0]
             names = list(family_names)
             folders = {}

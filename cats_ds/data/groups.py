@@ -6,7 +6,7 @@ Two ways to set them:
     named sets of a benchmark (TED8's Lo/Hi), which a size cut could split differently
     on another corpus. Every evaluated language must be listed under one group; codes
     match exactly, by base language (`pt_BR` -> `pt`) or across ISO 639-1/639-3
-    (`tr` = `tur`, cats_ds/langcodes.py);
+    (`tr` = `tur`, cats_ds/data/langcodes.py);
   - by size (the default, when eval.groups is empty): fewer than eval.lo_max training
     pairs Lo, at least eval.hi_min Hi, Mid in between.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-from cats_ds.langcodes import equivalents
+from cats_ds.data.langcodes import base_language, equivalents
 
 GROUPS = ("Lo", "Mid", "Hi")
 
@@ -32,8 +32,6 @@ def group_of(train_pairs: int, lo_max: int, hi_min: int) -> str:
 
 
 def _codes(lang: str) -> list[str]:
-    from cats_ds.families import base_language
-
     base = base_language(lang)
     return list(dict.fromkeys([lang, base, *equivalents(lang), *equivalents(base)]))
 

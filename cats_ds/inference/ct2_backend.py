@@ -1,14 +1,14 @@
 """CTranslate2 as a decoding backend of `evaluate` (`--backend ctranslate2`) and of
 `bench decode`.
 
-The checkpoint is exported on the fly (cats_ds/export.py) into a cache folder,
+The checkpoint is exported on the fly (cats_ds/inference/export.py) into a cache folder,
 `<save_dir>/eval/ctranslate2/<checkpoint name>/`, and reused while the checkpoint is
 unchanged: `source.json` there records the checkpoint's files (name, size, mtime) and
 its cats_ds.json; any difference (training re-saved best/, another checkpoint copied
 over it) exports again. A family-expert checkpoint decodes each language with its
 family's model (`families.json`).
 
-Decoding follows cats_ds.search as closely as CTranslate2 allows:
+Decoding follows cats_ds.inference.search as closely as CTranslate2 allows:
   - the same beam size and length penalty (hypotheses ranked by sum log-prob /
     length^lenpen, length counting </s>: CTranslate2's `length_penalty`);
   - the same length limit per sentence, int(max_len_a * source length + max_len_b)
@@ -18,7 +18,7 @@ Decoding follows cats_ds.search as closely as CTranslate2 allows:
     limit minus 1 is passed (CTranslate2 does not count </s>);
   - <pad>, <unk> and <s> are never generated (`suppress_sequences`, `disable_unk`), no
     minimum length, the `<2xx>` tag is the first decoder input (`target_prefix`).
-At the length limit cats_ds.search allows only </s> and counts its log-probability;
+At the length limit cats_ds.inference.search allows only </s> and counts its log-probability;
 CTranslate2 stops there without </s> and scores the hypothesis without it, so cut
 hypotheses look better to it than to us. When a sentence's best CTranslate2 hypothesis is
 such a cut one, all its n-best hypotheses are scored again as ours are (`score_batch`:
@@ -29,7 +29,7 @@ CTranslate2's n-best: a model that runs to the length limit on a sentence may th
 another hypothesis than ours there (seen with a barely trained model; tested to stay
 within 0.1 BLEU).
 One difference remains: CTranslate2 renormalizes the softmax over the tokens it may
-still generate, while cats_ds.search leaves the banned tokens' mass out without
+still generate, while cats_ds.inference.search leaves the banned tokens' mass out without
 renormalizing (so its scores equal teacher forcing). Scores during the search therefore
 differ by the log of (1 - that mass), which only reorders beams whose scores nearly tie:
 with greedy search (beam 1) the tokens are identical, with beam 5 almost every sentence
@@ -46,11 +46,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cats_ds.checkpoint import CHECKPOINT_META
+from cats_ds.checkpoints import CHECKPOINT_META, read_meta
 from cats_ds.data.manifest import BOS, EOS, PAD
+from cats_ds.inference.ct2_export import _ctranslate2, export_ctranslate2
 
 BACKENDS = ("pytorch", "ctranslate2")
-"""pytorch: the project's own search (cats_ds/search.py); ctranslate2: an export of the checkpoint."""
+"""pytorch: the project's own search (cats_ds/inference/search.py); ctranslate2: an export of the checkpoint."""
 SOURCE_FILE = "source.json"
 
 
@@ -73,9 +74,6 @@ def cached_export(checkpoint: str | Path, cfg, model, vocab, languages: list[str
                   say=print) -> Path:
     """The CTranslate2 export of `checkpoint` (whose loaded config/model/vocab are given),
     from the cache when it was made from the same checkpoint files, else exported now."""
-    from cats_ds.checkpoint import read_meta
-    from cats_ds.export import export_ctranslate2
-
     cache = Path(cache) if cache is not None else cache_dir(checkpoint)
     source = checkpoint_fingerprint(checkpoint)
     stamp = cache / SOURCE_FILE
@@ -106,19 +104,17 @@ def limit_runs(limits: list[int]) -> list[tuple[int, int]]:
 
 
 def max_length(src_len: int, max_len_a: float, max_len_b: int, max_positions: int) -> int:
-    """cats_ds.search.max_lengths for one sentence of src_len tokens (</s> included)."""
+    """cats_ds.inference.search.max_lengths for one sentence of src_len tokens (</s> included)."""
     return int(min(max(int(np.floor(max_len_a * src_len + max_len_b)), 1), max_positions))
 
 
 class CT2Decoder:
     """Decodes batches of prepared source sentences (token ids ending in </s>) with the
     CTranslate2 export in `folder`; results are token ids ending in </s>, as
-    cats_ds.search gives them."""
+    cats_ds.inference.search gives them."""
 
     def __init__(self, folder: str | Path, vocab, max_positions: int, device: str = "cpu",
                  threads: Optional[int] = None):
-        from cats_ds.export import _ctranslate2
-
         self.ct2 = _ctranslate2()
         self.folder = Path(folder)
         index = self.folder / "families.json"
@@ -169,8 +165,8 @@ class CT2Decoder:
 
     def _rescore(self, translator, tag: str, todo: list, lenpen: float, out: list) -> None:
         """Hypotheses cut at the length limit end without </s> in CTranslate2, scored without
-        it; cats_ds.search ends them with </s> and counts its log-probability. Score every
-        hypothesis of those sentences as cats_ds.search does (teacher forcing: score_batch
+        it; cats_ds.inference.search ends them with </s> and counts its log-probability. Score every
+        hypothesis of those sentences as cats_ds.inference.search does (teacher forcing: score_batch
         appends </s>, no renormalization) and keep the best by sum / length^lenpen."""
         sources = [src for _, src, hyps in todo for _ in hyps]
         targets = [[tag] + h for _, _, hyps in todo for h in hyps]

@@ -1,6 +1,6 @@
 """The pass/fail table at the end of launch/gpu_check.sh, from the files its paths wrote.
 
-    python -m cats_ds.gpu_check <OUT> <UPDATES> <RESUME_UPDATES>
+    python -m cats_ds.bench.gpu_check <OUT> <UPDATES> <RESUME_UPDATES>
 
 A path passes when its command exited 0 AND its files show the work was done: the
 training runs reached their last update (the resumed one continued from its latest/
@@ -112,7 +112,7 @@ def check(out: Path, updates: int, resume_updates: int) -> tuple[list[list], dic
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
-        print("usage: python -m cats_ds.gpu_check OUT UPDATES RESUME_UPDATES", file=sys.stderr)
+        print("usage: python -m cats_ds.bench.gpu_check OUT UPDATES RESUME_UPDATES", file=sys.stderr)
         return 2
     out, updates, resume_updates = Path(args[0]), int(args[1]), int(args[2])
     rows, summary = check(out, updates, resume_updates)

@@ -46,12 +46,15 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
-from cats_ds import search
-from cats_ds.checkpoint import CheckpointError, load_for_inference, read_meta
-from cats_ds.config import Config, EvalConfig, config_from_dict, merge_overrides, parse_override
+from cats_ds.checkpoints import CheckpointError, load_for_inference, read_meta
+from cats_ds.config import Config, DataConfig, EvalConfig, config_from_dict, merge_overrides, parse_override
+from cats_ds.data.groups import GROUPS, GroupError, group_for
 from cats_ds.data.manifest import LangSplit, RawTextError, load_split, load_texts
 from cats_ds.data.sampler import chunk_by_budget, pad_stack
-from cats_ds.groups import GROUPS, GroupError, group_for
+from cats_ds.inference import search
+from cats_ds.inference.ct2_backend import BACKENDS, prepare_decoder
+from cats_ds.inference.ct2_export import _ctranslate2
+from cats_ds.inference.export_common import ExportError
 from cats_ds.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -180,8 +183,6 @@ def default_out_dir(checkpoint: str | Path, split: str) -> Path:
 def prepare_command(data) -> str:
     """The `prepare` command line that rebuilds a checkpoint's data folder: every data.*
     setting that differs from its default, as an override."""
-    from cats_ds.config import DataConfig
-
     default = DataConfig()
     args = []
     for key, value in vars(data).items():
@@ -321,10 +322,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     to score against (default: the data.dir the model was trained with; a `data.dir=DIR`
     override means the same). `dtype`: fp32, bf16 or fp16, the precision of the weights
     and activations while decoding (beam scores are accumulated in fp32 whatever it is).
-    `backend`: pytorch (cats_ds.search) or ctranslate2 (a cached export of the checkpoint,
-    decoded with the same beam, length penalty and length limits: cats_ds/ct2_backend.py)."""
-    from cats_ds.ct2_backend import BACKENDS
-
+    `backend`: pytorch (cats_ds.inference.search) or ctranslate2 (a cached export of the checkpoint,
+    decoded with the same beam, length penalty and length limits: cats_ds/inference/ct2_backend.py)."""
     overrides = list(overrides or [])
     for text in [t for t in overrides if parse_override(t)[0] == ["data", "dir"]]:  # = --data-dir
         value = text.split("=", 1)[1]
@@ -341,8 +340,6 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", limit: Opti
     if backend not in BACKENDS:
         raise EvalError(f"--backend {backend}: choices: {', '.join(BACKENDS)}")
     if backend == "ctranslate2":
-        from cats_ds.export import ExportError, _ctranslate2
-
         try:
             _ctranslate2()
         except ExportError as e:
@@ -409,9 +406,6 @@ def _evaluate(ckpt: Path, split: str, limit: Optional[int], out_dir, languages, 
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, split)
     ct2 = None
     if backend == "ctranslate2":
-        from cats_ds.ct2_backend import prepare_decoder
-        from cats_ds.export import ExportError
-
         try:
             ct2 = prepare_decoder(ckpt, cfg, model, vocab, ckpt_langs, device, rank, world, say=say)
         except ExportError as e:
