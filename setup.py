@@ -6,7 +6,7 @@ setup(
     description="DeepSpeed training stack for massively multilingual translation with "
                 "Curvature-Aware Task Scaling (Li & Gong)",
     packages=find_packages(include=["cats_ds", "cats_ds.*"]),
-    package_data={"cats_ds": ["families/*.yaml"]},
+    package_data={"cats_ds.model": ["families/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1,<2.14",
@@ -21,8 +21,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "numpy>=1.22",
-        "psutil>=5.8",  # ranks watch their launcher (cats_ds/watchdog.py); DeepSpeed needs it too
-        "safetensors>=0.4",  # model folders (cats_ds/model_folder.py)
+        "psutil>=5.8",  # ranks watch their launcher (cats_ds/runtime/watchdog.py); DeepSpeed needs it too
+        "safetensors>=0.4",  # model folders (cats_ds/inference/model_folder.py)
     ],
     extras_require={
         "plot": ["matplotlib>=3.5"],

@@ -14,7 +14,7 @@
     cats-curve    --run DIR [--split test] [--evaluate] [--limit N] [--minutes 10,30,60] [--out DIR]
     cats-figure3  --arm LABEL:DIR[,DIR...] ... --out FIG.png [--json F] [--alpha-out F.png]
                   [--data DIR | --lo a,b --hi c,d] [--groups Lo,Hi] [--smooth 5] [--smooth-dev 1] [--band minmax]
-                  (also python -m cats_ds.figure3)
+                  (also python launch/figure3.py)
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
 
 def train_main(argv: Optional[list[str]] = None) -> None:
     """launch/train.py. Under launch/supervise.py each rank records how it ended
-    (cats_ds/supervise.py), since DeepSpeed's runner does not always pass it on."""
-    from cats_ds import preempt, supervise
+    (cats_ds/runtime/supervise.py), since DeepSpeed's runner does not always pass it on."""
+    from cats_ds.runtime import preempt, supervise
 
     preempt.install()  # before the record: the wrapper forwards stop signals to recorded ranks
     supervise.record_start()
@@ -96,9 +96,9 @@ def _train(argv: Optional[list[str]]) -> None:
         return
     if not args.deepspeed_config:
         p.error("the following arguments are required to train: --deepspeed_config (or --print-config)")
-    from cats_ds.checkpoint import CheckpointError
-    from cats_ds.train import TrainError, train
-    from cats_ds.watchdog import watch_launcher
+    from cats_ds.checkpoints import CheckpointError
+    from cats_ds.runtime.watchdog import watch_launcher
+    from cats_ds.training.loop import TrainError, train
     from cats_ds.weighting.base import WeightingError
 
     watch_launcher()  # stop (save latest/) when the deepspeed launcher dies (kill -9 / SIGTERM to the runner)
@@ -106,8 +106,8 @@ def _train(argv: Optional[list[str]]) -> None:
         run = train(cfg, args.deepspeed_config)
     except (TrainError, CheckpointError, ConfigError, WeightingError) as e:
         _fail(str(e))
-    if run.requeue:  # stopped on SIGTERM/SIGUSR1 with latest/ saved (cats_ds/preempt.py)
-        from cats_ds.preempt import REQUEUE_EXIT
+    if run.requeue:  # stopped on SIGTERM/SIGUSR1 with latest/ saved (cats_ds/runtime/preempt.py)
+        from cats_ds.runtime.preempt import REQUEUE_EXIT
 
         sys.exit(REQUEUE_EXIT)
 
@@ -139,7 +139,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.beam=1")
     args = p.parse_args(argv)
-    from cats_ds.evaluate import EvalError, evaluate_checkpoint
+    from cats_ds.inference.evaluate import EvalError, evaluate_checkpoint
 
     try:
         evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, out_dir=args.out,
@@ -161,8 +161,8 @@ def average_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", required=True, help="output checkpoint folder, e.g. runs/gettext8/avg5")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    from cats_ds.average import AverageError, average_main_impl
-    from cats_ds.checkpoint import CheckpointError
+    from cats_ds.checkpoints import CheckpointError
+    from cats_ds.inference.average import AverageError, average_main_impl
 
     try:
         average_main_impl(args.inputs, args.last, args.save_dir, args.out, args.force)
@@ -185,8 +185,9 @@ def export_main(argv: Optional[list[str]] = None) -> None:
                    help="CTranslate2 weight type, e.g. int8, int8_float16, float16 (default: float32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    from cats_ds.checkpoint import CheckpointError
-    from cats_ds.export import ExportError, export_checkpoint
+    from cats_ds.checkpoints import CheckpointError
+    from cats_ds.inference.export import export_checkpoint
+    from cats_ds.inference.export_common import ExportError
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.format, force=args.force,
@@ -203,7 +204,7 @@ def slurm_hostfile_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("slots", type=int, help="ranks per node (GPUs per node)")
     p.add_argument("out", help="hostfile to write")
     args = p.parse_args(argv)
-    from cats_ds.slurm import write_hostfile
+    from cats_ds.runtime.slurm import write_hostfile
 
     try:
         print(write_hostfile(args.nodelist, args.slots, args.out)[0])
@@ -240,7 +241,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
         _fail("--out is required without --checkpoint")
     from cats_ds.analysis.analyze import analyze
     from cats_ds.analysis.similarity import AnalysisError
-    from cats_ds.checkpoint import CheckpointError
+    from cats_ds.checkpoints import CheckpointError
 
     try:
         analyze(checkpoint=args.checkpoint, pairs=args.pairs, runs=args.runs, out=args.out, report=args.report,
@@ -251,7 +252,7 @@ def analyze_main(argv: Optional[list[str]] = None) -> None:
 
 def compare_main(argv: Optional[list[str]] = None) -> None:
     """Print (and optionally write) chrF++ and BLEU tables of several labels (seeds each),
-    with hierarchical-bootstrap marks against a baseline label and primary comparisons (cats_ds/compare.py)."""
+    with hierarchical-bootstrap marks against a baseline label and primary comparisons (cats_ds/reports/compare.py)."""
     import json
     from pathlib import Path
 
@@ -269,8 +270,8 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the marks")
     p.add_argument("--out", default=None, help="also write the markdown here, and the numbers to <out>.json")
     args = p.parse_args(argv)
-    from cats_ds.compare import compare_paths, format_comparison
-    from cats_ds.evaluate import EvalError
+    from cats_ds.inference.evaluate import EvalError
+    from cats_ds.reports.compare import compare_paths, format_comparison
 
     try:
         result = compare_paths(args.runs, args.baseline, args.resamples, args.alpha, args.primary)
@@ -285,7 +286,7 @@ def compare_main(argv: Optional[list[str]] = None) -> None:
 
 
 def curve_main(argv: Optional[list[str]] = None) -> None:
-    """A run's learning curve from its step_<n>/ checkpoints (cats_ds/curve.py)."""
+    """A run's learning curve from its step_<n>/ checkpoints (cats_ds/reports/curve.py)."""
     p = argparse.ArgumentParser(prog="cats-curve", description="test chrF++/BLEU per group and dev loss "
                                 "against updates and minutes, from a run's numbered checkpoints")
     p.add_argument("--run", required=True, help="the run's save_dir (trained with train.save_every=N)")
@@ -298,8 +299,8 @@ def curve_main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     from pathlib import Path
 
-    from cats_ds.curve import curve_points, write_curve
-    from cats_ds.evaluate import EvalError
+    from cats_ds.inference.evaluate import EvalError
+    from cats_ds.reports.curve import curve_points, write_curve
 
     try:
         minutes = [float(m) for m in args.minutes.split(",") if m.strip()]
@@ -316,7 +317,7 @@ def curve_main(argv: Optional[list[str]] = None) -> None:
 
 def figure3_main(argv: Optional[list[str]] = None) -> None:
     """The paper's Figure 3 (train / dev loss of Lo and Hi against updates, mean over seeds
-    per arm), the dev minimum table, and CATS' alpha over seeds (cats_ds/figure3.py)."""
+    per arm), the dev minimum table, and CATS' alpha over seeds (cats_ds/reports/figure3.py)."""
     p = argparse.ArgumentParser(prog="cats-figure3", description="Figure 3: train and dev loss per language group "
                                 "against updates, one line per arm (mean over its seeds, band over seeds), from "
                                 "the runs' train_log.jsonl; prints where each arm's dev loss is lowest")
@@ -342,8 +343,8 @@ def figure3_main(argv: Optional[list[str]] = None) -> None:
                    help="the shaded band over seeds around each mean line")
     args = p.parse_args(argv)
     from cats_ds.analysis.similarity import AnalysisError
-    from cats_ds.figure3 import make_figure3
-    from cats_ds.groups import GroupError
+    from cats_ds.reports.figure3 import make_figure3
+    from cats_ds.data.groups import GroupError
 
     def names(text: str) -> list[str]:
         return [x.strip() for x in text.split(",") if x.strip()]

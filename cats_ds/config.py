@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from cats_ds.data.groups import GroupError, check_named_groups
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
@@ -256,7 +258,7 @@ class ExpertsConfig:
     side: Literal["encoder", "decoder", "both"] = "decoder"
     """Where ffn/attn experts sit."""
     families: Optional[str] = None
-    """Family map YAML (family -> languages): a path, or a name in cats_ds/families/."""
+    """Family map YAML (family -> languages): a path, or a name in cats_ds/model/families/."""
     ep_size: int = 1
     """Expert-parallel world size (DeepSpeed MoE)."""
 
@@ -347,7 +349,7 @@ class EvalConfig:
     groups: dict[str, list[str]] = field(default_factory=dict)
     """Groups by name instead of by size, e.g. {Lo: [aze, bel, glg, slk], Hi: [tur, rus, por,
     ces]} (TED8's named sets): every evaluated language listed under one of Lo/Mid/Hi; ISO
-    639-1 and 639-3 codes alike (cats_ds/groups.py). Empty: lo_max / hi_min decide."""
+    639-1 and 639-3 codes alike (cats_ds/data/groups.py). Empty: lo_max / hi_min decide."""
     valid_every: int = 0
     """During training, also translate the dev set every N updates (a multiple of
     train.valid_every, at whose validations it runs; 0: never) and log BLEU and chrF++ per
@@ -460,8 +462,6 @@ class Config:
         if e.valid_every < 0 or (e.valid_every and e.valid_every % t.valid_every):
             raise ConfigError(f"eval.valid_every={e.valid_every} must be 0 (off) or a multiple of "
                               f"train.valid_every={t.valid_every} (dev translation runs at validations)")
-        from cats_ds.groups import GroupError, check_named_groups
-
         try:
             check_named_groups(e.groups)
         except GroupError as err:
@@ -671,6 +671,20 @@ def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:
         if until is None or step < until:
             return int(every)
     return int(schedule[-1][1])
+
+
+def micro_step_tokens(cfg: Config | dict, world: int) -> int:
+    """The global token budget of one micro-step: train.max_tokens (per rank) x world size.
+    The sampler plans each draw for this budget, so it is what a run resumed on another
+    world size must keep. `cfg`: a Config, or the dict a checkpoint's cats_ds.json stores."""
+    max_tokens = cfg["train"]["max_tokens"] if isinstance(cfg, dict) else cfg.train.max_tokens
+    return max_tokens * world
+
+
+def tokens_per_update(cfg: Config | dict, world: int, gas: int = 1) -> int:
+    """The token budget of one optimizer update over all ranks: train.max_tokens x
+    gradient_accumulation_steps (`gas`, from the DeepSpeed JSON) x world size."""
+    return micro_step_tokens(cfg, world) * gas
 
 
 # --------------------------------------------------------------------------- printing

@@ -90,4 +90,4 @@ done
 step bench "$PY" -m cats_ds.bench train --recipe "$RECIPE" --ds_config "$DS_CONFIG" --ranks "$NPROC" \
   --steps "$BENCH_STEPS" --rounds "$BENCH_ROUNDS" --warmup 2 --json "$OUT/bench_train.json" "${EXTRA_ARGS[@]}"
 
-"$PY" -m cats_ds.gpu_check "$OUT" "$UPDATES" "$RESUME_UPDATES"
+"$PY" -m cats_ds.bench.gpu_check "$OUT" "$UPDATES" "$RESUME_UPDATES"

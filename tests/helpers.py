@@ -117,10 +117,10 @@ def checkpoint_dev_loss(folder: Path) -> float:
     inference, computed in one process: what train.py records as the valid loss."""
     import torch
 
-    from cats_ds.checkpoint import load_for_inference
+    from cats_ds.checkpoints import load_for_inference
     from cats_ds.data.manifest import load_split
     from cats_ds.data.sampler import collate, eval_plans
-    from cats_ds.losses import per_language_sums
+    from cats_ds.training.losses import per_language_sums
 
     cfg, model, manifest, vocab, langs = load_for_inference(folder)
     dev = load_split(cfg.data.dir, manifest, "dev", langs)

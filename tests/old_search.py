@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 import torch
 
 from cats_ds.data.manifest import EOS
+from cats_ds.inference.search import (BANNED, Hypothesis, _check_inputs, _constrain, _hypotheses, _next_logprobs,
+                                      max_lengths)
 from cats_ds.model.transformer import Cache, Transformer
-from cats_ds.search import (BANNED, Hypothesis, _check_inputs, _constrain, _hypotheses, _next_logprobs,
-                            max_lengths)
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ from cats_ds.analysis.similarity import (GROUPS, AnalysisError, cos_gamma, group
                                          param_group, parse_pairs, summarize)
 from cats_ds.cli import analyze_main
 from cats_ds.config import ModelConfig
-from cats_ds.losses import per_language_sums
 from cats_ds.data.sampler import Batch
 from cats_ds.model.transformer import build_model
+from cats_ds.training.losses import per_language_sums
 
 # resource groups of the tiny corpus (aa 400, bb 150, cc 50 pairs): aa Hi, bb and cc Lo
 GROUPS_SPLIT = {"eval": {"lo_max": 200, "hi_min": 200}}
@@ -83,7 +83,7 @@ def test_power_iteration_equals_exact_hessian_top_eigenvalue():
         return loss_sum[1] / tok[1]
 
     exact = torch.autograd.functional.hessian(loss_of, flat0, vectorize=True)  # (P, P)
-    # symmetric up to the fp32 log_softmax of cats_ds.losses (the model itself is fp64 here)
+    # symmetric up to the fp32 log_softmax of cats_ds.training.losses (the model itself is fp64 here)
     assert torch.allclose(exact, exact.T, atol=1e-6)
     eig = torch.linalg.eigvalsh((exact + exact.T) / 2)
     dominant = float(eig[eig.abs().argmax()])

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from cats_ds.average import AverageError, average_checkpoints, last_checkpoints
-from cats_ds.checkpoint import MODEL_STATES, gather_state_dict, load_for_inference, read_meta
+from cats_ds.checkpoints import MODEL_STATES, gather_state_dict, load_for_inference, read_meta
 from cats_ds.cli import average_main
-from cats_ds.evaluate import evaluate_checkpoint
+from cats_ds.inference.average import AverageError, average_checkpoints, last_checkpoints
+from cats_ds.inference.evaluate import evaluate_checkpoint
 from helpers import ds_config, launch, write_json
 from test_evaluate import make_checkpoint
 

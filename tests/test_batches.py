@@ -13,7 +13,7 @@ import pytest
 from cats_ds.config import load_config
 from cats_ds.data.manifest import Manifest, load_split
 from cats_ds.data.sampler import LanguageSampler
-from cats_ds.train import draws_as_drawn, next_batches
+from cats_ds.training.loop import draws_as_drawn, next_batches
 
 
 def _sampler(tiny_data):
@@ -37,7 +37,7 @@ def test_draws_as_drawn_only_where_asked(overrides, expected):
 def test_temperature_run_pools_every_update(tiny_data, monkeypatch):
     """12 updates of a default temperature run take only pooled micro-batches (1 forward
     per update); the reference setting takes the draws themselves at steps 0, 3, 6, 9."""
-    import cats_ds.train as train
+    import cats_ds.training.loop as train
 
     monkeypatch.setattr(train, "count_slots", lambda run, plan: None)
     for overrides, direct_steps in (([], set()), (["sampling.draws_at_meta_steps=true"], {0, 3, 6, 9})):

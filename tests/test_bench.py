@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from cats_ds.bench import main
+from cats_ds.bench.suite import main
 
 
 def test_bench_decode_writes_json(tmp_path, tiny_data, tiny_recipe, capsys):
@@ -37,7 +37,7 @@ def test_bench_decode_compares_hypotheses_with_ctranslate2(tmp_path, tiny_data, 
     are ours (the untrained model runs to the limits, where both must stop alike; at beam 5
     CTranslate2 does not force </s> at the limit as our search does, so there a hypothesis
     that reaches it may differ)."""
-    from cats_ds.bench import decode_batches
+    from cats_ds.bench.suite import decode_batches
     from cats_ds.data.manifest import Manifest, load_split
 
     manifest = Manifest.load(tiny_data)
@@ -95,7 +95,7 @@ def test_bench_cats_solve_only_rows_per_method(tmp_path, capsys):
 def test_bench_train_against_bare_step(tmp_path, tiny_data, tiny_recipe, capsys):
     """1 and 2 gloo ranks: the full step and the bare PyTorch step on the same batches,
     with phases, padding and forwards per update (one per micro-batch with length pooling)."""
-    from cats_ds.bench import PHASES
+    from cats_ds.bench.suite import PHASES
 
     recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
                                "vocab_temperature": 1.0})
@@ -117,7 +117,7 @@ def test_bench_meta_worker_rows_per_method(tmp_path, tiny_data, tiny_recipe):
     """The N=8 / N=100 worker on 2 gloo ranks with `--methods`: per entry, its meta step
     against the plain step on the same batches (and no CATS timing, which the plain
     launches give)."""
-    from cats_ds.bench import DS_CONFIG, _launch_worker
+    from cats_ds.bench.suite import DS_CONFIG, _launch_worker
 
     recipe = tiny_recipe(data={"corpus": "plain", "raw": str(tiny_data.parent / "raw"), "vocab_size": 100,
                                "vocab_temperature": 1.0})

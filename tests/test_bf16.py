@@ -110,7 +110,7 @@ def _bf16_vs_fp32_hypotheses(tiny_data) -> tuple[int, int]:
     from cats_ds.config import config_from_dict
     from cats_ds.data.manifest import PAD, Manifest, Vocab, load_split
     from cats_ds.data.sampler import Plan, collate
-    from cats_ds.evaluate import decode_batches, decode_chunk
+    from cats_ds.inference.evaluate import decode_batches, decode_chunk
     from cats_ds.model.transformer import build_model
     from helpers import TINY_MODEL
 
@@ -163,9 +163,9 @@ def test_shipped_bf16_config_trains_and_its_checkpoint_is_usable(tmp_path, tiny_
     """The shipped file as it is, on 2 gloo ranks: 4 finite updates (meta steps of CATS /
     GradNorm move the weights), then the bf16 checkpoint evaluates in bf16, its two
     step_<n>/ checkpoints average, and the average exports to CTranslate2."""
-    from cats_ds.average import average_checkpoints
-    from cats_ds.evaluate import evaluate_checkpoint
-    from cats_ds.export import export_checkpoint
+    from cats_ds.inference.average import average_checkpoints
+    from cats_ds.inference.evaluate import evaluate_checkpoint
+    from cats_ds.inference.export import export_checkpoint
 
     sections = {k: dict(v) for k, v in SHIPPED_RUNS[config].items()}
     if "experts" in sections:
@@ -195,7 +195,7 @@ def test_every_shipped_ds_config_is_valid_and_exercised():
     launched by a test (named here, checked to exist) or is fp16, which the CPU accelerator
     cannot train (its logic: the unit tests below)."""
     from cats_ds.config import load_config
-    from cats_ds.train import load_ds_config
+    from cats_ds.training.loop import load_ds_config
 
     launched_by = {"cpu_zero0.json": "test_train.py", "cpu_zero1.json": "test_grads.py",
                    "cpu_zero2.json": "test_train.py", "zero2_bf16.json": "test_gpu_check.py",
@@ -230,7 +230,7 @@ def test_fp16_loss_scale_is_divided_out_of_the_gram():
     scale^2, so G and S equal the unscaled ones, and the losses and nll are untouched."""
     from types import SimpleNamespace
 
-    from cats_ds.grads import HalfGrads, PartitionGrads, fold_halves, half_grams
+    from cats_ds.training.grads import HalfGrads, PartitionGrads, fold_halves, half_grams
 
     torch.manual_seed(0)
     rows = torch.randn(6, 60, dtype=torch.float64)  # halves a, b of 3 languages; the Linear(5, 10) weight and bias
@@ -255,7 +255,7 @@ def test_fp16_overflow_skips_the_weighting_update_not_the_step():
     from types import SimpleNamespace
 
     from cats_ds.config import load_config
-    from cats_ds.train import weighting_update
+    from cats_ds.training.loop import weighting_update
     from cats_ds.weighting import make_weighting
 
     langs, shares = [0, 1, 2], {0: 0.5, 1: 0.3, 2: 0.2}

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 
-from cats_ds.checkpoint import MODEL_STATES, CheckpointError, load_for_inference, load_states
+from cats_ds.checkpoints import MODEL_STATES, CheckpointError, load_for_inference, load_states
 from cats_ds.cli import evaluate_main
 from test_evaluate import make_checkpoint
 
@@ -71,7 +71,7 @@ def test_diagnosing_a_damaged_folder_runs_no_payload(tmp_path, tiny_data):
 
     import numpy as np
 
-    from cats_ds.checkpoint import numpy_rng_to_tensors, unreadable_files
+    from cats_ds.training.checkpoint import numpy_rng_to_tensors, unreadable_files
 
     ckpt, _ = make_checkpoint(tmp_path / "run" / "latest", tiny_data)
     rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),

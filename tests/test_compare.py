@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cats_ds.cli import compare_main
-from cats_ds.compare import (compare_paths, format_comparison, hierarchical_bootstrap, holm, paired_bootstrap,
-                             parse_runs, seed_stats, sentence_stats)
-from cats_ds.evaluate import EvalError, corpus_scores, metrics
+from cats_ds.inference.evaluate import EvalError, corpus_scores, metrics
+from cats_ds.reports.compare import (compare_paths, format_comparison, hierarchical_bootstrap, holm, paired_bootstrap,
+                                     parse_runs, seed_stats, sentence_stats)
 
 WORDS = ("haus katze hund baum licht wasser stein feuer nacht tag stadt weg buch tür fenster mond stern fluss "
          "rot blau grün alt neu groß klein schläft läuft isst").split()
@@ -220,7 +220,7 @@ def test_group_is_macro_average_stratified_where_pooling_disagrees(tmp_path):
             for k, (name, rate) in enumerate((("A", {"aa": 0.30, "bb": 0.05}), ("B", {"aa": 0.22, "bb": 0.45})))}
     result = compare_paths([f"{label}={','.join(paths)}" for label, paths in runs.items()], baseline="B")
     m = metrics("13a")[1]
-    from cats_ds.compare import load_evaluation
+    from cats_ds.reports.compare import load_evaluation
     ev = {label: [load_evaluation(p) for p in paths] for label, paths in runs.items()}
     pooled = {label: np.concatenate([sentence_stats(m, [e.hyps[l] for e in ev[label]], ev[label][0].refs[l])
                                      for l in ("aa", "bb")]) for label in ev}

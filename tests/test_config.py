@@ -152,7 +152,7 @@ def test_print_config_applies_recipe_and_overrides_and_shows_defaults(tmp_path, 
 
 
 def test_run_config_written_and_printed(tmp_path, capsys):
-    from cats_ds.train import write_run_config
+    from cats_ds.training.loop import write_run_config
 
     cfg = load_config(None, [f"train.save_dir={tmp_path}", "train.max_updates=7"])
     write_run_config(cfg, {"train_micro_batch_size_per_gpu": 1}, "ds.json")

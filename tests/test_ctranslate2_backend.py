@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cats_ds.checkpoint import MODEL_STATES
+from cats_ds.checkpoints import MODEL_STATES
 from cats_ds.cli import evaluate_main
-from cats_ds.ct2_backend import cache_dir, limit_runs, max_length
-from cats_ds.evaluate import EvalError, evaluate_checkpoint
-from cats_ds.search import max_lengths
+from cats_ds.inference.ct2_backend import cache_dir, limit_runs, max_length
+from cats_ds.inference.evaluate import EvalError, evaluate_checkpoint
+from cats_ds.inference.search import max_lengths
 from test_export import trained_model
 
 pytest.importorskip("ctranslate2")
@@ -49,7 +49,7 @@ def test_beam5_hypotheses_match_our_search(trained_ckpt, capsys):
     """All 90 test sentences, beam 5, eval.batch_tokens small enough for several batches of
     mixed length limits: the hypotheses are the same, or the BLEU is within 0.1 with
     the differing sentences printed (CTranslate2 renormalizes over the tokens it may still
-    generate, so near-ties can rank differently; see cats_ds/ct2_backend.py)."""
+    generate, so near-ties can rank differently; see cats_ds/inference/ct2_backend.py)."""
     common = ["eval.beam=5", "eval.batch_tokens=120"]
     ours = evaluate_checkpoint(trained_ckpt, out_dir=trained_ckpt.parent / "ours", overrides=common)
     theirs = evaluate_checkpoint(trained_ckpt, out_dir=trained_ckpt.parent / "ct2", overrides=common,
@@ -61,7 +61,7 @@ def test_beam5_hypotheses_match_our_search(trained_ckpt, capsys):
         assert len(a) == len(b) == 30
         differing = [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y]
         for i, x, y in differing:
-            print(f"en-{lang} #{i}\n  cats_ds.search: {x}\n  ctranslate2:    {y}")
+            print(f"en-{lang} #{i}\n  cats_ds.inference.search: {x}\n  ctranslate2:    {y}")
         total, same = total + len(a), same + len(a) - len(differing)
         if differing:
             assert theirs["languages"][lang]["bleu"] == pytest.approx(ours["languages"][lang]["bleu"], abs=0.1), lang
@@ -117,9 +117,9 @@ def test_missing_ctranslate2_names_the_install_command(trained_ckpt, monkeypatch
 
 
 def test_length_limits_follow_our_search(trained_ckpt):
-    """max_length == cats_ds.search.max_lengths per sentence (clamped to max_positions);
+    """max_length == cats_ds.inference.search.max_lengths per sentence (clamped to max_positions);
     runs of equal limits split a batch."""
-    from cats_ds.checkpoint import load_for_inference
+    from cats_ds.checkpoints import load_for_inference
 
     _, model, *_ = load_for_inference(trained_ckpt)
     for n in (1, 3, 10, 100, 300):
@@ -141,7 +141,7 @@ def raw_best(self, translator, tag, todo, lenpen, out):
 def test_rescoring_cut_hypotheses_is_what_makes_them_equal(trained_ckpt, monkeypatch):
     """Without re-scoring the hypotheses cut at the length limit with </s>, CTranslate2's
     beam-5 choice differs from ours on many sentences of the same model."""
-    from cats_ds.ct2_backend import CT2Decoder
+    from cats_ds.inference.ct2_backend import CT2Decoder
 
     monkeypatch.setattr(CT2Decoder, "_rescore", raw_best)
     evaluate_checkpoint(trained_ckpt, out_dir=trained_ckpt.parent / "raw", overrides=["eval.beam=5"],
@@ -157,7 +157,7 @@ def test_rescoring_cut_hypotheses_is_what_makes_them_equal(trained_ckpt, monkeyp
 def test_beam5_within_0_1_bleu_when_the_model_runs_to_the_limit(tmp_path, tiny_data, capsys):
     """The gettext8 recipe's model size, barely trained: on bb it stops at once or runs to the
     length limit. Cut hypotheses can push a finished one out of CTranslate2's n-best (see
-    cats_ds/ct2_backend.py), so a few sentences may differ: BLEU within 0.1, and every
+    cats_ds/inference/ct2_backend.py), so a few sentences may differ: BLEU within 0.1, and every
     differing sentence printed."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same training on any machine
@@ -174,6 +174,6 @@ def test_beam5_within_0_1_bleu_when_the_model_runs_to_the_limit(tmp_path, tiny_d
         for lang in ("aa", "bb", "cc"):
             for i, (x, y) in enumerate(zip(hyp_lines(tmp_path / "ours", lang), hyp_lines(tmp_path / "ct2", lang))):
                 if x != y:
-                    print(f"\nen-{lang} #{i}: cats_ds.search {x!r} / ctranslate2 {y!r}", end="")
+                    print(f"\nen-{lang} #{i}: cats_ds.inference.search {x!r} / ctranslate2 {y!r}", end="")
     for lang in ("aa", "bb", "cc"):  # (chrF++ can move more: on bb it was 0.75 vs 0.00, garbage vs empty)
         assert b["languages"][lang]["bleu"] == pytest.approx(a["languages"][lang]["bleu"], abs=0.1), lang

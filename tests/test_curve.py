@@ -1,4 +1,4 @@
-"""Learning curve from a run's numbered checkpoints (cats_ds/curve.py), on hand-made
+"""Learning curve from a run's numbered checkpoints (cats_ds/reports/curve.py), on hand-made
 checkpoint metadata and evaluate outputs: which checkpoints are points, where minutes
 and dev loss come from, the budget rows, and the errors."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cats_ds.cli import curve_main
-from cats_ds.curve import at_minutes, curve_checkpoints, curve_points, write_curve
-from cats_ds.evaluate import EvalError
+from cats_ds.inference.evaluate import EvalError
+from cats_ds.reports.curve import at_minutes, curve_checkpoints, curve_points, write_curve
 
 
 def _ckpt(run, name, step, elapsed_s=None, valid_loss=None, states_elapsed=None):

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from cats_ds.config import ConfigError, config_from_dict
-from cats_ds.evaluate import evaluate_checkpoint
-from cats_ds.train import is_better
+from cats_ds.inference.evaluate import evaluate_checkpoint
+from cats_ds.training.loop import is_better
 from helpers import ds_config, launch, read_log, write_json
 
 TRAIN = "launch/train.py"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cats_ds import search
-from cats_ds.checkpoint import MODEL_STATES, CheckpointError, gather_state_dict, load_for_inference
+from cats_ds.checkpoints import MODEL_STATES, CheckpointError, gather_state_dict, load_for_inference
 from cats_ds.cli import evaluate_main
 from cats_ds.config import ConfigError, config_from_dict
+from cats_ds.data.groups import group_of
 from cats_ds.data.manifest import EOS, Manifest, Vocab, load_split
-from cats_ds.evaluate import LIMIT_ORDER, EvalError, corpus_scores, evaluate_checkpoint, limit_sample
-from cats_ds.groups import group_of
+from cats_ds.inference import search
+from cats_ds.inference.evaluate import LIMIT_ORDER, EvalError, corpus_scores, evaluate_checkpoint, limit_sample
 from cats_ds.model.transformer import build_model
 from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, make_plain_corpus, write_json
 
@@ -356,7 +356,7 @@ def test_two_rank_decoding_equals_one_process(tmp_path, tiny_data):
 
 
 def test_share_batches_covers_every_batch_once():
-    from cats_ds.evaluate import share_batches
+    from cats_ds.inference.evaluate import share_batches
 
     costs = [5, 1, 9, 3, 3, 7]
     shares = share_batches([("aa", np.arange(1))] * 6, costs, 2)
@@ -408,7 +408,7 @@ def test_named_groups_in_evaluate_and_iso_codes(ckpt, tmp_path, monkeypatch):
 
 def test_ted8_group_map_on_a_two_letter_corpus():
     """The TED8-related named sets in 639-3 group a 2-letter (gettext-style) corpus."""
-    from cats_ds.groups import group_for
+    from cats_ds.data.groups import group_for
 
     ted8 = config_from_dict({"eval": {"groups": {"Lo": ["aze", "bel", "glg", "slk"],
                                                  "Hi": ["tur", "rus", "por", "ces"]}}}).eval.groups

@@ -16,10 +16,11 @@ import yaml
 from helpers import TINY_MODEL, checkpoint_dev_loss, ds_config, launch, read_log, write_json
 
 from cats_ds.config import ConfigError, config_from_dict
-from cats_ds.families import base_language, load_family_map, shipped_maps
-from cats_ds.grads import is_expert_param
+from cats_ds.data.langcodes import base_language
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import TABLE1, FamilyGate, FamilyMoE, param_groups, set_local_dispatch
+from cats_ds.model.families import load_family_map, shipped_maps
+from cats_ds.training.grads import is_expert_param
 
 TRAIN = "launch/train.py"
 CHECK = "tests/scripts/experts_check.py"
@@ -414,7 +415,7 @@ def test_checkpoint_resume_and_inference_with_experts(tmp_path, tiny_recipe, fam
 def test_family_maps_accept_iso_639_1_and_639_3_alike(tmp_path):
     """A 2-letter corpus (gettext / OPUS-100 codes and locales) routes with the 639-3 TED8 map,
     a 3-letter one with the 639-1 maps; every 2-letter code of the shipped maps has its 639-3."""
-    from cats_ds.langcodes import ISO_639_1_TO_3, equivalents, same_language, to_639_1, to_639_3
+    from cats_ds.data.langcodes import ISO_639_1_TO_3, equivalents, same_language, to_639_1, to_639_3
 
     related = load_family_map("ted8_related")
     two = ["az", "be", "gl", "sk", "tr", "ru", "pt_BR", "cs"]

@@ -12,14 +12,16 @@ import pytest
 import torch
 import yaml
 
-from cats_ds import search
 from cats_ds.cli import export_main
 from cats_ds.config import config_from_dict
 from cats_ds.data.manifest import Manifest, Vocab, load_split
 from cats_ds.data.sampler import collate, eval_plans
-from cats_ds.export import ExportError, export_checkpoint, export_ctranslate2
-from cats_ds.losses import per_language_sums
+from cats_ds.inference import search
+from cats_ds.inference.ct2_export import export_ctranslate2
+from cats_ds.inference.export import export_checkpoint
+from cats_ds.inference.export_common import ExportError
 from cats_ds.model.build import model_from_config
+from cats_ds.training.losses import per_language_sums
 from helpers import TINY_MODEL
 from test_evaluate import make_checkpoint
 
@@ -105,7 +107,7 @@ def test_export_checkpoint_writes_model_vocab_and_tags(tmp_path, tiny_data, caps
     assert config["decoder_start_token"] is None and config["add_source_eos"] and not config["add_source_bos"]
     assert "translate_batch" in (out / "README.md").read_text()
     # the untrained checkpoint decodes the same in both (to the length limit)
-    from cats_ds.checkpoint import load_for_inference
+    from cats_ds.checkpoints import load_for_inference
 
     cfg, model, manifest, vocab, langs = load_for_inference(ckpt)
     compare_greedy(cfg, model, manifest, vocab, langs, out, n=3)

@@ -42,8 +42,8 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
 
 WATCHED = """
 import sys, time, psutil
-from cats_ds import preempt
-from cats_ds.watchdog import watch
+from cats_ds.runtime import preempt
+from cats_ds.runtime.watchdog import watch
 parent = psutil.Process(int(sys.argv[1]))
 watch([parent], "rank test", poll=0.1, launch=parent)
 print("watching", flush=True)
@@ -100,8 +100,8 @@ def test_watchdog_exits_at_once_when_a_peer_rank_is_gone_too(tmp_path):
 
 SAVING = """
 import sys, time, psutil
-from cats_ds import preempt
-from cats_ds.watchdog import watch
+from cats_ds.runtime import preempt
+from cats_ds.runtime.watchdog import watch
 watch([psutil.Process(int(sys.argv[1]))], "rank test", poll=0.05, grace=float(sys.argv[3]))
 preempt.requested.set()  # as the SIGTERM handler does: this rank is saving latest/
 print("watching", flush=True)
@@ -247,8 +247,8 @@ def test_last_good_checkpoint_names_a_numbered_one_once_the_next_update_is_finit
     is finite, since it holds the weights after update 4."""
     from types import SimpleNamespace
 
-    from cats_ds.checkpoint import note_saved
-    from cats_ds.train import Run, TrainError, check_finite_update
+    from cats_ds.training.checkpoint import note_saved
+    from cats_ds.training.loop import Run, TrainError, check_finite_update
 
     cfg = config_from_dict({"train": {"max_nonfinite": 2}})
     run = SimpleNamespace(step=0, world=1, update_loss=0.0, nonfinite=0, stop_signal=False, cfg=cfg,
@@ -311,7 +311,7 @@ def test_save_interrupted_between_renames_is_recovered(tmp_path, trained):
 
 
 def test_recover_interrupted_saves_every_crash_point(tmp_path):
-    from cats_ds.checkpoint import recover_interrupted_saves
+    from cats_ds.training.checkpoint import recover_interrupted_saves
 
     def ckpt(path: Path, step=None):
         path.mkdir(parents=True)
@@ -366,7 +366,7 @@ def test_changed_settings_on_resume_are_named(tmp_path, trained):
 
 def test_changed_settings_allowed_keys():
     from cats_ds.config import config_from_dict
-    from cats_ds.checkpoint import changed_settings
+    from cats_ds.training.checkpoint import changed_settings
 
     saved = config_from_dict({}).to_dict()
     free = config_from_dict({"train": {"lr": 0.1, "warmup_updates": 3, "max_updates": 7, "valid_every": 2,
@@ -435,7 +435,8 @@ def small_file_system(path: Path, size: str, readonly: bool = False):
 def test_unwritable_save_dir_named_at_start_up(tmp_path):
     """issue 27, item 4: a save_dir that is a file, or under a file, gave FileExistsError /
     NotADirectoryError tracebacks after data loading and the engine build."""
-    from cats_ds.checkpoint import CheckpointError, check_save_dir
+    from cats_ds.checkpoints import CheckpointError
+    from cats_ds.training.checkpoint import check_save_dir
 
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
@@ -450,7 +451,8 @@ def test_unwritable_save_dir_named_at_start_up(tmp_path):
 
 
 def test_read_only_save_dir_named_at_start_up(tmp_path):
-    from cats_ds.checkpoint import CheckpointError, check_save_dir
+    from cats_ds.checkpoints import CheckpointError
+    from cats_ds.training.checkpoint import check_save_dir
 
     with small_file_system(tmp_path / "ro", "64k", readonly=True) as ro:
         with pytest.raises(CheckpointError, match=re.escape(f"train.save_dir={ro} is not writable by rank 0: "
@@ -507,7 +509,7 @@ def test_full_disk_during_save_named_on_every_rank_and_previous_checkpoints_kept
 def test_training_log_that_cannot_be_written_is_named(tmp_path):
     from types import SimpleNamespace
 
-    from cats_ds.train import TrainError, write_log
+    from cats_ds.training.loop import TrainError, write_log
 
     afile = tmp_path / "gone"
     afile.write_text("x")
@@ -524,7 +526,7 @@ def test_training_log_that_cannot_be_written_is_named(tmp_path):
 def test_sentences_longer_than_max_positions_refused_at_start_up(tmp_path, tiny_recipe, tiny_data):
     from cats_ds.config import load_config
     from cats_ds.data.manifest import Manifest, load_split
-    from cats_ds.train import TrainError, check_lengths
+    from cats_ds.training.loop import TrainError, check_lengths
 
     manifest = Manifest.load(tiny_data)
     splits = {s: load_split(tiny_data, manifest, s) for s in ("train", "dev", "test")}

@@ -1,4 +1,4 @@
-"""Figure 3 from run folders (cats_ds/figure3.py): synthetic train_log.jsonl files of 2 arms
+"""Figure 3 from run folders (cats_ds/reports/figure3.py): synthetic train_log.jsonl files of 2 arms
 x 2 seeds x 4 languages; no training."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from cats_ds.analysis.records import load_run, seed_stats
 from cats_ds.cli import figure3_main
 from cats_ds.data.manifest import Manifest
-from cats_ds.figure3 import FigureError, group_train, make_figure3, smooth
+from cats_ds.reports.figure3 import FigureError, group_train, make_figure3, smooth
 
 HI, LO = ("de", "es"), ("af", "cy")
 LANGS = HI + LO

@@ -48,7 +48,7 @@ def test_gpu_check_runs_every_path_on_cpu(tmp_path, tiny_recipe, tiny_data):
 def test_gpu_check_reports_a_failed_path(tmp_path):
     """A path whose command passed but whose files show missing work is a failure, and the
     exit status counts the failures."""
-    from cats_ds.gpu_check import main
+    from cats_ds.bench.gpu_check import main
 
     out = tmp_path / "check"
     (out / "dense").mkdir(parents=True)

@@ -193,7 +193,7 @@ def test_cats_at_alpha_one_is_the_temperature_run(tmp_path, tiny_recipe, gas):
 
 def test_gram_methods_refused_under_optimizer_offload(tmp_path):
     from cats_ds.config import load_config
-    from cats_ds.train import TrainError, load_ds_config
+    from cats_ds.training.loop import TrainError, load_ds_config
 
     path = write_json(tmp_path / "offload.json", ds_config(2, zero_optimization={
         "stage": 2, "offload_optimizer": {"device": "cpu"}}))

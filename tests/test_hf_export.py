@@ -1,4 +1,4 @@
-"""Hugging Face transformers export (cats_ds/hf_export.py): AutoModelForSeq2SeqLM and
+"""Hugging Face transformers export (cats_ds/inference/hf_export.py): AutoModelForSeq2SeqLM and
 AutoTokenizer load the folder; the tokenizer gives our ids and text; transformers' greedy
 `generate` gives our greedy tokens exactly, and beam 5 on 50 sentences scores within 0.1
 BLEU of ours; variants M2M100 cannot represent are refused by name."""
@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from cats_ds import search
 from cats_ds.cli import export_main
 from cats_ds.data.manifest import EOS, load_split, load_texts
-from cats_ds.evaluate import corpus_scores
-from cats_ds.export import ExportError, export_checkpoint
-from cats_ds.hf_export import export_transformers
+from cats_ds.inference import search
+from cats_ds.inference.evaluate import corpus_scores
+from cats_ds.inference.export import export_checkpoint
+from cats_ds.inference.export_common import ExportError
+from cats_ds.inference.hf_export import export_transformers
 from test_evaluate import make_checkpoint
 from test_export import trained_model
 

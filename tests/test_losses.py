@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cats_ds.losses import per_language_sums
+from cats_ds.training.losses import per_language_sums
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

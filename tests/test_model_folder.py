@@ -1,4 +1,4 @@
-"""Model folders (cats_ds/model_folder.py): model.safetensors with the tied embedding once,
+"""Model folders (cats_ds/inference/model_folder.py): model.safetensors with the tied embedding once,
 config.json, spm.model and a README; a copy moved to a fresh directory translates and
 (with --data-dir) scores there exactly like the checkpoint it came from; evaluate,
 average, export and analyze take it; a missing data folder gets the --data-dir advice."""
@@ -16,16 +16,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cats_ds import search
-from cats_ds.average import average_checkpoints
-from cats_ds.checkpoint import MODEL_STATES, CheckpointError, load_for_inference, load_model, read_meta
+from cats_ds.checkpoints import (MODEL_STATES, CheckpointError, ModelFolderError, load_for_inference, load_model,
+                                 read_meta)
 from cats_ds.cli import evaluate_main, export_main
 from cats_ds.config import config_from_dict
 from cats_ds.data.manifest import Manifest, load_split
-from cats_ds.evaluate import EvalError, evaluate_checkpoint
-from cats_ds.export import export_checkpoint
+from cats_ds.inference import search
+from cats_ds.inference.average import average_checkpoints
+from cats_ds.inference.evaluate import EvalError, evaluate_checkpoint
+from cats_ds.inference.export import export_checkpoint
+from cats_ds.inference.model_folder import write_model_folder
 from cats_ds.model.build import model_from_config
-from cats_ds.model_folder import ModelFolderError, write_model_folder
 from helpers import TINY_MODEL
 from test_average import perturbed_copy
 from test_evaluate import make_checkpoint

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cats_ds import train
+from cats_ds.training import loop as train
 from helpers import ds_config, launch, read_log, write_json
 
 GROUPS = ("train/", "valid/", "weighting/", "gram/", "perf/", "hparams/")
@@ -69,7 +69,7 @@ def test_tensorboard_tags_weighting_grad_norms_hparams_and_fp32_weights(tmp_path
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     from cats_ds.config import load_config
-    from cats_ds.evaluate import evaluate_checkpoint
+    from cats_ds.inference.evaluate import evaluate_checkpoint
 
     ds = write_json(tmp_path / "z2.json", ds_config(2))
     recipe = tiny_recipe("tb", train={"max_updates": 4, "log_every": 1, "valid_every": 2, "tensorboard": True},
@@ -121,7 +121,7 @@ def test_tensorboard_tags_weighting_grad_norms_hparams_and_fp32_weights(tmp_path
     # out the tied decoder embedding, which is the shared embedding
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from cats_ds.checkpoint import load_for_inference
+    from cats_ds.checkpoints import load_for_inference
 
     assert (run / "zero_to_fp32.py").is_file()  # DeepSpeed's script, as docs/usage.md says
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(run), tag="best")
@@ -137,8 +137,8 @@ def test_grad_norms_per_group_and_total():
     parameters' .grad (ZeRO-0 layout: the whole gradient), loss scale divided out."""
     from cats_ds.analysis.similarity import param_group
     from cats_ds.config import config_from_dict
-    from cats_ds.grads import _Slot, grad_norms
     from cats_ds.model.build import model_from_config
+    from cats_ds.training.grads import _Slot, grad_norms
     from helpers import TINY_MODEL
 
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cats_ds.preempt import REQUEUE_EXIT
-from cats_ds.train import time_is_up
+from cats_ds.runtime.preempt import REQUEUE_EXIT
+from cats_ds.training.loop import time_is_up
 from helpers import REPO, ds_config, free_port, kill_processes, launch, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
@@ -128,7 +128,7 @@ if [ "$1" = show ]; then echo node1; else echo "$@" >> "$CALLS"; fi
 """
 FAKE_DEEPSPEED = """#!/usr/bin/env python3
 import os, signal, sys
-from cats_ds import supervise
+from cats_ds.runtime import supervise
 ignored = [s.name for s in (signal.SIGUSR1, signal.SIGTERM) if signal.getsignal(s) == signal.SIG_IGN]
 open(os.environ["CALLS"], "a").write("deepspeed ignores " + ",".join(ignored) + "\\n")
 os.environ["RANK"] = "0"  # as its rank would: started, and (unless killed) how it ended

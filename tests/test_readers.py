@@ -9,8 +9,9 @@ from typing import Union
 import pytest
 
 from cats_ds.config import DataConfig
-from cats_ds.data.readers import (CorpusError, hash_split, locate, mbart_to_iso, placeholders, read_language,
-                                  scan_corpus, split_position, strip_accelerators)
+from cats_ds.data.readers import (CorpusError, hash_split, locate, mbart_to_iso, read_language, scan_corpus,
+                                  split_position, strip_accelerators)
+from cats_ds.data.translatable import placeholders
 
 MoKey = Union[str, tuple[str, str]]  # msgid, or (singular, plural)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cats_ds.config import load_config
-from cats_ds.train import TrainError, load_ds_config
+from cats_ds.training.loop import TrainError, load_ds_config
 from helpers import REPO
 
 RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))

@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 
-from cats_ds.checkpoint import CheckpointError, gather_state_dict, needs_universal, read_meta
+from cats_ds.checkpoints import CheckpointError, gather_state_dict, read_meta
 from cats_ds.config import config_from_dict
+from cats_ds.training.checkpoint import needs_universal
 from helpers import ds_config, launch, read_log, write_json
 
 TRAIN = "launch/train.py"

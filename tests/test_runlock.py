@@ -1,4 +1,4 @@
-"""One training per train.save_dir (cats_ds/runlock.py): <save_dir>/train.lock with host and
+"""One training per train.save_dir (cats_ds/runtime/runlock.py): <save_dir>/train.lock with host and
 pid; a second training is refused, naming them; a lock left by a killed run is stale and
 taken over. Real gloo ranks under the real `deepspeed` launcher for the two-run case."""
 
@@ -15,15 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cats_ds import runlock
-from cats_ds.runlock import LOCK_NAME, LockError, acquire, release, stale_reason
+from cats_ds.runtime import runlock
+from cats_ds.runtime.runlock import LOCK_NAME, LockError, acquire, release, stale_reason
 from helpers import REPO, ds_config, free_port, read_log, write_json
 
 TRAIN = "launch/train.py"
 
 HOLDER = """
 import sys, time
-from cats_ds.runlock import acquire
+from cats_ds.runtime.runlock import acquire
 acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)

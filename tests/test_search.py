@@ -12,9 +12,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from cats_ds import search
 from cats_ds.config import ModelConfig
 from cats_ds.data.manifest import BOS, EOS, PAD, UNK
+from cats_ds.inference import search
 from cats_ds.model.transformer import Transformer
 
 VOCAB = 40

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cats_ds import search
+from cats_ds.inference import search
 from cats_ds.model.transformer import Transformer
 
 from old_search import old_beam_search

@@ -10,7 +10,7 @@ from cats_ds.config import config_from_dict
 from cats_ds.data.manifest import Manifest, Vocab, load_split
 from cats_ds.data.sampler import LanguageSampler, collate
 from cats_ds.model.build import model_from_config
-from cats_ds.train import seed_dropout, seed_everything
+from cats_ds.training.loop import seed_dropout, seed_everything
 from helpers import TINY_MODEL
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cats_ds.slurm import expand_nodelist, write_hostfile
+from cats_ds.runtime.slurm import expand_nodelist, write_hostfile
 from helpers import REPO, ds_config, free_port, read_log, write_json
 
 FAKE_SRUN = """#!/usr/bin/env bash

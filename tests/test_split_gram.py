@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cats_ds.config import ConfigError, gram_kind, load_config
-from cats_ds.grads import MetaGrams, fold_halves, psd_project, split_slot
+from cats_ds.training.grads import MetaGrams, fold_halves, psd_project, split_slot
 
 from helpers import ds_config, launch, read_log, write_json
 
@@ -144,7 +144,7 @@ def test_gram_default_per_method_and_override():
 
 
 def test_gram_events_are_the_logged_diagnostics():
-    from cats_ds.train import gram_events
+    from cats_ds.training.loop import gram_events
 
     gram = {"step": 4, "kind": "split", "r": {"aa": 0.2, "bb": float("nan")}, "noise_share": {"aa": 0.7},
             "plain_cos_mean": 0.1, "split_cos_mean": 0.4, "split_cos": {"aa": {"aa": 1.0}}}

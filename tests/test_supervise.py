@@ -1,4 +1,4 @@
-"""launch/supervise.py (cats_ds/supervise.py): an exit status that says how the ranks ended,
+"""launch/supervise.py (cats_ds/runtime/supervise.py): an exit status that says how the ranks ended,
 also when DeepSpeed's runner cannot tell (its launch process killed: it returns 0), and a
 SIGTERM to the main process that saves latest/. Fake runners and ranks for the rules;
 real gloo ranks under the real `deepspeed` launcher for kill -9 of the launch process;
@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cats_ds.preempt import REQUEUE_EXIT
-from cats_ds.supervise import decide
+from cats_ds.runtime.preempt import REQUEUE_EXIT
+from cats_ds.runtime.supervise import decide
 from helpers import REPO, ds_config, free_port, kill_processes, read_log, wait_for_updates, write_json
 
 TRAIN = "launch/train.py"
@@ -37,7 +37,7 @@ sys.exit(int(os.environ.get("FAKE_RC", "0")))
 """
 FAKE_RANK = """
 import os, signal, sys
-from cats_ds import preempt, supervise
+from cats_ds.runtime import preempt, supervise
 preempt.install()
 supervise.record_start()
 how = sys.argv[1]

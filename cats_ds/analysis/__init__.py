@@ -2,7 +2,7 @@
 top Hessian eigenvalue (hessian.py), on checkpoints or inside training (analyze.py),
 figures (figures.py, needs matplotlib) and the claims report (report.py).
 
-Nothing here imports cats_ds.train (only a type annotation names its Run): train.py
+Nothing here imports cats_ds.training.loop (only a type annotation names its Run): training/loop.py
 imports `analysis_step` at module level and passes it its per_language_gradients.
 """
 

@@ -35,18 +35,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cats_ds.analysis.figures import figure_image, group_similarity_figure, have_matplotlib, write_figures
 from cats_ds.analysis.hessian import HessianResult, language_loss, top_eigenvalue
-from cats_ds.analysis.records import ANALYSIS_LOG
+from cats_ds.analysis.records import ANALYSIS_LOG, TRAIN_LOG, load_run, parse_run_arg
+from cats_ds.analysis.report import write_report
 from cats_ds.analysis.similarity import (AnalysisError, group_grams, group_sizes, module_segments, parse_pairs,
                                          partition_segments, reduce_grams, resource_groups, summarize)
+from cats_ds.checkpoints import build_for_checkpoint, load_for_inference, read_meta
 from cats_ds.config import Config, ConfigError, config_from_dict, merge_overrides, parse_override
-from cats_ds.data.manifest import LangSplit
+from cats_ds.data.manifest import LangSplit, load_split
 from cats_ds.data.sampler import Batch, Plan, chunk_by_budget, collate
-from cats_ds.grads import PartitionGrads, fold_halves, split_slot
-from cats_ds.output import print0, write_events
+from cats_ds.runtime.output import print0, write_events
+from cats_ds.training.grads import PartitionGrads, fold_halves, split_slot
 
 if TYPE_CHECKING:
-    from cats_ds.train import Run
+    from cats_ds.training.loop import Run
 
 
 # --------------------------------------------------------------------------- inputs
@@ -176,9 +179,6 @@ def analyze_checkpoint(checkpoint: str | Path, pairs: Optional[str] = None, over
     analysis.pairs; `data_dir`: the prepared data (default: the data.dir it was trained with).
     Memory: 2K full gradients (K = number of languages; the halves of each batch) plus one
     double-backward graph."""
-    from cats_ds.checkpoint import load_for_inference, read_meta
-    from cats_ds.data.manifest import load_split
-
     check_override_keys(overrides)  # before the (slow) loading
     cfg, model, manifest, vocab, languages = load_for_inference(checkpoint, device, data_dir)
     cfg = apply_overrides(cfg, overrides)
@@ -230,8 +230,6 @@ def plain_copy(run: "Run") -> torch.nn.Module:
 
     ZeRO 0-2 keep full (possibly bf16/fp16) weights in every rank's module; ZeRO-3's are
     gathered for the copy (a collective: every rank must call this)."""
-    from cats_ds.checkpoint import build_for_checkpoint
-
     with torch.random.fork_rng(devices=[]):  # initializing the copy must not move training's RNG
         model = build_for_checkpoint(run.cfg, len(run.vocab), run.languages, run.cfg.train.save_dir)
     source = run.engine.module
@@ -292,7 +290,7 @@ def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:
     """Analyze the current weights of a training run (call on every rank, between
     updates); returns the record, which rank 0 also appends to <save_dir>/analysis.jsonl
     and writes to TensorBoard. per_language_gradients: the training loop's
-    (cats_ds.train.per_language_gradients; passed in, so this package never imports
+    (cats_ds.training.loop.per_language_gradients; passed in, so this package never imports
     train.py). AnalysisError names a bad analysis.* setting."""
 
     cfg = run.cfg
@@ -335,8 +333,6 @@ def _tensorboard_heatmap(run: "Run", record: dict) -> None:
     """The group x pair-type heatmap as a TensorBoard image (rank 0; needs matplotlib)."""
     monitor = getattr(run, "monitor", None) or getattr(run.engine, "monitor", None)  # train.py holds its own
     writer = getattr(getattr(monitor, "tb_monitor", None), "summary_writer", None)
-    from cats_ds.analysis.figures import figure_image, group_similarity_figure, have_matplotlib
-
     if writer is None or not have_matplotlib():
         return
     writer.add_image("analysis/group_similarity", figure_image(group_similarity_figure(record)), record["step"],
@@ -368,10 +364,6 @@ def analyze(checkpoint: Optional[str | Path] = None, pairs: Optional[str] = None
     runs: "[LABEL=]DIR" training run folders drawn side by side; the checkpoint's own run
     folder joins them when it has logs. Returns {"record", "figures", "report"}."""
     from torch.utils.tensorboard import SummaryWriter
-
-    from cats_ds.analysis.figures import have_matplotlib, write_figures
-    from cats_ds.analysis.records import TRAIN_LOG, load_run, parse_run_arg
-    from cats_ds.analysis.report import write_report
 
     if checkpoint is None and not runs:
         raise AnalysisError("nothing to analyze: give a checkpoint and/or training run folders")

@@ -12,7 +12,7 @@
     weighting.png         CATS / GradNorm / MGDA runs: alpha (or w) per language over
                           updates (Hi blue, Mid green, Lo red), sum alpha, lambda_c and
                           the curvature ratio f / f0; one row per run
-    (cats_ds/figure3.py draws Figure 3 over seeds, and with --alpha-out the weights per
+    (cats_ds/reports/figure3.py draws Figure 3 over seeds, and with --alpha-out the weights per
     language as a mean over seeds, weights_over_seeds_figure)
 
 matplotlib is an optional dependency (`pip install 'cats_ds[plot]'`); it is imported

@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cats_ds.data.sampler import Batch
-from cats_ds.losses import per_language_sums
+from cats_ds.training.losses import per_language_sums
 
 Vectors = list[torch.Tensor]
 

@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 
 from cats_ds.analysis.similarity import AnalysisError, resource_groups
-from cats_ds.checkpoint import CHECKPOINT_META
+from cats_ds.checkpoints import CHECKPOINT_META
+from cats_ds.data.manifest import Manifest
 
 ANALYSIS_LOG = "analysis.jsonl"
 TRAIN_LOG = "train_log.jsonl"
@@ -134,8 +135,6 @@ def _run_config(path: Path) -> Optional[dict]:
 
 
 def _resource_from_manifest(config: dict, languages: list[str]) -> dict[str, str]:
-    from cats_ds.data.manifest import Manifest
-
     try:
         manifest = Manifest.load(config["data"]["dir"])
     except (FileNotFoundError, ValueError, KeyError):

@@ -16,7 +16,7 @@ with S_q the split Gram of the two halves' token-mean gradients (grads.fold_halv
 expectation is the Gram of the expected gradients, the noise cancels) and S+_q its
 projection onto the PSD cone; reported beside cos (gamma stays plain). `rows` is
 (K, n_local): this rank's share of every language's gradient, flat in the layout of
-PartitionGrads.capture() (cats_ds/grads.py) or of a plain module's parameters. A group's
+PartitionGrads.capture() (cats_ds/training/grads.py) or of a plain module's parameters. A group's
 boundaries may fall anywhere inside a ZeRO flat partition: the layout is per parameter,
 so each rank masks the fragments it owns, and ONE all_reduce of n_groups*K*K floats
 (plus 2K for the losses) gives every G_q. Full gradients are never gathered.
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cats_ds.grads import is_expert_param, partial_gram
-from cats_ds.groups import group_for
+from cats_ds.data.groups import group_for
+from cats_ds.training.grads import is_expert_param, partial_gram
 
 if TYPE_CHECKING:
     from cats_ds.data.manifest import Manifest
-    from cats_ds.grads import PartitionGrads
+    from cats_ds.training.grads import PartitionGrads
 
 GROUPS: tuple[str, ...] = ("Emb", "E.SA", "E.FC", "E.LN", "D.SA", "D.EA", "D.FC", "D.LN", "experts", "other")
 """Parameter groups, in the order of the heatmap rows. Emb: the (tied) token embeddings;
@@ -174,7 +174,7 @@ def reduce_grams(partial: torch.Tensor, loss_sums: torch.Tensor, tokens: torch.T
 def split_cos(split: torch.Tensor) -> np.ndarray:
     """S (..., K, K) -> S+_ij / sqrt(S+_ii S+_jj), S+ the PSD projection of S; NaN where a
     diagonal entry of S+ is 0 (no signal left, or a group without parameters)."""
-    from cats_ds.grads import psd_project
+    from cats_ds.training.grads import psd_project
 
     cos, _ = cos_gamma(psd_project(split))
     return cos

@@ -52,6 +52,7 @@ from typing import Callable, Iterable, Optional
 
 from cats_ds.config import DataConfig
 from cats_ds.data.manifest import SPLITS
+from cats_ds.data.translatable import applies, placeholders, strip_placeholders, untranslatable
 
 Pair = tuple[str, str]
 """(english, foreign)."""
@@ -262,36 +263,6 @@ def _drop_long(pairs: list[Pair], max_chars: int, dropped: Counter) -> list[Pair
 
 
 # --------------------------------------------------------------------------- gettext
-
-# printf: %s %d %ld %5.2f %1$d %(name)s; the position, flags, width and precision are
-# left out of the comparison key because translators legitimately reorder with %1$s.
-_PRINTF = re.compile(r"%(?:\((?P<name>[^)]+)\)|(?P<pos>\d+)\$)?[-+#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
-                     r"(?P<len>hh|h|ll|l|L|q|j|z|t)?(?P<conv>[diouxXeEfFgGaAcspnm])")
-_QT = re.compile(r"%(?P<num>\d+)")  # KDE/Qt %1 %2 (after printf so %1$d is taken there)
-_BRACE = re.compile(r"\{(?P<field>[^{}!:\s]*)(?:![rsa])?(?::[^{}]*)?\}")
-
-
-def placeholders(text: str) -> Counter:
-    """Multiset of format placeholders in `text` (printf, Python %()/{}, Qt %1)."""
-    keys: Counter = Counter()
-    if "%" not in text and "{" not in text:
-        return keys
-
-    def printf(m: re.Match) -> str:
-        keys[f"%({m['name']}){m['conv']}" if m["name"] else f"%{m['len'] or ''}{m['conv']}"] += 1
-        return " "
-
-    rest = _PRINTF.sub(printf, text.replace("%%", " "))
-    keys.update(f"%{m['num']}" for m in _QT.finditer(rest))
-    keys.update(f"{{{m['field']}}}" for m in _BRACE.finditer(rest.replace("{{", " ").replace("}}", " ")))
-    return keys
-
-
-def strip_placeholders(text: str) -> str:
-    """`text` with every placeholder `placeholders` counts (and ``%%``) replaced by a space."""
-    text = _PRINTF.sub(" ", text.replace("%%", " "))
-    return _BRACE.sub(" ", _QT.sub(" ", text))
-
 
 # CJK-style mnemonic suffix: "打开(_O)", "開く(&O)"
 _MNEMONIC_SUFFIX = re.compile(r"\s*\((?:_|&)[^\W_]\)")
@@ -613,8 +584,6 @@ def translatable_filter(data: DataConfig, corpus: str, counts: Counter) -> Optio
     """The dev/test filter of cats_ds/data/translatable.py if data.translatable_eval (None:
     gettext only) asks for it: a predicate on pairs that counts each rule's drops in
     `counts`."""
-    from cats_ds.data.translatable import applies, untranslatable  # it imports this module
-
     if not applies(corpus, data.translatable_eval):
         return None
 

@@ -6,7 +6,8 @@ copying, not translating. `prepare` therefore drops a dev/test pair when its TAR
 once these are removed (`residue`):
 
   1. format placeholders: printf ``%s %d %1$d %(name)s``, Qt ``%1``, Python/ICU
-     ``{name}`` ``{0}`` (`readers.placeholders` reads the same set), and ``%%``;
+     ``{name}`` ``{0}`` (the set `placeholders` reads; readers.py compares it between the
+     two sides of a catalog entry), and ``%%``;
   2. markup: tags ``<b>`` ``</a>`` ``<br/>`` and entities ``&amp;`` ``&#38;``;
   3. URLs and e-mail addresses (``https://x.org/y``, ``www.x.org``, ``a@b.org``) and paths
      (``/usr/share``, ``~/.config``, ``./run``, ``C:\\dir``, ``dir/file.ext``);
@@ -32,8 +33,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-
-from cats_ds.data.readers import strip_placeholders  # readers imports this module on use only
+from collections import Counter
 
 RULES = ("letters", "words")
 """Names of the rules, in the order they are tested (a pair counts under the first it fails)."""
@@ -44,6 +44,41 @@ _PATH = re.compile(r"(?<!\S)(?:~|\.{1,2})?/\S*|(?<!\S)[A-Za-z]:\\\S*|\S*\w/[\w./
 _OPTION = re.compile(r"(?<![^\s(\[{\"'`])--?[A-Za-z0-9][\w-]*(?:=\S*)?")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _UNSPACED = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+
+
+# --------------------------------------------------------------------------- placeholders
+
+# printf: %s %d %ld %5.2f %1$d %(name)s; the position, flags, width and precision are
+# left out of the comparison key because translators legitimately reorder with %1$s.
+_PRINTF = re.compile(r"%(?:\((?P<name>[^)]+)\)|(?P<pos>\d+)\$)?[-+#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
+                     r"(?P<len>hh|h|ll|l|L|q|j|z|t)?(?P<conv>[diouxXeEfFgGaAcspnm])")
+_QT = re.compile(r"%(?P<num>\d+)")  # KDE/Qt %1 %2 (after printf so %1$d is taken there)
+_BRACE = re.compile(r"\{(?P<field>[^{}!:\s]*)(?:![rsa])?(?::[^{}]*)?\}")
+
+
+def placeholders(text: str) -> Counter:
+    """Multiset of format placeholders in `text` (printf, Python %()/{}, Qt %1)."""
+    keys: Counter = Counter()
+    if "%" not in text and "{" not in text:
+        return keys
+
+    def printf(m: re.Match) -> str:
+        keys[f"%({m['name']}){m['conv']}" if m["name"] else f"%{m['len'] or ''}{m['conv']}"] += 1
+        return " "
+
+    rest = _PRINTF.sub(printf, text.replace("%%", " "))
+    keys.update(f"%{m['num']}" for m in _QT.finditer(rest))
+    keys.update(f"{{{m['field']}}}" for m in _BRACE.finditer(rest.replace("{{", " ").replace("}}", " ")))
+    return keys
+
+
+def strip_placeholders(text: str) -> str:
+    """`text` with every placeholder `placeholders` counts (and ``%%``) replaced by a space."""
+    text = _PRINTF.sub(" ", text.replace("%%", " "))
+    return _BRACE.sub(" ", _QT.sub(" ", text))
+
+
+# --------------------------------------------------------------------------- the rule
 
 
 def applies(corpus: str, translatable_eval) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from cats_ds.config import Config
+from cats_ds.model.families import load_family_map
 from cats_ds.model.transformer import Transformer, build_model
 
 
@@ -22,7 +23,6 @@ def model_from_config(cfg: Config, vocab_size: int, languages: Sequence[str],
     language) to use instead of reading the family map (a model folder stores them)."""
     if not cfg.experts.modules:
         return build_model(cfg.model, vocab_size)
-    from cats_ds.families import load_family_map
     from cats_ds.model.experts import ExpertSublayers, expert_modules
 
     modules = expert_modules(cfg.experts.modules)

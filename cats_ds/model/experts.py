@@ -1,6 +1,6 @@
 """Language-family expert layers on DeepSpeed MoE (the one model file that knows DeepSpeed).
 
-Every token of a sentence in language l goes to the expert of family(l) (cats_ds/families.py):
+Every token of a sentence in language l goes to the expert of family(l) (cats_ds/model/families.py):
 no learned gate, no capacity drops, no auxiliary loss. The pieces are DeepSpeed's own:
 
 - `FamilyGate` takes the place of `TopKGate` inside DeepSpeed's `MOELayer`. It has no

@@ -7,7 +7,7 @@ mix_n the sampled mix (`cats.weight_by`: tokens_n / tokens, or 1 per language).
 
 On a meta step (`is_meta_step`) it instead runs two backwards per language (the halves
 of its slot), builds the K x K Gram matrix G of the per-language gradients g_n (on ZeRO
-partitions, cats_ds/grads.py; plain or split, `grads.gram`) and calls
+partitions, cats_ds/training/grads.py; plain or split, `grads.gram`) and calls
 `update(step, langs, losses, G, shares, nll=nll)`, whose returned coefficients combine
 the g_n into the update, before `engine.step()`. g_n is the gradient
 of language n's loss averaged over the micro-steps that contain it (weighted by mix_n

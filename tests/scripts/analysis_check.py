@@ -29,9 +29,9 @@ from cats_ds.analysis.analyze import analysis_plan
 from cats_ds.analysis.hessian import language_loss, top_eigenvalue
 from cats_ds.analysis.similarity import param_group
 from cats_ds.data.sampler import Plan, collate
-from cats_ds.grads import split_slot
+from cats_ds.training.grads import split_slot
 from cats_ds.model.transformer import build_model
-from cats_ds.train import per_language_gradients, train_step
+from cats_ds.training.loop import per_language_gradients, train_step
 from checkscript import setup_from_command_line
 
 

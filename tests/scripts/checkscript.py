@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from cats_ds.config import load_config
-from cats_ds.train import setup
+from cats_ds.training.loop import setup
 
 
 def setup_from_command_line(add_arguments=None):

@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from old_search import old_beam_search  # noqa: E402
 
-from cats_ds.bench import decode_batches  # noqa: E402
-from cats_ds.checkpoint import load_for_inference  # noqa: E402
+from cats_ds.bench.suite import decode_batches  # noqa: E402
+from cats_ds.checkpoints import load_for_inference  # noqa: E402
 from cats_ds.data.manifest import load_split  # noqa: E402
-from cats_ds.search import beam_search  # noqa: E402
+from cats_ds.inference.search import beam_search  # noqa: E402
 
 
 def main() -> None:

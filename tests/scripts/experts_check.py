@@ -21,9 +21,9 @@ from deepspeed.utils import safe_get_full_grad
 
 from cats_ds.data.manifest import PAD
 from cats_ds.data.sampler import Plan, target_tokens
-from cats_ds.losses import per_language_sums
 from cats_ds.model.experts import global_parameter_names
-from cats_ds.train import local_batch, scaled_loss
+from cats_ds.training.loop import local_batch, scaled_loss
+from cats_ds.training.losses import per_language_sums
 from checkscript import setup_from_command_line
 
 

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from cats_ds.config import gram_kind
-from cats_ds.grads import MetaGrams, fold_halves, half_grams, plan_shares, reference_halves, reference_rows
 from cats_ds.model.transformer import build_model
-from cats_ds.train import meta_update, per_language_gradients, seed_everything
+from cats_ds.training.grads import MetaGrams, fold_halves, half_grams, plan_shares, reference_halves, reference_rows
+from cats_ds.training.loop import meta_update, per_language_gradients, seed_everything
 from cats_ds.weighting import make_weighting
 from checkscript import setup_from_command_line
 

@@ -11,8 +11,8 @@ import time
 import torch
 import torch.distributed as dist
 
-import cats_ds.grads as grads
-from cats_ds.train import fit, train_step
+import cats_ds.training.grads as grads
+from cats_ds.training.loop import fit, train_step
 from checkscript import setup_from_command_line
 
 
