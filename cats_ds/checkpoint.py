@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cats_ds.config import Config, ConfigError, config_from_dict
+from cats_ds.config import Config, ConfigError, config_from_dict, upgrade_legacy
 from cats_ds.data.manifest import Manifest, Vocab
 from cats_ds.model.build import model_from_config
 from cats_ds.model.transformer import Transformer
@@ -636,8 +636,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def changed_settings(saved: dict, current: dict, also: tuple = ()) -> list[str]:
     """Keys (outside RESUME_MAY_CHANGE and `also`) whose value differs between the config a
     checkpoint was trained with and this run's, as "key: old -> new". Keys only one side
-    knows (a checkpoint from an older version) are not compared."""
-    old, new = _flatten(saved), _flatten(current)
+    knows (a checkpoint from an older version) are not compared; old spellings of a value
+    (config.LEGACY_VALUES, e.g. cats.loss_term: true) compare as their new one."""
+    old, new = _flatten(upgrade_legacy(saved)), _flatten(current)
     diffs = []
     for key in sorted(old.keys() & new.keys()):
         if key in RESUME_MAY_CHANGE or key in also or any(key.startswith(k) for k in RESUME_MAY_CHANGE
