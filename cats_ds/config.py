@@ -111,8 +111,11 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 5.0
-    """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform."""
+    temperature: Optional[float] = None
+    """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform.
+    null (default): inf for weighting.method=cats (alpha = 1 is then the paper's equal
+    weights, alpha = 1/N), 5.0 for every other method; resolved when the config is
+    loaded, so a loaded config always holds a number."""
     langs_per_batch: int = 4
     """K: language slots per draw, each filled with one chunk of max_tokens * world / K
     tokens. Meta steps train on one draw per micro-batch; plain updates regroup the
@@ -161,15 +164,22 @@ class CatsConfig:
     tokens (alpha = 1 is exactly the temperature baseline at the run's T); language:
     c_n = alpha_n (each in-batch language's mean loss weighted by alpha alone). Also used by
     every other Gram-based method for its weights."""
-    loss_term: bool = True
-    """Include the per-language loss in the alpha step (the paper's first term)."""
+    loss_term: Literal["off", "descent", "ascent"] = "off"
+    """A per-language loss score in the alpha step besides the curvature. off (default):
+    none, the paper's meta objective is the curvature alone. descent: lower
+    sum_B alpha_n L_n (weight goes to the lowest-loss languages; the old `true`). ascent:
+    raise it (weight goes to the highest-loss languages). L_n: the per-language mean NLL."""
     lr_alpha: float = 0.1
-    """Step on alpha: the exponentiated-gradient rate (mirror) or the SGD step (lagrangian)."""
+    """Step on alpha: the exponentiated-gradient rate (mirror) or the SGD step (lagrangian).
+    mirror with loss_term off: only the product lr_alpha * lr_lambda matters (docs/design.md)."""
     lr_lambda: float = 0.01
-    """Projected gradient-ascent step on the Lagrange multipliers."""
-    kappa: float = 0.9
-    """mirror: curvature budget relative to equal weights, f <= kappa * f0 with f0 the
-    curvature of the meta batch at equal weights of the same mass; in (0, 1]."""
+    """Projected gradient-ascent step on the Lagrange multipliers (mirror: on the budget
+    violation relative to f0 - f_min, so dimensionless)."""
+    kappa: float = 0.5
+    """mirror: curvature budget b = f_min + kappa (f0 - f_min), f0 the meta batch's
+    curvature at equal weights of the same mass, f_min the least any alpha (same mass,
+    floor alpha_min) reaches; in [0, 1] (0: aim at the min-norm point, 1: equal weights
+    already meet it)."""
     loss_ema: float = 0.9
     """mirror: decay of the per-language loss EMA the loss score uses (updated when the
     language is in a meta batch); in [0, 1)."""
@@ -400,6 +410,8 @@ class Config:
         m = self.model
         if m.embed_dim % m.heads:
             raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.heads={m.heads}")
+        if self.sampling.temperature is None:
+            self.sampling.temperature = math.inf if self.weighting.method == "cats" else 5.0
         if self.sampling.temperature <= 0:
             raise ConfigError(f"sampling.temperature must be > 0 (inf for uniform), got {self.sampling.temperature}")
         if self.sampling.langs_per_batch < 1:
@@ -432,7 +444,7 @@ class Config:
                 raise ConfigError(f"cats.meta_every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
         c = self.cats
         for key, value, ok, allowed in (
-                ("cats.kappa", c.kappa, 0 < c.kappa <= 1, "in (0, 1]"),
+                ("cats.kappa", c.kappa, 0 <= c.kappa <= 1, "in [0, 1]"),
                 ("cats.loss_ema", c.loss_ema, 0 <= c.loss_ema < 1, "in [0, 1)"),
                 ("cats.alpha_min", c.alpha_min, 0 <= c.alpha_min < 1, "in [0, 1) (sum alpha = N)"),
                 ("cats.lr_alpha", c.lr_alpha, math.isfinite(c.lr_alpha) and c.lr_alpha >= 0, "finite and >= 0"),
@@ -543,6 +555,54 @@ REMOVED = {
 }
 """Keys that no longer exist -> what replaces them (an error, never silently ignored)."""
 
+LEGACY_VALUES = {
+    "cats.loss_term": ({True: "descent", False: "off", "true": "descent", "false": "off"},
+                       "cats.loss_term is no longer true/false but off | descent | ascent: true now reads "
+                       "as descent (the old loss term: weight goes to the lowest-loss languages), false as off "
+                       "(the default); write cats.loss_term=descent (or off, ascent) to silence this note"),
+}
+"""Old values of a key that still load: key -> ({old: new}, the note printed once per
+process when an old value is read). YAML reads `off` as false, so false maps to off
+without a note."""
+_legacy_noted: set[str] = set()
+
+
+def legacy_value(key: str, value: Any, note: bool = True) -> Any:
+    """`value` of `key` with an old spelling replaced by its new one (LEGACY_VALUES); with
+    `note`, the deprecation note goes to stderr once per process (rank 0 only) for an old
+    value that is not also a new spelling."""
+    if key not in LEGACY_VALUES or isinstance(value, (dict, list)):
+        return value
+    table, text = LEGACY_VALUES[key]
+    if isinstance(value, str):
+        lookup = value.lower()
+    elif isinstance(value, bool):
+        lookup = value
+    else:
+        return value
+    if lookup not in table:
+        return value
+    if note and lookup not in (False, "false") and key not in _legacy_noted:
+        _legacy_noted.add(key)
+        import os
+        import sys
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {text}", file=sys.stderr)
+    return table[lookup]
+
+
+def upgrade_legacy(tree: dict) -> dict:
+    """A copy of a config mapping (a checkpoint's saved config) with old values in their
+    new spelling (LEGACY_VALUES), silently, so it compares equal to a config loaded now."""
+    tree = copy.deepcopy(tree)
+    for key in LEGACY_VALUES:
+        section, name = key.split(".", 1)
+        node = tree.get(section)
+        if isinstance(node, dict) and name in node:
+            node[name] = legacy_value(key, node[name], note=False)
+    return tree
+
 
 def _build(cls, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
@@ -554,6 +614,7 @@ def _build(cls, values: dict, prefix: str):
             raise ConfigError(REMOVED[key])
         if k not in names:
             raise ConfigError(f"unknown config key '{key}'" + _closest(k, names))
+        v = legacy_value(key, v)
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
@@ -665,6 +726,24 @@ def gram_kind(cfg: Config) -> str:
     return "split" if cfg.weighting.method in SPLIT_GRAM_METHODS else "plain"
 
 
+def default_config(method: str = "temperature") -> Config:
+    """The default config of a weighting method with its method-dependent defaults resolved
+    (sampling.temperature: inf for cats, 5.0 otherwise)."""
+    cfg = Config()
+    cfg.weighting.method = method
+    return cfg.validate()
+
+
+def cats_start_note(cfg: Config) -> Optional[str]:
+    """The start-up line of a CATS run whose sampling is not T = inf (where alpha = 1 is the
+    paper's equal weights), None otherwise."""
+    t = cfg.sampling.temperature
+    if cfg.weighting.method != "cats" or t is None or math.isinf(t):
+        return None
+    return (f"CATS from T={t:g}: alpha = 1 is the temperature baseline at sampling.temperature={t:g}, not the "
+            f"paper's equal weights (T=inf, the default of a CATS run when sampling.temperature is not set)")
+
+
 def meta_interval(schedule: list[list[Optional[int]]], step: int) -> int:
     """M in force at `step` under a [[until_step, M], ...] schedule."""
     for until, every in schedule:
@@ -723,7 +802,7 @@ def config_yaml(cfg: Config, docs: bool = True, header: str = "") -> str:
     """The whole config as YAML that load_config reads back to an equal Config: every
     section and key in declaration order; with `docs`, each key's doc as a comment above
     it and, for a value that is not the default, the default."""
-    default = Config().to_dict()
+    default = default_config(cfg.weighting.method).to_dict()
     values = cfg.to_dict()
     notes = field_docs() if docs else {}
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]

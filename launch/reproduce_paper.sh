@@ -12,7 +12,8 @@
 #   t1        sampling.temperature=1      proportional sampling
 #   t5        sampling.temperature=5
 #   tinf      sampling.temperature=inf    uniform over languages
-#   cats      CATS weighting on top of T=1 (weighting.method=cats)
+#   cats      CATS weighting from the paper's start, T=inf (weighting.method=cats, the default
+#             T of a CATS run; its alpha = 1 baseline is the tinf run)
 #   noaffine  T=5 with LayerNorm without gain and bias (model.norm=layernorm_noaffine)
 #
 # Budget: UPDATES optimizer updates per run (train.max_minutes is lifted, so the budget is
@@ -71,7 +72,7 @@ train() {
 train t1 sampling.temperature=1 weighting.method=temperature
 train t5 sampling.temperature=5 weighting.method=temperature
 train tinf sampling.temperature=inf weighting.method=temperature
-train cats sampling.temperature=1 weighting.method=cats
+train cats sampling.temperature=inf weighting.method=cats
 train noaffine sampling.temperature=5 weighting.method=temperature model.norm=layernorm_noaffine
 
 "$PYTHON" launch/analyze.py --checkpoint "$OUT/$HEATMAP_RUN/latest" --pairs "$PAIRS" --out "$OUT/figures" --report \

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from cats_ds.cli import train_main
-from cats_ds.config import Config, ConfigError, field_docs, load_config, meta_interval
+from cats_ds.config import (Config, ConfigError, cats_start_note, default_config, field_docs, load_config,
+                            meta_interval)
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -55,7 +56,9 @@ def test_cats_eps_names_its_replacements(tmp_path):
 
 
 def test_cats_values_are_checked():
-    for override, message in [("cats.kappa=1.5", r"cats.kappa must be in \(0, 1\]"),
+    for override, message in [("cats.kappa=1.5", r"cats.kappa must be in \[0, 1\]"),
+                              ("cats.kappa=-0.1", r"cats.kappa must be in \[0, 1\]"),
+                              ("cats.loss_term=maybe", r"cats.loss_term: 'maybe' is not one of 'off', 'descent', 'ascent'"),
                               ("cats.alpha_min=1", r"cats.alpha_min must be in \[0, 1\)"),
                               ("cats.loss_ema=1", r"cats.loss_ema must be in \[0, 1\)"),
                               ("cats.lr_alpha=-0.1", "cats.lr_alpha must be finite and >= 0"),
@@ -66,6 +69,50 @@ def test_cats_values_are_checked():
             load_config(None, [override])
     cfg = load_config(None, [])
     assert (cfg.cats.update, cfg.cats.weight_by, cfg.sampling.distinct) == ("mirror", "tokens", None)
+    assert (cfg.cats.loss_term, cfg.cats.kappa, cfg.cats.lr_alpha, cfg.cats.lr_lambda) == ("off", 0.5, 0.1, 0.01)
+    assert load_config(None, ["cats.kappa=0"]).cats.kappa == 0.0  # aim at the min-norm point
+
+
+def test_sampling_temperature_default_depends_on_the_method(capsys):
+    """Unset, sampling.temperature is inf for CATS (alpha = 1 = the paper's equal weights)
+    and 5.0 for every other method; a set value wins; a loaded config always holds a float."""
+    assert math.isinf(load_config(None, ["weighting.method=cats"]).sampling.temperature)
+    for method in ("temperature", "gradnorm", "mgda", "pcgrad"):
+        assert load_config(None, [f"weighting.method={method}"]).sampling.temperature == 5.0
+    cfg = load_config(None, ["weighting.method=cats", "sampling.temperature=1"])
+    assert cfg.sampling.temperature == 1.0
+    assert cats_start_note(cfg).startswith("CATS from T=1: ")  # the start-up line of a CATS run not at T=inf
+    assert cats_start_note(load_config(None, ["weighting.method=cats"])) is None
+    assert cats_start_note(load_config(None, ["sampling.temperature=1"])) is None  # not CATS
+    assert load_config(None, ["weighting.method=cats", "sampling.temperature=null"]).sampling.temperature == math.inf
+    # --print-config of a CATS run: the resolved T, which is its default (no "# default:" line)
+    train_main(["--print-config", "weighting.method=cats"])
+    text = capsys.readouterr().out
+    assert "  temperature: .inf\n" in text and "  # default: null\n  temperature" not in text
+    assert yaml.safe_load(text)["sampling"]["temperature"] == math.inf
+
+
+def test_old_loss_term_booleans_still_load(tmp_path, capsys):
+    """cats.loss_term was a boolean: true reads as descent (its old meaning) with a note
+    printed once per process, false as off (as YAML's `off` does); a checkpoint's saved
+    true compares equal to descent when a run resumes."""
+    from cats_ds import config as config_module
+    from cats_ds.checkpoint import changed_settings
+
+    config_module._legacy_noted.clear()
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("weighting:\n  method: cats\ncats:\n  loss_term: true\n")
+    assert load_config(str(recipe)).cats.loss_term == "descent"
+    assert load_config(None, ["cats.loss_term=true"]).cats.loss_term == "descent"
+    err = capsys.readouterr().err
+    assert err.count("note: cats.loss_term is no longer true/false but off | descent | ascent") == 1
+    assert load_config(None, ["cats.loss_term=false"]).cats.loss_term == "off"
+    assert load_config(None, ["cats.loss_term=off"]).cats.loss_term == "off"
+    assert load_config(None, ["cats.loss_term=ascent"]).cats.loss_term == "ascent"
+    saved = load_config(None, ["cats.loss_term=descent"]).to_dict()
+    saved["cats"]["loss_term"] = True  # as an older checkpoint's cats_ds.json holds it
+    assert changed_settings(saved, load_config(None, ["cats.loss_term=descent"]).to_dict()) == []
+    assert changed_settings(saved, load_config(None, []).to_dict()) == ["cats.loss_term: 'descent' -> 'off'"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -120,7 +167,7 @@ def test_errors_name_the_command_line_argument_or_the_recipe(tmp_path):
 def test_print_config_lists_every_key_with_doc_and_default(capsys):
     train_main(["--print-config"])
     text = capsys.readouterr().out
-    assert yaml.safe_load(text) == Config().to_dict()  # every section and key, the defaults
+    assert yaml.safe_load(text) == default_config().to_dict()  # every section and key, the defaults
     docs = field_docs()
     every_key = {f"{sec}.{key}" for sec, fields in Config().to_dict().items() for key in fields}
     assert set(docs) == every_key and all(docs.values())  # every field of cats_ds/config.py has its doc string

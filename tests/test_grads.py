@@ -20,7 +20,7 @@ def test_gram_from_partitions_and_cats_step(tmp_path, tiny_recipe, stage):
     matches; and the parameters after one CATS step == a reference Adam step on sum_n
     alpha_n L_n (with DeepSpeed's clipping)."""
     ds = write_json(tmp_path / "ds.json", ds_config(stage, gas=2, clip=0.5))
-    recipe = tiny_recipe("meta", weighting={"method": "cats"},
+    recipe = tiny_recipe("meta", weighting={"method": "cats"}, cats={"loss_term": "descent"},  # alpha moves at step 0
                          train={"warmup_init_lr": 0.003, "adam_eps": 1e-3})
     launch([SCRIPT, "--deepspeed_config", ds, "--config", recipe, "--out", tmp_path / "out"], 2)
     for rank in (0, 1):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from cats_ds.checkpoints import (CHECKPOINT_META, STEP_PREFIX, CheckpointError, load_states, numbered_checkpoints,
                                  optimizer_state_classes, read_meta)
-from cats_ds.config import Config, micro_step_tokens
+from cats_ds.config import Config, micro_step_tokens, upgrade_legacy
 from cats_ds.runtime.output import print0
 from cats_ds.training.validation import mean_score
 
@@ -366,8 +366,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def changed_settings(saved: dict, current: dict, also: tuple = ()) -> list[str]:
     """Keys (outside RESUME_MAY_CHANGE and `also`) whose value differs between the config a
     checkpoint was trained with and this run's, as "key: old -> new". Keys only one side
-    knows (a checkpoint from an older version) are not compared."""
-    old, new = _flatten(saved), _flatten(current)
+    knows (a checkpoint from an older version) are not compared; old spellings of a value
+    (config.LEGACY_VALUES, e.g. cats.loss_term: true) compare as their new one."""
+    old, new = _flatten(upgrade_legacy(saved)), _flatten(current)
     diffs = []
     for key in sorted(old.keys() & new.keys()):
         if key in RESUME_MAY_CHANGE or key in also or any(key.startswith(k) for k in RESUME_MAY_CHANGE

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from cats_ds.analysis import analysis_step
 from cats_ds.analysis.analyze import AnalysisError, check_settings
 from cats_ds.analysis.similarity import param_group
-from cats_ds.config import (GRAM_METHODS, Config, config_yaml, distinct_languages, draws_at_meta_steps, gram_kind,
-                            meta_interval)
+from cats_ds.config import (GRAM_METHODS, Config, cats_start_note, config_yaml, distinct_languages,
+                            draws_at_meta_steps, gram_kind, meta_interval)
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
@@ -287,6 +287,9 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=engine_ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    note = cats_start_note(cfg)
+    if note:
+        print0(f"| {note}")
     sampler = LanguageSampler(train_splits, languages, cfg.sampling.temperature, cfg.sampling.langs_per_batch,
                               cfg.train.max_tokens, world, cfg.train.seed, distinct=distinct_languages(cfg),
                               length_pool=cfg.sampling.length_pool if token_weighted(cfg) else 0)
