@@ -97,7 +97,7 @@ def test_old_loss_term_booleans_still_load(tmp_path, capsys):
     printed once per process, false as off (as YAML's `off` does); a checkpoint's saved
     true compares equal to descent when a run resumes."""
     from cats_ds import config as config_module
-    from cats_ds.checkpoint import changed_settings
+    from cats_ds.training.checkpoint import changed_settings
 
     config_module._legacy_noted.clear()
     recipe = tmp_path / "old.yaml"
