@@ -197,7 +197,6 @@ def _active_set(gs: np.ndarray, mass: float, floor: float, a: np.ndarray, iters:
     language whose (G alpha)_n is furthest below the free ones' common value, if any
     (its multiplier is negative); stop when none is. Returns the lowest-curvature feasible
     point visited."""
-    k = gs.shape[0]
     tol = 1e-12 * max(1.0, mass)
     work = a > floor + tol
     best, best_val = a, float(a @ gs @ a)
