@@ -59,7 +59,8 @@ def main():
     meta_update(run)
     ref_weighting = make_weighting(cfg, run.languages, len(run.vocab))
     shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
-    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_grams.for_method(gram_kind(cfg)), shares)
+    coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_grams.for_method(gram_kind(cfg)), shares,
+                                  nll=ref_grams.nll)
     combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
     params = [p for p in ref.parameters() if p.requires_grad]
     offset = 0
@@ -124,7 +125,7 @@ def check_methods(args, cfg, run):
         ref_langs, ref_rows, ref_grams = reference(ref, plans, run, cfg)
         ref_losses, ref_gram = ref_grams.losses, ref_grams.for_method(gram_kind(cfg))
         shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
-        coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_gram, shares)
+        coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_gram, shares, nll=ref_grams.nll)
         combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
         offset = 0
         for p in params:
