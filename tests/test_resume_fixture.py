@@ -2,11 +2,15 @@
 
 tests/data/resume_before_layout/latest/ was written by the code before the package
 restructure (flat cats_ds/, commit 8678718): 4 updates of a tiny model on one process
-(CATS meta steps, dropout, ZeRO-2). Resumed here to 8 updates, it must end bit-identical
-to the same config trained from scratch to 8 updates with today's code: weights,
-optimizer state, step, sampler position, weighting state, RNG, logged losses. Anything
-the checkpoint names by module path (pickled classes, config keys) breaks this test
-when it moves.
+(CATS meta steps, dropout, ZeRO-2). It must resume here, with the CATS settings it was
+trained with spelled out (cats.loss_term: true is read as descent, kappa was 0.9; today's
+defaults differ and a resume that changes them is refused), and continue exactly: resumed
+to 8 updates in one go, it ends bit-identical to resumed to 6 and then to 8 (weights,
+optimizer state, step, sampler position, weighting state, RNG, logged losses). Anything
+the checkpoint names by module path (pickled classes, config keys) breaks this test when
+it moves. (At the restructure itself, commit 1672f2a, the resumed run was also
+bit-identical to a from-scratch run of today's code; the CATS objective changed after
+that on purpose, so a from-scratch run no longer repeats the fixture's first 4 updates.)
 
 The prepared data folder is not committed: `make_data` rebuilds it (fixed corpus, fixed
 prepare settings); its manifest fingerprint must equal the one the checkpoint recorded.
@@ -45,13 +49,17 @@ def make_data(root: Path) -> Path:
     return root / "bin"
 
 
-def train_one_process(data: Path, save_dir: Path, updates: int) -> subprocess.CompletedProcess:
+OLD_CATS = ["cats.loss_term=descent", "cats.kappa=0.9"]
+"""The fixture's CATS settings in today's spelling (it was trained with loss_term true, kappa 0.9)."""
+
+
+def train_one_process(data: Path, save_dir: Path, updates: int, extra: tuple = ()) -> subprocess.CompletedProcess:
     """`python launch/train.py` without a launcher (rank 0 of 1) on the fixture's config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(TRAIN), "--deepspeed_config", str(FIXTURE / "ds.json"),
            "--config", str(FIXTURE / "config.yaml"), f"data.dir={data}", f"train.save_dir={save_dir}",
-           f"train.max_updates={updates}"]
+           f"train.max_updates={updates}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
@@ -98,11 +106,14 @@ def test_checkpoint_from_before_the_restructure_resumes_exactly(tmp_path):
     assert manifest["fingerprint"] == saved["manifest_fingerprint"], (
         "the rebuilt data folder differs from the one the fixture was trained on (a changed corpus "
         "generator, prepare setting or sentencepiece version); see this file's docstring")
-    resumed, scratch = tmp_path / "resumed", tmp_path / "scratch"
+    resumed, scratch = tmp_path / "resumed", tmp_path / "twice"
     shutil.copytree(FIXTURE / "latest", resumed / "latest")
-    out = train_one_process(data, resumed, 8)
+    shutil.copytree(FIXTURE / "latest", scratch / "latest")
+    out = train_one_process(data, resumed, 8, OLD_CATS)
     assert f"| resumed from {resumed / 'latest'} at step 4" in out.stdout, out.stdout[-3000:]
-    train_one_process(data, scratch, 8)
+    train_one_process(data, scratch, 6, OLD_CATS)
+    out = train_one_process(data, scratch, 8, OLD_CATS)
+    assert f"| resumed from {scratch / 'latest'} at step 6" in out.stdout, out.stdout[-3000:]
 
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt"):
         a = torch.load(scratch / "latest" / name, map_location="cpu", weights_only=False)
