@@ -209,7 +209,8 @@ def test_weighting_blow_up_exits_2(tmp_path, tiny_recipe):
     """issue 15: lr_alpha=1e6 stops at the first out-of-range alpha with the message and
     exit status 2, no traceback, no OverflowError."""
     ds = write_json(tmp_path / "z0.json", ds_config(0))
-    recipe = tiny_recipe("blow", weighting={"method": "cats"}, cats={"update": "lagrangian", "lr_alpha": 1e6})
+    recipe = tiny_recipe("blow", weighting={"method": "cats"}, cats={"update": "lagrangian", "lr_alpha": 1e6,
+                                                                        "loss_term": "descent"})
     proc = launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 1, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: CATS alpha out of range at step 0" in proc.stderr and "cats.lr_alpha=1000000.0" in proc.stderr
