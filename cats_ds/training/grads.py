@@ -379,6 +379,20 @@ def plan_shares(plans, splits: dict, languages: list[str], weight_by: str) -> di
     return shares
 
 
+def _language_gradient(model, params, plan, li: int, tokens: int, splits, languages, tag_ids, smoothing: float):
+    """Reference helper: the float64 flat gradient of language li's loss sum over `plan`
+    divided by `tokens`, by plain autograd, with that loss, NLL and token sums."""
+    from cats_ds.data.sampler import collate
+    from cats_ds.training.losses import per_language_sums
+
+    batch = collate(plan, splits, languages, tag_ids)
+    logits = model(batch.src, batch.prev, batch.langs)
+    loss_sum, nll_sum, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
+    g = torch.autograd.grad(loss_sum[li] / tokens, params, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
+    return flat.double(), loss_sum, nll_sum, tok
+
+
 def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[str], tag_ids: list[int],
                    smoothing: float, gas: int, weight_by: str = "tokens"):
     """The single-process reference the partitioned path must equal (tests, benchmark):
@@ -386,8 +400,7 @@ def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[
     plan (the average over the micro-steps that contain n, see plan_shares), by plain
     autograd on a full copy of the model. Returns (langs, rows (K, |theta|) float64,
     mean losses (K,) float64)."""
-    from cats_ds.data.sampler import Plan, collate, target_tokens
-    from cats_ds.training.losses import per_language_sums
+    from cats_ds.data.sampler import Plan, target_tokens
 
     params = [p for p in model.parameters() if p.requires_grad]
     grads: dict[int, torch.Tensor] = {}
@@ -397,12 +410,9 @@ def reference_rows(model: torch.nn.Module, plans, splits: dict, languages: list[
         tokens = target_tokens(plan, splits, languages)
         mix = plan_mix(plan, splits, languages, weight_by)
         for li, sents in zip(plan.langs, plan.sents):
-            batch = collate(Plan([li], [sents]), splits, languages, tag_ids)
-            logits = model(batch.src, batch.prev, batch.langs)
-            loss_sum, _, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
-            g = torch.autograd.grad(loss_sum[li] / tokens[li], params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
-            flat = flat.double() * (mix[li] / (gas * shares[li]))
+            flat, loss_sum, _, tok = _language_gradient(model, params, Plan([li], [sents]), li, tokens[li], splits,
+                                                        languages, tag_ids, smoothing)
+            flat = flat * (mix[li] / (gas * shares[li]))
             grads[li] = flat if li not in grads else grads[li] + flat
             acc = sums.setdefault(li, [0.0, 0.0])
             acc[0] += float(loss_sum[li])
@@ -419,8 +429,7 @@ def reference_halves(model: torch.nn.Module, plans, splits: dict, languages: lis
     HalfGrads.rows and rho by plain autograd on a full copy of the model. Returns (langs,
     rows (2K, |theta|) float64: the a rows, then the b rows, each normalized by the whole
     slot's tokens, rho (K, 2), mean losses (K,), mean nll (K,))."""
-    from cats_ds.data.sampler import Plan, collate, target_tokens
-    from cats_ds.training.losses import per_language_sums
+    from cats_ds.data.sampler import Plan, target_tokens
 
     params = [p for p in model.parameters() if p.requires_grad]
     width = sum(p.numel() for p in params)
@@ -438,12 +447,9 @@ def reference_halves(model: torch.nn.Module, plans, splits: dict, languages: lis
                 rho.setdefault(li, [0.0, 0.0])[h] += mix[li] / gas * int(sizes[part].sum()) / tokens[li]
                 if not len(part):
                     continue
-                batch = collate(Plan([li], [part]), splits, languages, tag_ids)
-                logits = model(batch.src, batch.prev, batch.langs)
-                loss_sum, nll_sum, tok = per_language_sums(logits, batch.tgt, batch.langs, len(languages), smoothing)
-                g = torch.autograd.grad(loss_sum[li] / tokens[li], params, allow_unused=True)
-                flat = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
-                rows[h] += flat.double() * (mix[li] / gas)
+                flat, loss_sum, nll_sum, tok = _language_gradient(model, params, Plan([li], [part]), li, tokens[li],
+                                                                  splits, languages, tag_ids, smoothing)
+                rows[h] += flat * (mix[li] / gas)
                 acc = sums.setdefault(li, [0.0, 0.0, 0.0])
                 acc[0] += float(loss_sum[li])
                 acc[1] += float(nll_sum[li])
