@@ -475,6 +475,22 @@ def _worker_setup(args):
     return cfg, run, dist
 
 
+def _close_process_group() -> None:
+    """End a worker's process group before the interpreter exits (the loop's own
+    shutdown): left to teardown, gloo's threads can abort a rank after the result is
+    written ("terminate called without an active exception"), failing the launch."""
+    import gc
+
+    import torch.distributed as dist
+
+    from cats_ds.training.loop import shutdown_distributed
+
+    gc.collect()  # DDP's reducer and the engine hold work objects of the group
+    if dist.is_initialized():
+        dist.barrier()
+    shutdown_distributed()
+
+
 def _peak_rss_mb(dist) -> float:
     import torch
 
@@ -846,7 +862,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     # the deepspeed launcher adds --local_rank before the subcommand; ranks read LOCAL_RANK
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.cmd.startswith("worker-"):
-        {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta}[args.cmd](args)
+        try:
+            {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta}[args.cmd](args)
+        finally:
+            _close_process_group()
         return
     if args.cmd == "experts":
         from cats_ds.bench.experts import bench_experts
