@@ -106,6 +106,14 @@ def test_missing_python_is_named(tmp_path):
         check_fairseq_python(str(tmp_path / "nowhere" / "python"))
 
 
+@pytest.mark.launcher  # runs `python -c "import fairseq"`
+def test_python_without_fairseq_is_refused(tiny_data, tiny_recipe, capsys):
+    from cats_ds.bench.suite import main
+
+    with pytest.raises(SystemExit, match=r"cannot import fairseq \(ModuleNotFoundError: No module named 'fairseq'\)"):
+        main(["peer", "--fairseq-python", sys.executable, "--recipe", str(tiny_recipe()), "--processes", "1"])
+
+
 @pytest.mark.launcher  # starts a stand-in for the fairseq python (a shell script)
 def test_run_fairseq_launches_the_ranks(tmp_path, tiny_data):
     """launch_fairseq with a stand-in python that logs its arguments and prints the

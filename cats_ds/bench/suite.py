@@ -8,6 +8,7 @@ one run (the machine is shared and noisy), never an absolute time.
     python -m cats_ds.bench cats --methods pcgrad,gradvac,cagrad,nashmtl,imtl   # + a row per method
     python -m cats_ds.bench cats --methods ... --solve-only   # only the coefficient solve, no data
     python -m cats_ds.bench experts --json out.json   # dense vs family experts
+    python -m cats_ds.bench peer --fairseq-python .venv-fairseq/bin/python   # vs fairseq (bench/peer.py)
 
 Multi-rank parts run under the real `deepspeed` launcher (CPU: DS_ACCELERATOR=cpu, gloo);
 the worker side is `python -m cats_ds.bench worker-<name>` inside each rank.
@@ -163,6 +164,74 @@ def bench_pool(args) -> dict:
     print_table(f"padding of length-pooled micro-batches ({args.recipe}, first {args.batches} micro-batches; "
                 f"pool 0 = each draw as one padded batch)", ["ranks", "length_pool", "pad src", "pad tgt", "micro-batches/draw"],
                 rows)
+    return out
+
+
+def bench_peer(args) -> dict:
+    import numpy as np
+
+    from cats_ds.bench.peer import SOURCE_LANG, check_fairseq_python, export_fairseq, run_fairseq
+    from cats_ds.config import load_config
+    from cats_ds.data.manifest import Manifest
+
+    version = check_fairseq_python(args.fairseq_python)
+    overrides = list(args.overrides) + [f"train.max_tokens={args.max_tokens}"]
+    _ensure_prepared(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides)
+    manifest = Manifest.load(cfg.data.dir)
+    languages = list(cfg.data.languages or manifest.languages)
+    data = Path(args.export_dir or Path(cfg.data.dir).with_name(Path(cfg.data.dir).name + "-fairseq"))
+    stamp = export_fairseq(cfg.data.dir, data, languages)
+    print(f"fairseq {version} ({args.fairseq_python}); data {cfg.data.dir} exported to {data} "
+          f"({sum(stamp['sentences']['train'].values())} training pairs, {len(languages)} languages)")
+    common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.timed),
+              "--warmup", str(args.warmup)] + overrides
+    per: dict[int, dict] = {n: {"ours": [], "fairseq": []} for n in args.processes}
+    start = time.perf_counter()
+    for r in range(args.rounds):
+        for n in args.processes:
+            order = ("ours", "fairseq") if (r + n) % 2 == 0 else ("fairseq", "ours")
+            for side in order:
+                if side == "ours":
+                    t0 = time.perf_counter()
+                    res = _launch_worker("peer", n, common)
+                    res["launch_s"] = time.perf_counter() - t0
+                else:
+                    res = run_fairseq(args.fairseq_python, cfg, data, languages, n, args.max_tokens, args.warmup,
+                                      args.timed)
+                per[n][side].append(res)
+                print(f"round {r + 1}/{args.rounds}, {n} process(es), {side}: {res['tokens_per_s']:.0f} target tokens/s "
+                      f"({res['tokens_per_update']:.0f} per update)", flush=True)
+    out = {"fairseq_version": version, "recipe": args.recipe, "max_tokens": args.max_tokens, "warmup": args.warmup,
+           "timed": args.timed, "rounds": args.rounds, "target": 1.2}
+    rows = []
+    for n in args.processes:
+        ours = [x["tokens_per_s"] for x in per[n]["ours"]]
+        theirs = [x["tokens_per_s"] for x in per[n]["fairseq"]]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        # the rate over all rounds: tokens over seconds, each side's rounds pooled
+        ours_rate = sum(x["tokens"] for x in per[n]["ours"]) / sum(x["seconds"] for x in per[n]["ours"])
+        fs_rate = sum(x["tokens"] for x in per[n]["fairseq"]) / sum(x["seconds"] for x in per[n]["fairseq"])
+        out[f"processes_{n}"] = {
+            "processes": n, "ours_tokens_per_s": ours_rate, "fairseq_tokens_per_s": fs_rate,
+            "ratio": ours_rate / fs_rate, "round_ratios": ratios,
+            "ours_params": per[n]["ours"][0]["params"], "fairseq_params": per[n]["fairseq"][0]["params"],
+            "ours_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in per[n]["ours"]])),
+            "fairseq_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in per[n]["fairseq"]])),
+            "ours_rounds": per[n]["ours"], "fairseq_rounds": per[n]["fairseq"]}
+        o = out[f"processes_{n}"]
+        rows.append([n, ours_rate, fs_rate, o["ratio"], " ".join(f"{x:.3f}" for x in ratios),
+                     o["ours_tokens_per_update"], o["fairseq_tokens_per_update"]])
+    print_table(f"peer: cats_ds vs fairseq {version}, target tokens/s over {args.timed} updates after {args.warmup} "
+                f"warm-up ({args.recipe}, max_tokens {args.max_tokens} per process, {args.rounds} round(s), "
+                f"alternating launches)",
+                ["processes", "cats_ds tok/s", "fairseq tok/s", "ratio", "round ratios", "cats_ds tok/update",
+                 "fairseq tok/update"], rows)
+    first = out[f"processes_{args.processes[0]}"]
+    print(f"parameters: cats_ds {first['ours_params']:,}, fairseq {first['fairseq_params']:,} "
+          f"(fairseq's dictionary holds one more language tag, {SOURCE_LANG}: +{cfg.model.embed_dim})")
+    out["elapsed_s"] = time.perf_counter() - start
+    print(f"target: ratio >= 1.2 at every process count ({out['elapsed_s'] / 60:.1f} min of launches)")
     return out
 
 
@@ -568,17 +637,30 @@ def _local_forwards(run, plans) -> list:
     return out
 
 
+def _upcoming_forwards(run, n: int) -> list:
+    """The micro-batches of the next n updates (as train.next_batches picks them), without
+    consuming them: [(global target tokens, [(local batch, live), ...])] per micro-batch."""
+    import copy
+
+    from cats_ds.training.loop import draws_as_drawn
+
+    probe = copy.deepcopy(run.sampler)
+    plans = []
+    for step in range(run.step, run.step + n):
+        draws = draws_as_drawn(run.cfg, step)
+        plans += [probe.next_plan() if draws else probe.next_batch()[0] for _ in range(run.gas)]
+    return _local_forwards(run, plans)
+
+
 def worker_train(args) -> None:
     """Rounds of `steps` full training updates (train.plain_update: sampler, DeepSpeed
     engine, per-language losses) and `steps` bare updates on the very same micro-batches,
     alternating which goes first. Phases come from the full step's own timers."""
-    import copy
-
     import torch
 
     from cats_ds.bench.flops import peak_flops, precision_of, train_flops
     from cats_ds.data.manifest import PAD
-    from cats_ds.training.loop import draws_as_drawn, plain_update
+    from cats_ds.training.loop import plain_update
 
     cfg, run, dist = _worker_setup(args)
     bare = BareStep(run)
@@ -593,14 +675,7 @@ def worker_train(args) -> None:
     run.engine._backward_epilogue = timed_epilogue
 
     def upcoming(n: int):
-        """The micro-batches of the next n updates (as train.next_batches picks them),
-        without consuming them."""
-        probe = copy.deepcopy(run.sampler)
-        plans = []
-        for step in range(run.step, run.step + n):
-            draws = draws_as_drawn(cfg, step)
-            plans += [probe.next_plan() if draws else probe.next_batch()[0] for _ in range(run.gas)]
-        return _local_forwards(run, plans)
+        return _upcoming_forwards(run, n)
 
     def run_bare(batches) -> float:
         dist.barrier()
@@ -667,6 +742,21 @@ def worker_train(args) -> None:
               "max_tokens": cfg.train.max_tokens, "precision": precision, "device": device_name,
               "model_tflops_per_s": model_flops_per_s / 1e12,
               "mfu": None if peak is None else model_flops_per_s / (peak * run.world)}
+    if run.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def worker_peer(args) -> None:
+    """Our side of the peer bench: `warmup` then `steps` updates of train_step (as
+    launch/train.py runs them), the timed ones between barriers; global target tokens of
+    the timed updates from the same sampler state."""
+    cfg, run, dist = _worker_setup(args)
+    _timed(run, dist, args.warmup, train_step_no_count)
+    tokens = sum(t for t, _ in _upcoming_forwards(run, args.steps))
+    seconds = _timed(run, dist, args.steps, train_step_no_count)
+    result = {"processes": run.world, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+              "tokens_per_update": tokens / args.steps, "params": sum(p.numel() for p in run.model.parameters()),
+              "max_tokens": cfg.train.max_tokens}
     if run.rank == 0:
         Path(args.out).write_text(json.dumps(result))
 
@@ -801,6 +891,18 @@ def worker_meta(args) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def peer_arguments(s) -> None:
+    s.add_argument("--fairseq-python", required=True,
+                   help="a python that can import fairseq (launch/fairseq_env.sh builds one)")
+    s.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                   help="comma-separated process counts (default 1,2)")
+    s.add_argument("--max-tokens", type=int, default=3000, help="per process, both sides (default 3000)")
+    s.add_argument("--rounds", type=int, default=2, help="alternating launches per process count")
+    s.add_argument("--warmup", type=int, default=10, help="untimed updates per launch")
+    s.add_argument("--timed", type=int, default=30, help="timed updates per launch")
+    s.add_argument("--export-dir", default=None, help="fairseq data (default: <data.dir>-fairseq)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cats_ds.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -846,7 +948,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from cats_ds.bench.experts import add_arguments as experts_arguments
 
     experts_arguments(sub.add_parser("experts", help="dense vs family-expert placements"))
-    for name in ("train", "cats", "meta"):
+    peer_arguments(add("peer", "target tokens/s against fairseq on the same model, data and budget "
+                               "(needs --fairseq-python: a python with fairseq)"))
+    for name in ("train", "cats", "meta", "peer"):
         w = sub.add_parser(f"worker-{name}")
         w.add_argument("--out", required=True)
         w.add_argument("--save_dir", required=True)
@@ -863,7 +967,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.cmd.startswith("worker-"):
         try:
-            {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta}[args.cmd](args)
+            {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta,
+             "worker-peer": worker_peer}[args.cmd](args)
         finally:
             _close_process_group()
         return
@@ -873,7 +978,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         bench_experts(args)  # prints its table and writes --json itself
         return
     write_json(args.json, {"train": bench_train, "decode": bench_decode, "cats": bench_cats,
-                           "pool": bench_pool}[args.cmd](args))
+                           "pool": bench_pool, "peer": bench_peer}[args.cmd](args))
 
 
 if __name__ == "__main__":
