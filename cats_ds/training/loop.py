@@ -26,7 +26,7 @@ from cats_ds.analysis import analysis_step
 from cats_ds.analysis.analyze import AnalysisError, check_settings
 from cats_ds.analysis.similarity import param_group
 from cats_ds.config import (GRAM_METHODS, Config, cats_start_note, config_yaml, distinct_languages,
-                            draws_at_meta_steps, gram_kind, meta_interval)
+                            draws_at_meta_steps, gram_kind, meta_interval, micro_step_tokens, tokens_per_update)
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
@@ -90,11 +90,10 @@ def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
     if tbs is not None and tbs != micro * gas * world_size:
         raise TrainError(f"{path}: train_batch_size={tbs} contradicts train_micro_batch_size_per_gpu={micro} x "
                          f"gradient_accumulation_steps={gas} x world_size={world_size} = {micro * gas * world_size}")
-    want = cfg.train.update_tokens
-    if want is not None and want != cfg.train.max_tokens * gas * world_size:
+    want, have = cfg.train.update_tokens, tokens_per_update(cfg, world_size, gas)
+    if want is not None and want != have:
         raise TrainError(f"train.update_tokens={want} but train.max_tokens={cfg.train.max_tokens} x "
-                         f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = "
-                         f"{cfg.train.max_tokens * gas * world_size}")
+                         f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = {have}")
     offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
     if cfg.weighting.method in GRAM_METHODS and offload.get("device", "none") not in (None, "none"):
         # DeepSpeed's offload path computes the clipping norms during each backward and, from
@@ -318,7 +317,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
            f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
-           f"{cfg.train.max_tokens * run.gas * world} tokens per update")
+           f"{tokens_per_update(cfg, world, run.gas)} tokens per update")
     print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs))
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
@@ -465,7 +464,7 @@ def forward_plan(run: Run, plan: Plan, splits: dict):
     loss_sum = nll_sum = tok = None
     any_live = False
     with phase(run, "data"):
-        groups = split_by_length(plan, splits, run.languages, run.cfg.train.max_tokens * run.world)
+        groups = split_by_length(plan, splits, run.languages, micro_step_tokens(run.cfg, run.world))
     for group in groups:
         with phase(run, "data"):
             batch, live = local_batch(run, group, splits)
