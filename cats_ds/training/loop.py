@@ -43,6 +43,7 @@ from cats_ds.training.checkpoint import (check_save_dir, free_space, needs_unive
 from cats_ds.training.grads import (HalfGrads, MetaGrams, PartitionGrads, grad_norms, half_grams, is_expert_param,
                                    split_slot)
 from cats_ds.training.losses import per_language_sums
+from cats_ds.training.state import TrainState
 from cats_ds.training.validation import check_supported, dev_scores, load_dev_texts, mean_score
 from cats_ds.weighting import make_weighting
 from cats_ds.weighting.base import Weighting, mean_pairwise_cosine
@@ -168,6 +169,12 @@ def release_shm_workspace() -> None:
 # --------------------------------------------------------------------------- state
 
 
+def _state_field(name: str) -> property:
+    """Run.<name> reads and writes Run.state.<name>."""
+    return property(lambda run: getattr(run.state, name), lambda run, value: setattr(run.state, name, value),
+                    doc=f"run.state.{name} (TrainState)")
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -185,12 +192,11 @@ class Run:
     world: int
     gas: int
     tag_ids: list[int]
-    step: int = 0
-    best_valid: float = float("inf")
+    state: TrainState = field(default_factory=TrainState)
+    """The loop's progress: step, elapsed time, best/ and patience bookkeeping, the
+    non-finite count (cats_ds/training/state.py); what a checkpoint saves of it is
+    state.state_dict(). Run.step, Run.best_valid, ... read and write it."""
     log_path: Optional[Path] = None
-    elapsed: float = 0.0
-    """Training seconds before this process (resumed runs)."""
-    t_start: float = 0.0
     t_log: float = 0.0
     """Start of the current logging interval (tokens/s)."""
     acc: dict = field(default_factory=dict)
@@ -202,8 +208,6 @@ class Run:
     """One real sentence run with weight 0 by a rank that got no sentences."""
     update_loss: float = 0.0
     """This rank's loss sum over the current update (non-finite check)."""
-    nonfinite: int = 0
-    """Consecutive updates whose training loss was NaN or inf on some rank."""
     last_good: str = "none yet"
     """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
     good_step: int = -1
@@ -220,10 +224,6 @@ class Run:
     """Seconds the last validation + save took: the margin train.max_minutes leaves for the final one."""
     dev_refs: Optional[dict] = None
     """Raw dev references per language (eval.valid_every > 0)."""
-    best_score: Optional[float] = None
-    """Best value of train.best_metric so far (None before the first validation that measures it)."""
-    stale: int = 0
-    """Validations of train.best_metric in a row without improvement (train.patience)."""
     early_stop: bool = False
     timers: Optional[dict] = None
     """Seconds per phase of plain updates (data, forward, loss, backward, optimizer,
@@ -239,6 +239,14 @@ class Run:
     """The last validation's train_log.jsonl record (mean_loss; bleu and chrf when translated)."""
     gram_log: Optional[dict] = None
     """The Gram diagnostics of the last meta step since the last log line (gram_diagnostics)."""
+
+    step = _state_field("step")
+    elapsed = _state_field("elapsed")
+    t_start = _state_field("t_start")
+    best_valid = _state_field("best_valid")
+    best_score = _state_field("best_score")
+    stale = _state_field("stale")
+    nonfinite = _state_field("nonfinite")
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
