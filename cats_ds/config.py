@@ -143,10 +143,47 @@ class SamplingConfig:
     Gram-based methods, false for temperature (a temperature run pools every update)."""
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the layers below cats_ds/weighting/ know of a weighting method: its name (a key
+    of METHODS) and how the loop treats it. cats_ds/weighting/registry.py binds the class
+    that implements it to the name (`@register_method(name)`)."""
+    gram: bool = True
+    """It runs meta steps on the Gram matrix of per-language gradients (GRAM_METHODS): the
+    distinct-language sampler and the draws at the meta-step schedule by default, the
+    gradient capture, the refusal of optimizer offload."""
+    split_gram: bool = True
+    """It gets the split Gram of two half-batches unless grads.gram says otherwise
+    (SPLIT_GRAM_METHODS; methods defined on expected gradients), else the plain Gram."""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "temperature": MethodSpec(gram=False, split_gram=False),
+    "gradnorm": MethodSpec(),
+    "mgda": MethodSpec(),
+    "cats": MethodSpec(split_gram=False),
+    "pcgrad": MethodSpec(),
+    "gradvac": MethodSpec(),
+    "cagrad": MethodSpec(),
+    "nashmtl": MethodSpec(),
+    "imtl": MethodSpec(),
+}
+"""weighting.method's choices, declared here (below weighting/, which implements them) so
+the config check, GRAM_METHODS and SPLIT_GRAM_METHODS need no import of weighting/."""
+
+GRAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.gram)
+"""Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
+
+SPLIT_GRAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.gram and spec.split_gram)
+"""The methods that get the split Gram unless grads.gram says otherwise (cats: plain)."""
+
+MethodName = Literal[tuple(METHODS)]
+"""The type of weighting.method: one of METHODS."""
+
+
 @dataclass
 class WeightingConfig:
-    method: Literal["temperature", "gradnorm", "mgda", "cats", "pcgrad", "gradvac", "cagrad", "nashmtl",
-                    "imtl"] = "temperature"
+    method: MethodName = "temperature"
     """Task weighting. temperature: token-mean loss of the sampled batch. The others run
     meta steps on the Gram matrix (schedule cats.meta_every, shares cats.weight_by);
     pcgrad, gradvac, cagrad, nashmtl, imtl: cats_ds/weighting/gramspace.py."""
@@ -696,10 +733,6 @@ def _blame(tree: dict, path: Optional[str], overrides: list[str], message: str) 
     return f"{message} (from {path} and the command-line overrides)" if path else message
 
 
-GRAM_METHODS = ("cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
-"""Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
-
-
 def distinct_languages(cfg: Config) -> bool:
     """sampling.distinct with its default resolved (on for the Gram-based methods)."""
     if cfg.sampling.distinct is None:
@@ -712,10 +745,6 @@ def draws_at_meta_steps(cfg: Config) -> bool:
     if cfg.sampling.draws_at_meta_steps is None:
         return cfg.weighting.method in GRAM_METHODS
     return cfg.sampling.draws_at_meta_steps
-
-
-SPLIT_GRAM_METHODS = ("gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
-"""The methods that get the split Gram unless grads.gram says otherwise (cats: plain)."""
 
 
 def gram_kind(cfg: Config) -> str:

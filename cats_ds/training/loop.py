@@ -306,7 +306,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
               rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
               tag_ids=[vocab.lang_ids[l] for l in languages], monitor=monitor(monitor_blocks))
     run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
-    if cfg.weighting.method != "temperature":
+    if cfg.weighting.method in GRAM_METHODS:
         shared_only = cfg.cats.params == "shared"
         run.grads = PartitionGrads(engine, include=lambda name, p: not (shared_only and is_expert_param(p)))
         if cfg.cats.meta_data == "dev":

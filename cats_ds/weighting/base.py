@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from cats_ds.config import meta_interval
+from cats_ds.weighting.registry import register_method
 
 
 class WeightingError(FloatingPointError):
@@ -40,8 +41,16 @@ in a row gets a warning, once: that language barely trains any more."""
 
 class Weighting:
     name = "base"
+    """weighting.method (set by @register_method)."""
     floor: Optional[float] = None
     """The lowest weight the method gives a language (None: no floor); see floor_warnings."""
+
+    @classmethod
+    def from_config(cls, cfg, languages: list[str], vocab_size: Optional[int] = None) -> "Weighting":
+        """The instance make_weighting builds for a run: the method's own config section, the
+        shared meta-step keys (cats.meta_every, cats.weight_by), train.seed if it draws random
+        numbers; vocab_size for a method that needs it."""
+        raise NotImplementedError(f"{cls.__qualname__}.from_config")
 
     def __init__(self, languages: list[str], meta_every: Optional[list] = None, weight_by: str = "tokens"):
         if weight_by not in ("tokens", "language"):
@@ -180,8 +189,11 @@ def token_share(langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
     return {l: tokens[l] / total for l in langs}
 
 
+@register_method("temperature")
 class TemperatureWeighting(Weighting):
     """Static: the token-mean loss of the sampled batch (the sampler's temperature does
     the weighting), c_n = tokens_n / tokens."""
 
-    name = "temperature"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages)

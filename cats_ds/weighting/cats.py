@@ -55,6 +55,7 @@ import torch
 
 from cats_ds.config import CatsConfig, legacy_value
 from cats_ds.weighting.base import Weighting, WeightingError
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest |B| whose f_min is solved exactly (every free set: 2^8 - 1 = 255 small solves,
@@ -286,8 +287,11 @@ def loss_sign(loss_term) -> float:
     return LOSS_SIGN[value]
 
 
+@register_method("cats")
 class CatsWeighting(Weighting):
-    name = "cats"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cats)
 
     def __init__(self, languages: list[str], cfg: CatsConfig):
         super().__init__(languages, cfg.meta_every, cfg.weight_by)

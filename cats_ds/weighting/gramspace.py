@@ -41,6 +41,7 @@ import torch
 
 from cats_ds.config import CagradConfig, GradVacConfig, NashMtlConfig
 from cats_ds.weighting.base import LanguageWeights
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest K for which CAGrad's dual is solved exactly (every support, closed form)."""
@@ -328,11 +329,14 @@ class GramSpaceWeighting(LanguageWeights):
             self.last[f"{self.name}/unsolved"] = float(state["unsolved"])
 
 
+@register_method("pcgrad")
 class PCGradWeighting(GramSpaceWeighting):
     """PCGrad: the mean of the projected t_i^PC (random order per i from train.seed and
     the step). No hyperparameters."""
 
-    name = "pcgrad"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cats.meta_every, cfg.cats.weight_by, cfg.train.seed)
 
     def __init__(self, languages, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -343,12 +347,15 @@ class PCGradWeighting(GramSpaceWeighting):
         return pcgrad_matrix(gram_t, pair_orders(self.seed, step, k)).sum(0) / k
 
 
+@register_method("gradvac")
 class GradVacWeighting(GramSpaceWeighting):
     """GradVac: the mean of the vaccinated t_i^PS, with a cosine target per ordered pair of
     languages (N x N), EMA rate gradvac.beta, starting at the pair's first observed cosine
     (gradvac.init=first) or at 0 (zero: the first meta steps act like PCGrad)."""
 
-    name = "gradvac"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.gradvac, cfg.cats.meta_every, cfg.cats.weight_by, cfg.train.seed)
 
     def __init__(self, languages, cfg: GradVacConfig, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -375,10 +382,13 @@ class GradVacWeighting(GramSpaceWeighting):
         self.target = torch.tensor(state["target"], dtype=torch.float64)
 
 
+@register_method("cagrad")
 class CagradWeighting(GramSpaceWeighting):
     """CAGrad: d = g0 + (c |g0| / |g_w*|) g_w* (rescaled), w* from the dual on G."""
 
-    name = "cagrad"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cagrad, cfg.cats.meta_every, cfg.cats.weight_by)
 
     def __init__(self, languages, cfg: CagradConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -388,11 +398,14 @@ class CagradWeighting(GramSpaceWeighting):
         return cagrad_beta(gram_t, self.cfg.c, self.cfg.rescale, self.cfg.iters)
 
 
+@register_method("nashmtl")
 class NashMtlWeighting(GramSpaceWeighting):
     """Nash-MTL: d = sum alpha_n t_n with G alpha = 1 / alpha (|d| = sqrt(K)). Scale-free:
     the same d from the g_n as from the t_n."""
 
-    name = "nashmtl"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.nashmtl, cfg.cats.meta_every, cfg.cats.weight_by)
 
     def __init__(self, languages, cfg: NashMtlConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -402,11 +415,14 @@ class NashMtlWeighting(GramSpaceWeighting):
         return nash_alpha(gram_t, self.cfg.iters)
 
 
+@register_method("imtl")
 class ImtlWeighting(GramSpaceWeighting):
     """IMTL-G: d = sum alpha_n t_n, sum alpha = 1, equal projections on the unit gradients.
     No hyperparameters."""
 
-    name = "imtl"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cats.meta_every, cfg.cats.weight_by)
 
     def beta(self, step, langs, gram_t):
         return imtl_alpha(gram_t)

@@ -22,6 +22,7 @@ import torch
 
 from cats_ds.config import MgdaConfig
 from cats_ds.weighting.base import LanguageWeights, WeightingError
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest K solved exactly (2^8 - 1 = 255 supports, each a <= 9 x 9 solve)."""
@@ -84,9 +85,13 @@ def min_norm_exact(gram: torch.Tensor) -> torch.Tensor:
     return best
 
 
+@register_method("mgda")
 class MgdaWeighting(LanguageWeights):
-    name = "mgda"
     floor = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.mgda, cfg.cats.meta_every, cfg.cats.weight_by)
 
     def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
