@@ -363,7 +363,7 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
     for method in methods:
         for n in ns:
             rng = np.random.default_rng(0)
-            cfg = load_config(None, [f"weighting.method={method}", "cats.meta_every=[[null, 1]]"])
+            cfg = load_config(None, [f"weighting.method={method}", "meta.every=[[null, 1]]"])
             weighting = make_weighting(cfg, [f"l{i}" for i in range(n)], vocab_size=1000)
             times = []
             for step in range(reps):
@@ -672,7 +672,7 @@ def worker_train(args) -> None:
 def _use_cats(run, cfg, every: int):
     from cats_ds.weighting.cats import CatsWeighting
 
-    cfg.cats.meta_every = [[None, every]]
+    cfg.meta.every = [[None, every]]
     run.weighting = CatsWeighting(run.languages, cfg.cats)
     _ensure_grads(run)
 
@@ -694,7 +694,7 @@ def _method_steps(run, cfg, dist, args) -> dict:
     out = {}
     for method in [m for m in (args.methods or "").split(",") if m]:
         cfg.weighting.method = method
-        cfg.cats.meta_every = [[None, 1]]
+        cfg.meta.every = [[None, 1]]
         run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
         _ensure_grads(run)
         _timed(run, dist, 1, meta_update)

@@ -203,7 +203,7 @@ class Run:
     grads: Optional[PartitionGrads] = None
     """This rank's gradient partition, for meta steps (Gram-based weighting only)."""
     dev_sampler: Optional[LanguageSampler] = None
-    """Meta batches from dev (cats.meta_data=dev)."""
+    """Meta batches from dev (meta.data=dev)."""
     filler: Optional[Batch] = None
     """One real sentence run with weight 0 by a rank that got no sentences."""
     update_loss: float = 0.0
@@ -309,7 +309,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     if cfg.weighting.method in GRAM_METHODS:
         shared_only = cfg.cats.params == "shared"
         run.grads = PartitionGrads(engine, include=lambda name, p: not (shared_only and is_expert_param(p)))
-        if cfg.cats.meta_data == "dev":
+        if cfg.meta.data == "dev":
             run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
                                               cfg.train.seed, allow_missing=True)
     if cfg.eval.valid_every:
@@ -387,11 +387,11 @@ def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
 
 def token_weighted(cfg: Config) -> bool:
     """Whether the plain-step loss weights every target token by its language alone
-    (c_n = w_n tokens_n / tokens: temperature, or cats.weight_by=tokens): only then may
+    (c_n = w_n tokens_n / tokens: temperature, or meta.weight_by=tokens): only then may
     length pooling regroup sentences across draws without changing the objective.
-    cats.weight_by=language (c_n = w_n on the language's mean loss) depends on how many of
+    meta.weight_by=language (c_n = w_n on the language's mean loss) depends on how many of
     its tokens share a micro-batch, so it trains on the draws."""
-    return cfg.weighting.method == "temperature" or cfg.cats.weight_by == "tokens"
+    return cfg.weighting.method == "temperature" or cfg.meta.weight_by == "tokens"
 
 
 def make_optimizer(groups, cfg: Config, ds: dict):
@@ -500,11 +500,11 @@ def next_plans(run: Run, meta: bool = False) -> list[Plan]:
 
 def draws_as_drawn(cfg: Config, step: int) -> bool:
     """Whether update `step` trains on the sampler's draws as drawn rather than on
-    length-pooled micro-batches: the steps of cats.meta_every when
+    length-pooled micro-batches: the steps of meta.every when
     sampling.draws_at_meta_steps is on (by default for the Gram-based methods, whose meta
     steps need the draws). A temperature run pools every update unless it sets it, as CATS'
     alpha = 1 reference does (then both train on the same batches at every update)."""
-    return draws_at_meta_steps(cfg) and step % meta_interval(cfg.cats.meta_every, step) == 0
+    return draws_at_meta_steps(cfg) and step % meta_interval(cfg.meta.every, step) == 0
 
 
 def next_batches(run: Run) -> list[Plan]:
@@ -597,9 +597,9 @@ def meta_update(run: Run) -> None:
     """A meta step: per-language half gradients -> G and S -> weighting.update on the one
     grads.gram picks -> sum_n c_n g_n (whole slots) written into the partition ->
     engine.step(). Meta batches are the training batches (the paper's Algorithm 1) unless
-    cats.meta_data=dev."""
+    meta.data=dev."""
     plans = next_plans(run, meta=True)
-    if run.cfg.cats.meta_data == "dev":
+    if run.cfg.meta.data == "dev":
         # dev gradients only steer the weights; the update is a plain one on the train plans
         meta_plans = [run.dev_sampler.plan_for(p.langs) for p in plans]
         half = per_language_gradients(run, meta_plans, run.dev_splits, log=False)

@@ -6,7 +6,7 @@ the per-rank RNG states.
 A checkpoint's client state is
 
     {"train": TrainState.state_dict(), "sampler": LanguageSampler.state_dict(),
-     "dev_sampler": the dev sampler's (cats.meta_data=dev) or None,
+     "dev_sampler": the dev sampler's (meta.data=dev) or None,
      "weighting": Weighting.state_dict()}
 
 Checkpoints written before TrainState kept the counters flat beside the sampler and the

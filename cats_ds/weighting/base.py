@@ -3,7 +3,7 @@
 The training loop calls it at one named point. Every micro-batch it asks `coefficients`
 for the per-language loss weights c_n of the combined loss sum_n c_n L_n (one backward):
 c_n = w_n * mix_n, with w_n the method's weight (CATS: alpha_n; 1 for temperature) and
-mix_n the sampled mix (`cats.weight_by`: tokens_n / tokens, or 1 per language).
+mix_n the sampled mix (`meta.weight_by`: tokens_n / tokens, or 1 per language).
 
 On a meta step (`is_meta_step`) it instead runs two backwards per language (the halves
 of its slot), builds the K x K Gram matrix G of the per-language gradients g_n (on ZeRO
@@ -48,13 +48,13 @@ class Weighting:
     @classmethod
     def from_config(cls, cfg, languages: list[str], vocab_size: Optional[int] = None) -> "Weighting":
         """The instance make_weighting builds for a run: the method's own config section, the
-        shared meta-step keys (cats.meta_every, cats.weight_by), train.seed if it draws random
+        shared meta-step keys (meta.every, meta.weight_by), train.seed if it draws random
         numbers; vocab_size for a method that needs it."""
         raise NotImplementedError(f"{cls.__qualname__}.from_config")
 
     def __init__(self, languages: list[str], meta_every: Optional[list] = None, weight_by: str = "tokens"):
         if weight_by not in ("tokens", "language"):
-            raise ValueError(f"cats.weight_by: {weight_by!r} is not one of 'tokens', 'language'")
+            raise ValueError(f"meta.weight_by: {weight_by!r} is not one of 'tokens', 'language'")
         self.languages = languages
         self.meta_every = meta_every
         self.weight_by = weight_by

@@ -42,7 +42,7 @@ class GradNormWeighting(LanguageWeights):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.gradnorm, cfg.cats.meta_every, vocab_size, cfg.cats.weight_by)
+        return cls(languages, cfg.gradnorm, cfg.meta.every, vocab_size, cfg.meta.weight_by)
 
     def __init__(self, languages: list[str], cfg: GradNormConfig, meta_every, vocab_size: Optional[int] = None,
                  weight_by: str = "tokens"):

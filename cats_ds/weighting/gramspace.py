@@ -6,7 +6,7 @@ GradVac, its own state), so on ZeRO partitions it costs one K x K all_reduce lik
 Everything is computed in float64 on the K x K matrices.
 
 The task gradients. A meta step gives per-language gradients g_n with shares S_n (base.py),
-the plain update being sum_n S_n g_n, and S = sum_B S_n (1 with cats.weight_by=tokens).
+the plain update being sum_n S_n g_n, and S = sum_B S_n (1 with meta.weight_by=tokens).
 Every method here sees the K task gradients t_n = a_n g_n with a_n = K S_n / S, so that
 mean_n t_n = (sum_n S_n g_n) / S (with the equal shares that distinct-language batches
 nearly have, t_n = g_n), computes its update d = sum_n beta_n t_n in its paper's scale
@@ -19,7 +19,7 @@ Inner products of linear combinations come from G: if u = sum_k C[i, k] t_k then
 Between meta steps. Each language keeps the weight w_n = c_n / S_n = K beta_n of the last
 meta step it was in (init 1), and the loss is sum_n w_n mix_n L_n (base.py): the same
 linear combination of the per-language gradients the method chose, applied to the
-current ones. The papers apply the method every step: `cats.meta_every: [[null, 1]]`.
+current ones. The papers apply the method every step: `meta.every: [[null, 1]]`.
 Weights can be negative (PCGrad/GradVac subtract other languages' gradients; IMTL-G's
 alpha is not sign-constrained) and, for Nash-MTL, far from 1 (its update has norm
 sqrt(K) whatever the gradient scale); they are kept as the method gave them.
@@ -336,7 +336,7 @@ class PCGradWeighting(GramSpaceWeighting):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.cats.meta_every, cfg.cats.weight_by, cfg.train.seed)
+        return cls(languages, cfg.meta.every, cfg.meta.weight_by, cfg.train.seed)
 
     def __init__(self, languages, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -355,7 +355,7 @@ class GradVacWeighting(GramSpaceWeighting):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.gradvac, cfg.cats.meta_every, cfg.cats.weight_by, cfg.train.seed)
+        return cls(languages, cfg.gradvac, cfg.meta.every, cfg.meta.weight_by, cfg.train.seed)
 
     def __init__(self, languages, cfg: GradVacConfig, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -388,7 +388,7 @@ class CagradWeighting(GramSpaceWeighting):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.cagrad, cfg.cats.meta_every, cfg.cats.weight_by)
+        return cls(languages, cfg.cagrad, cfg.meta.every, cfg.meta.weight_by)
 
     def __init__(self, languages, cfg: CagradConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -405,7 +405,7 @@ class NashMtlWeighting(GramSpaceWeighting):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.nashmtl, cfg.cats.meta_every, cfg.cats.weight_by)
+        return cls(languages, cfg.nashmtl, cfg.meta.every, cfg.meta.weight_by)
 
     def __init__(self, languages, cfg: NashMtlConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -422,7 +422,7 @@ class ImtlWeighting(GramSpaceWeighting):
 
     @classmethod
     def from_config(cls, cfg, languages, vocab_size=None):
-        return cls(languages, cfg.cats.meta_every, cfg.cats.weight_by)
+        return cls(languages, cfg.meta.every, cfg.meta.weight_by)
 
     def beta(self, step, langs, gram_t):
         return imtl_alpha(gram_t)
