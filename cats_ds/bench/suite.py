@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from cats_ds.config import GRAM_METHODS, distinct_languages, load_config, micro_step_tokens
+
 RECIPE = "launch/recipes/gettext8.yaml"
 DS_CONFIG = "ds_configs/cpu_zero2.json"
 
@@ -66,7 +68,6 @@ def _free_port() -> int:
 
 
 def _ensure_prepared(recipe: str, overrides: list[str]) -> None:
-    from cats_ds.config import load_config
     from cats_ds.data.prepare import prepare
 
     prepare(load_config(recipe, overrides))  # a no-op when the manifest is up to date
@@ -124,7 +125,6 @@ def bench_pool(args) -> dict:
     micro-batches per draw, over the first --batches micro-batches at 1 and 2 ranks."""
     import numpy as np
 
-    from cats_ds.config import distinct_languages, load_config
     from cats_ds.data.manifest import Manifest, load_split
     from cats_ds.data.sampler import LanguageSampler
 
@@ -168,7 +168,6 @@ def bench_pool(args) -> dict:
 def bench_decode(args) -> dict:
     import torch
 
-    from cats_ds.config import load_config
     from cats_ds.data.manifest import Manifest, Vocab, load_split
     from cats_ds.inference.search import beam_search
     from cats_ds.model.build import model_from_config
@@ -356,7 +355,6 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
     import numpy as np
     import torch
 
-    from cats_ds.config import load_config
     from cats_ds.weighting import make_weighting
 
     out: dict[str, dict[str, float]] = {}
@@ -381,8 +379,6 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
 
 def bench_cats(args) -> dict:
     methods = [m for m in (args.methods or "").split(",") if m]
-    from cats_ds.config import GRAM_METHODS
-
     for m in methods:
         if m not in GRAM_METHODS:
             raise SystemExit(f"--methods: {m!r} is not a Gram-based weighting.method; choices: "
@@ -401,8 +397,6 @@ def bench_cats(args) -> dict:
                          + (["--methods", ",".join(methods)] if methods else []) + args.overrides)
     # N=8 vs N=100 on one model, vocabulary and token budget: the gettext100 recipe with all
     # its languages vs its first 8; alternating launches so drift in machine load hits both
-    from cats_ds.config import load_config
-
     langs100 = load_config(args.recipe100, []).data.languages
 
     def g100(n: int, k: int, extra: tuple = ()) -> list[str]:  # gettext100's first n languages, K=k
@@ -461,7 +455,6 @@ def bench_cats(args) -> dict:
 def _worker_setup(args):
     import torch.distributed as dist
 
-    from cats_ds.config import load_config
     from cats_ds.training.loop import setup
 
     overrides = list(args.overrides) + [f"train.save_dir={args.save_dir}", "train.tensorboard=false",
@@ -554,7 +547,6 @@ class BareStep:
 def _local_forwards(run, plans) -> list:
     """The forwards the full step runs for these plans, collated for this rank (as
     train.forward_plan does): [(global target tokens, [(batch, live), ...])]."""
-    from cats_ds.config import micro_step_tokens
     from cats_ds.data.sampler import split_by_length, target_tokens
     from cats_ds.training.loop import local_batch
 

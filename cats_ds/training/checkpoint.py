@@ -6,6 +6,9 @@ are cats_ds/checkpoints.py's.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -545,10 +548,6 @@ def to_universal(run: Run, path: Path, saved_world: int) -> Path:
     parameter's fp32 weights and Adam moments, whole, under zero/<name>/), which any world
     size loads with `checkpoint.load_universal`. Rank 0 converts, the others wait;
     resume() deletes the folder once every rank has loaded it."""
-    import argparse
-    import contextlib
-    import io
-
     out = path.parent / f"{path.name}{UNIVERSAL_SUFFIX}"
     failure = ""
     if run.rank == 0:
