@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,23 +135,74 @@ class SamplingConfig:
     padded tokens (1024: docs/results/benchmarks.md, "Length pool", has the padding per pool size):
     one forward each, little padding, the same sentences as the draws (so the sampling
     law is unchanged). Only with token-share loss coefficients (temperature, or
-    cats.weight_by=tokens); meta steps use the draws themselves (and so do all updates
-    at the cats.meta_every steps under sampling.draws_at_meta_steps). 0: each draw is a
+    meta.weight_by=tokens); meta steps use the draws themselves (and so do all updates
+    at the meta.every steps under sampling.draws_at_meta_steps). 0: each draw is a
     micro-batch (split into length groups)."""
     draws_at_meta_steps: Optional[bool] = None
-    """true: the updates at the cats.meta_every steps train on the draws as drawn, whatever
+    """true: the updates at the meta.every steps train on the draws as drawn, whatever
     the method, so a temperature run with this set is the alpha = 1 reference of CATS (the
     same batches at every update); false: only meta steps do; null (default): true for the
     Gram-based methods, false for temperature (a temperature run pools every update)."""
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the layers below cats_ds/weighting/ know of a weighting method: its name (a key
+    of METHODS) and how the loop treats it. cats_ds/weighting/registry.py binds the class
+    that implements it to the name (`@register_method(name)`)."""
+    gram: bool = True
+    """It runs meta steps on the Gram matrix of per-language gradients (GRAM_METHODS): the
+    distinct-language sampler and the draws at the meta-step schedule by default, the
+    gradient capture, the refusal of optimizer offload."""
+    split_gram: bool = True
+    """It gets the split Gram of two half-batches unless grads.gram says otherwise
+    (SPLIT_GRAM_METHODS; methods defined on expected gradients), else the plain Gram."""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "temperature": MethodSpec(gram=False, split_gram=False),
+    "gradnorm": MethodSpec(),
+    "mgda": MethodSpec(),
+    "cats": MethodSpec(split_gram=False),
+    "pcgrad": MethodSpec(),
+    "gradvac": MethodSpec(),
+    "cagrad": MethodSpec(),
+    "nashmtl": MethodSpec(),
+    "imtl": MethodSpec(),
+}
+"""weighting.method's choices, declared here (below weighting/, which implements them) so
+the config check, GRAM_METHODS and SPLIT_GRAM_METHODS need no import of weighting/."""
+
+GRAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.gram)
+"""Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
+
+SPLIT_GRAM_METHODS = tuple(name for name, spec in METHODS.items() if spec.gram and spec.split_gram)
+"""The methods that get the split Gram unless grads.gram says otherwise (cats: plain)."""
+
+MethodName = Literal[tuple(METHODS)]
+"""The type of weighting.method: one of METHODS."""
+
+
 @dataclass
 class WeightingConfig:
-    method: Literal["temperature", "gradnorm", "mgda", "cats", "pcgrad", "gradvac", "cagrad", "nashmtl",
-                    "imtl"] = "temperature"
+    method: MethodName = "temperature"
     """Task weighting. temperature: token-mean loss of the sampled batch. The others run
-    meta steps on the Gram matrix (schedule cats.meta_every, shares cats.weight_by);
+    meta steps on the Gram matrix (schedule meta.every, shares meta.weight_by);
     pcgrad, gradvac, cagrad, nashmtl, imtl: cats_ds/weighting/gramspace.py."""
+
+
+@dataclass
+class MetaConfig:
+    every: list[list[Optional[int]]] = field(default_factory=lambda: [[None, 10]])
+    """Schedule of the meta steps of every Gram-based method, [[until_step, M], ...]: a meta
+    step every M updates until until_step (None = forever). (Was cats.meta_every.)"""
+    weight_by: Literal["tokens", "language"] = "tokens"
+    """Loss coefficient of language n between meta steps, for every Gram-based method (w_n:
+    CATS' alpha_n, the other methods' weights). tokens: c_n = w_n * tokens_n / tokens
+    (w = 1 is exactly the temperature baseline at the run's T); language: c_n = w_n (each
+    in-batch language's mean loss weighted by w_n alone). (Was cats.weight_by.)"""
+    data: Literal["train", "dev"] = "train"
+    """Where meta batches come from (the paper: train). (Was cats.meta_data.)"""
 
 
 @dataclass
@@ -159,11 +212,6 @@ class CatsConfig:
     mirror: exponentiated-gradient steps on dimensionless loss/curvature scores, in-batch languages keep their
     mass, relative curvature budget kappa, exact floor alpha_min. lagrangian: the paper's
     Eq. 6 read literally (SGD on alpha, ascent on the multipliers, absolute budget)."""
-    weight_by: Literal["tokens", "language"] = "tokens"
-    """Loss coefficient of language n between meta steps. tokens: c_n = alpha_n * tokens_n /
-    tokens (alpha = 1 is exactly the temperature baseline at the run's T); language:
-    c_n = alpha_n (each in-batch language's mean loss weighted by alpha alone). Also used by
-    every other Gram-based method for its weights."""
     loss_term: Literal["off", "descent", "ascent"] = "off"
     """A per-language loss score in the alpha step besides the curvature. off (default):
     none, the paper's meta objective is the curvature alone. descent: lower
@@ -192,11 +240,6 @@ class CatsConfig:
     meta_temperature: Optional[float] = None
     """Draw the meta steps' batches at this language temperature (inf = uniform) instead
     of sampling.temperature; the meta step also trains on that batch. null: the run's T."""
-    meta_every: list[list[Optional[int]]] = field(default_factory=lambda: [[None, 10]])
-    """Schedule [[until_step, M], ...]: meta step every M updates until until_step
-    (None = forever)."""
-    meta_data: Literal["train", "dev"] = "train"
-    """Where meta batches come from (the paper: train)."""
     params: Literal["shared", "all"] = "shared"
     """Gram over shared parameters only (experts excluded) or all parameters."""
 
@@ -391,6 +434,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     cats: CatsConfig = field(default_factory=CatsConfig)
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
     mgda: MgdaConfig = field(default_factory=MgdaConfig)
@@ -437,11 +481,11 @@ class Config:
         if repeated:
             raise ConfigError(f"data.languages lists {', '.join(repeated)} more than once "
                               f"({self.data.languages}); name each language once")
-        if not self.cats.meta_every:
-            raise ConfigError("cats.meta_every must list at least one [until_step, M] entry")
-        for i, entry in enumerate(self.cats.meta_every):
+        if not self.meta.every:
+            raise ConfigError("meta.every must list at least one [until_step, M] entry")
+        for i, entry in enumerate(self.meta.every):
             if len(entry) != 2 or entry[1] is None or entry[1] < 1:
-                raise ConfigError(f"cats.meta_every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
+                raise ConfigError(f"meta.every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
         c = self.cats
         for key, value, ok, allowed in (
                 ("cats.kappa", c.kappa, 0 <= c.kappa <= 1, "in [0, 1]"),
@@ -555,6 +599,15 @@ REMOVED = {
 }
 """Keys that no longer exist -> what replaces them (an error, never silently ignored)."""
 
+MOVED = {
+    "cats.meta_every": "meta.every",
+    "cats.weight_by": "meta.weight_by",
+    "cats.meta_data": "meta.data",
+}
+"""Keys that moved -> their new name. The old name still loads (recipes, overrides, the
+config saved in a checkpoint), with a note printed once per process; setting both the old
+and the new name to different values is an error."""
+
 LEGACY_VALUES = {
     "cats.loss_term": ({True: "descent", False: "off", "true": "descent", "false": "off"},
                        "cats.loss_term is no longer true/false but off | descent | ascent: true now reads "
@@ -584,18 +637,45 @@ def legacy_value(key: str, value: Any, note: bool = True) -> Any:
         return value
     if note and lookup not in (False, "false") and key not in _legacy_noted:
         _legacy_noted.add(key)
-        import os
-        import sys
-
-        if os.environ.get("RANK", "0") == "0":
-            print(f"note: {text}", file=sys.stderr)
+        _note(text)
     return table[lookup]
 
 
+def move_legacy_keys(tree: dict, note: bool = True) -> dict:
+    """A copy of a config mapping with the keys of MOVED under their new names; with `note`,
+    a note on stderr once per process (rank 0 only) for each old name found."""
+    tree = copy.deepcopy(tree or {})
+    for old, new in MOVED.items():
+        old_section, old_name = old.split(".", 1)
+        node = tree.get(old_section)
+        if not isinstance(node, dict) or old_name not in node:
+            continue
+        value = node.pop(old_name)
+        new_section, new_name = new.split(".", 1)
+        target = tree.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"'{new_section}' is a section; expected a mapping, got {target!r}")
+        if new_name in target and target[new_name] != value:
+            raise ConfigError(f"{old} (the old name of {new}) is {value!r} but {new} is {target[new_name]!r}: "
+                              f"set {new} only")
+        target[new_name] = value
+        if note and old not in _legacy_noted:
+            _legacy_noted.add(old)
+            _note(f"{old} is now {new} (one setting for every Gram-based method); write {new} to silence this note")
+    return tree
+
+
+def _note(text: str) -> None:
+    """A deprecation note on stderr (rank 0 only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}", file=sys.stderr)
+
+
 def upgrade_legacy(tree: dict) -> dict:
-    """A copy of a config mapping (a checkpoint's saved config) with old values in their
-    new spelling (LEGACY_VALUES), silently, so it compares equal to a config loaded now."""
-    tree = copy.deepcopy(tree)
+    """A copy of a config mapping (a checkpoint's saved config) with moved keys under their
+    new names (MOVED) and old values in their new spelling (LEGACY_VALUES), silently, so it
+    compares equal to a config loaded now."""
+    tree = move_legacy_keys(tree, note=False)
     for key in LEGACY_VALUES:
         section, name = key.split(".", 1)
         node = tree.get(section)
@@ -652,7 +732,7 @@ def merge_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(tree: dict) -> Config:
-    return _build(Config, tree or {}, "").validate()
+    return _build(Config, move_legacy_keys(tree), "").validate()
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -696,10 +776,6 @@ def _blame(tree: dict, path: Optional[str], overrides: list[str], message: str) 
     return f"{message} (from {path} and the command-line overrides)" if path else message
 
 
-GRAM_METHODS = ("cats", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
-"""Weighting methods that run meta steps (per-language gradients and their Gram matrix)."""
-
-
 def distinct_languages(cfg: Config) -> bool:
     """sampling.distinct with its default resolved (on for the Gram-based methods)."""
     if cfg.sampling.distinct is None:
@@ -712,10 +788,6 @@ def draws_at_meta_steps(cfg: Config) -> bool:
     if cfg.sampling.draws_at_meta_steps is None:
         return cfg.weighting.method in GRAM_METHODS
     return cfg.sampling.draws_at_meta_steps
-
-
-SPLIT_GRAM_METHODS = ("gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "nashmtl", "imtl")
-"""The methods that get the split Gram unless grads.gram says otherwise (cats: plain)."""
 
 
 def gram_kind(cfg: Config) -> str:

@@ -7,7 +7,7 @@
 #
 # On gettext8 (prepared first if needed), with ds_configs/zero2_bf16.json:
 #   dense     UPDATES updates, dev translation on, tokens/s
-#   cats      the same with weighting.method=cats (meta steps every cats.meta_every)
+#   cats      the same with weighting.method=cats (meta steps every meta.every)
 #   experts   the same with family experts on every module (experts.ep_size=EP)
 #   resume    the dense run continued for RESUME_UPDATES more updates from its latest/
 #   evaluate  the dense best/ decoded on DEVICE in fp32 and in bf16 (beam 5, EVAL_LIMIT

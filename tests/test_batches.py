@@ -1,5 +1,5 @@
 """Which micro-batches an update trains on (train.next_batches): length-pooled ones at
-every update of a temperature run; the draws as drawn at the cats.meta_every steps only
+every update of a temperature run; the draws as drawn at the meta.every steps only
 where sampling.draws_at_meta_steps is on (the Gram-based methods, and a temperature run
 meant as CATS' alpha = 1 reference). No processes: the sampler on the tiny corpus."""
 
@@ -30,7 +30,7 @@ def _sampler(tiny_data):
     (["weighting.method=cats", "sampling.draws_at_meta_steps=false"], False),
 ])
 def test_draws_as_drawn_only_where_asked(overrides, expected):
-    cfg = load_config(None, overrides + ["cats.meta_every=[[null, 3]]"])
+    cfg = load_config(None, overrides + ["meta.every=[[null, 3]]"])
     assert [draws_as_drawn(cfg, s) for s in range(7)] == [expected and s % 3 == 0 for s in range(7)]
 
 
@@ -41,7 +41,7 @@ def test_temperature_run_pools_every_update(tiny_data, monkeypatch):
 
     monkeypatch.setattr(train, "count_slots", lambda run, plan: None)
     for overrides, direct_steps in (([], set()), (["sampling.draws_at_meta_steps=true"], {0, 3, 6, 9})):
-        cfg = load_config(None, overrides + ["cats.meta_every=[[null, 3]]"])
+        cfg = load_config(None, overrides + ["meta.every=[[null, 3]]"])
         run = SimpleNamespace(cfg=cfg, sampler=_sampler(tiny_data), gas=1, step=0)
         ref = _sampler(tiny_data)
         for step in range(12):

@@ -151,8 +151,8 @@ def _bf16_vs_fp32_hypotheses(tiny_data) -> tuple[int, int]:
 FAMILIES = {"x": ["aa", "bb"], "y": ["cc"]}  # two families: ep_size 2 puts one on each rank
 SHIPPED_RUNS = {
     # config file: recipe sections (every run: 2 ranks, 4 updates, step_<n>/ at 2 and 4)
-    "zero3_bf16.json": {"weighting": {"method": "cats"}, "cats": {"meta_every": [[None, 2]]}},
-    "zero1_bf16.json": {"weighting": {"method": "gradnorm"}, "cats": {"meta_every": [[None, 2]]},
+    "zero3_bf16.json": {"weighting": {"method": "cats"}, "meta": {"every": [[None, 2]]}},
+    "zero1_bf16.json": {"weighting": {"method": "gradnorm"}, "meta": {"every": [[None, 2]]},
                         "experts": {"modules": ["all"], "ep_size": 2}},
     "zero2_offload_bf16.json": {"experts": {"modules": ["ffn"], "ep_size": 1}},
 }

@@ -67,15 +67,11 @@ def test_diagnosing_a_damaged_folder_runs_no_payload(tmp_path, tiny_data):
     """issue 27, item 3: when DeepSpeed's load fails, unreadable_files() names the damaged
     files; it opens every *.pt with weights_only=True, so a payload planted in an RNG file
     is listed as refused and never runs."""
-    import random
-
-    import numpy as np
-
-    from cats_ds.training.checkpoint import numpy_rng_to_tensors, unreadable_files
+    from cats_ds.training.checkpoint import unreadable_files
+    from cats_ds.training.state import rng_state
 
     ckpt, _ = make_checkpoint(tmp_path / "run" / "latest", tiny_data)
-    rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
-           "python": random.getstate()}
+    rng = rng_state()
     torch.save(rng, ckpt / "rng_rank0.pt")  # a healthy RNG file, as save_checkpoint writes it
     marker = tmp_path / "payload-ran"
     torch.save({**rng, "extra": Payload(marker)}, ckpt / "rng_rank1.pt")

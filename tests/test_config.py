@@ -13,12 +13,12 @@ def test_defaults_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  embed_dim: 64\n  heads: 4\nsampling:\n  temperature: 1\n")
     cfg = load_config(str(recipe), ["sampling.temperature=inf", "train.betas=[0.9,0.99]",
-                                    "cats.meta_every=[[100,1],[null,10]]", "data.languages=de,af"])
+                                    "meta.every=[[100,1],[null,10]]", "data.languages=de,af"])
     assert cfg.model.embed_dim == 64 and cfg.model.heads == 4
     assert math.isinf(cfg.sampling.temperature)
     assert cfg.train.betas == [0.9, 0.99]
     assert cfg.data.languages == ["de", "af"]
-    assert meta_interval(cfg.cats.meta_every, 5) == 1 and meta_interval(cfg.cats.meta_every, 500) == 10
+    assert meta_interval(cfg.meta.every, 5) == 1 and meta_interval(cfg.meta.every, 500) == 10
 
 
 def test_unknown_key_names_key_and_closest_match(tmp_path):
@@ -37,8 +37,8 @@ def test_bad_values_name_the_key():
         load_config(None, ["train.max_updates=ten"])
     with pytest.raises(ConfigError, match=r"not divisible"):
         load_config(None, ["model.embed_dim=30", "model.heads=4"])
-    with pytest.raises(ConfigError, match=r"cats.meta_every\[0\]"):
-        load_config(None, ["cats.meta_every=[[100]]"])
+    with pytest.raises(ConfigError, match=r"meta.every\[0\]"):
+        load_config(None, ["meta.every=[[100]]"])
 
 
 def test_missing_config_file():
@@ -55,6 +55,36 @@ def test_cats_eps_names_its_replacements(tmp_path):
         load_config(None, ["cats.eps=0.1"])
 
 
+def test_moved_meta_keys_still_load(tmp_path, capsys):
+    """cats.meta_every, cats.weight_by, cats.meta_data are meta.every, meta.weight_by,
+    meta.data (config.MOVED): the old names load from a recipe or an override with a note,
+    a checkpoint's saved config compares equal to today's, and contradicting the new name
+    is an error."""
+    from cats_ds.config import MOVED, config_from_dict, upgrade_legacy
+    from cats_ds.training.checkpoint import changed_settings
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("weighting: {method: gradnorm}\ncats: {meta_every: [[null, 3]], weight_by: language, "
+                      "meta_data: dev, kappa: 0.9}\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.meta.every, cfg.meta.weight_by, cfg.meta.data, cfg.cats.kappa) == ([[None, 3]], "language", "dev", 0.9)
+    assert load_config(None, ["cats.meta_every=[[null, 4]]"]).meta.every == [[None, 4]]
+    err = capsys.readouterr().err
+    if "cats.meta_every" in MOVED and "cats.meta_every is now meta.every" not in err:
+        # noted once per process: an earlier test may have loaded an old name already
+        from cats_ds.config import _legacy_noted
+        assert "cats.meta_every" in _legacy_noted
+    saved = cfg.to_dict()
+    old = {**saved, "cats": {**saved["cats"], "meta_every": [[None, 3]], "weight_by": "language", "meta_data": "dev"}}
+    del old["meta"]  # the layout a checkpoint written before the meta section saved
+    assert upgrade_legacy(old) == saved and changed_settings(old, saved) == []
+    assert config_from_dict(old).meta == cfg.meta
+    with pytest.raises(ConfigError, match=r"cats.meta_every \(the old name of meta.every\) is \[\[None, 4\]\] but "
+                                          r"meta.every is \[\[None, 3\]\]"):
+        load_config(None, ["meta.every=[[null, 3]]", "cats.meta_every=[[null, 4]]"])
+    assert load_config(None, ["meta.every=[[null, 3]]", "cats.meta_every=[[null, 3]]"]).meta.every == [[None, 3]]
+
+
 def test_cats_values_are_checked():
     for override, message in [("cats.kappa=1.5", r"cats.kappa must be in \[0, 1\]"),
                               ("cats.kappa=-0.1", r"cats.kappa must be in \[0, 1\]"),
@@ -64,11 +94,11 @@ def test_cats_values_are_checked():
                               ("cats.lr_alpha=-0.1", "cats.lr_alpha must be finite and >= 0"),
                               ("cats.meta_temperature=0", "cats.meta_temperature must be > 0"),
                               ("cats.update=sgd", r"cats.update: 'sgd' is not one of 'mirror', 'lagrangian'"),
-                              ("cats.weight_by=sentences", "cats.weight_by")]:
+                              ("meta.weight_by=sentences", "meta.weight_by")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
     cfg = load_config(None, [])
-    assert (cfg.cats.update, cfg.cats.weight_by, cfg.sampling.distinct) == ("mirror", "tokens", None)
+    assert (cfg.cats.update, cfg.meta.weight_by, cfg.sampling.distinct) == ("mirror", "tokens", None)
     assert (cfg.cats.loss_term, cfg.cats.kappa, cfg.cats.lr_alpha, cfg.cats.lr_lambda) == ("off", 0.5, 0.1, 0.01)
     assert load_config(None, ["cats.kappa=0"]).cats.kappa == 0.0  # aim at the min-norm point
 
@@ -134,8 +164,8 @@ def test_bad_yaml_in_override_names_the_override(tmp_path):
     recipe.write_text("train:\n  lr: 0.001\n")
     with pytest.raises(ConfigError, match=r"^command-line argument 'data.languages=\[de,fr': the value is not valid YAML"):
         load_config(str(recipe), ["data.languages=[de,fr"])
-    with pytest.raises(ConfigError, match=r"^command-line argument 'cats.meta_every=\[\[null, 10\]': the value is not valid YAML"):
-        load_config(None, ["cats.meta_every=[[null, 10]"])
+    with pytest.raises(ConfigError, match=r"^command-line argument 'meta.every=\[\[null, 10\]': the value is not valid YAML"):
+        load_config(None, ["meta.every=[[null, 10]"])
 
 
 def test_duplicate_languages_refused():

@@ -363,7 +363,7 @@ def test_table1_ablations_train_on_two_ranks(tmp_path, tiny_recipe, families):
     launch([TRAIN, "--deepspeed_config", write_json(tmp_path / "z0.json", ds_config(0)), "--config", dense], 2)
     first = read_log(tmp_path / "dense")[0]["loss"]
     runs = {"All": (2, 2, {"sampling": draws}), "-Attn": (1, 1, {"sampling": draws}), "-FFN": (2, 2, {"sampling": draws}),
-            "-OE": (0, 1, {"weighting": {"method": "cats"}, "cats": {"meta_every": [[None, 2]]},
+            "-OE": (0, 1, {"weighting": {"method": "cats"}, "meta": {"every": [[None, 2]]},
                            "sampling": {"distinct": False, **draws}})}  # dense's draws, so the first losses match
     for row, (stage, ep, extra) in runs.items():
         name = "abl" + row.replace("-", "_")

@@ -374,8 +374,8 @@ def test_changed_settings_allowed_keys():
                              "eval": {"beam": 2}, "analysis": {"every": 3}, "data": {"dir": "y"}}).to_dict()
     assert changed_settings(saved, free) == []
     bound = config_from_dict({"sampling": {"temperature": 1.0}, "train": {"seed": 3},
-                              "cats": {"meta_every": [[None, 5]]}}).to_dict()
-    assert changed_settings(saved, bound) == ["cats.meta_every: [[None, 10]] -> [[None, 5]]",
+                              "meta": {"every": [[None, 5]]}}).to_dict()
+    assert changed_settings(saved, bound) == ["meta.every: [[None, 10]] -> [[None, 5]]",
                                               "sampling.temperature: 5.0 -> 1.0", "train.seed: 1 -> 3"]
     del saved["train"]["seed"]  # a key an older checkpoint does not know is not compared
     assert changed_settings(saved, bound)[-1] == "sampling.temperature: 5.0 -> 1.0"

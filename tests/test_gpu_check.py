@@ -22,7 +22,7 @@ def test_gpu_check_runs_every_path_on_cpu(tmp_path, tiny_recipe, tiny_data):
     raw = Path(tiny_data).parent / "raw"
     recipe = tiny_recipe("unused", data={"corpus": "plain", "raw": str(raw), "vocab_size": 100,
                                          "vocab_temperature": 1.0},
-                         cats={"meta_every": [[None, 2]]})
+                         meta={"every": [[None, 2]]})
     out = tmp_path / "check"
     env = dict(os.environ, DS_ACCELERATOR="cpu", DEVICE="cpu", NPROC="2", UPDATES="4", RESUME_UPDATES="2",
                EP="2", EVAL_LIMIT="10", MAX_TOKENS="256", RECIPE=str(recipe), FAMILIES=str(families), OUT=str(out),

@@ -104,9 +104,11 @@ def test_gramspace_methods_on_zero2_partitions(tmp_path, tiny_recipe):
 def test_cats_resume_reproduces_alpha_and_lambda(tmp_path, tiny_recipe):
     """Resume mid-run reproduces the alpha / lambda trajectories exactly."""
     ds = write_json(tmp_path / "z2.json", ds_config(2))
-    cats = {"meta_every": [[None, 2]], "lr_alpha": 0.05}
-    full = tiny_recipe("full", weighting={"method": "cats"}, cats=cats, train={"max_updates": 12, "valid_every": 6})
-    part = tiny_recipe("part", weighting={"method": "cats"}, cats=cats, train={"max_updates": 6, "valid_every": 6})
+    cats, meta = {"lr_alpha": 0.05}, {"every": [[None, 2]]}
+    full = tiny_recipe("full", weighting={"method": "cats"}, cats=cats, meta=meta,
+                       train={"max_updates": 12, "valid_every": 6})
+    part = tiny_recipe("part", weighting={"method": "cats"}, cats=cats, meta=meta,
+                       train={"max_updates": 6, "valid_every": 6})
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", full], 2)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", part], 2)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", part, "train.max_updates=12"], 2)
@@ -125,7 +127,7 @@ def test_cats_resume_reproduces_alpha_and_lambda(tmp_path, tiny_recipe):
 @pytest.mark.parametrize("method", ["gradnorm", "mgda", "pcgrad", "nashmtl"])
 def test_other_gram_methods_train(tmp_path, tiny_recipe, method):
     ds = "ds_configs/cpu_zero1.json"  # the shipped file as it is
-    recipe = tiny_recipe(method, weighting={"method": method}, cats={"meta_every": [[None, 2]]},
+    recipe = tiny_recipe(method, weighting={"method": method}, meta={"every": [[None, 2]]},
                          train={"max_updates": 4})
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2)
     log = read_log(tmp_path / method)
@@ -135,7 +137,7 @@ def test_other_gram_methods_train(tmp_path, tiny_recipe, method):
 
 def test_meta_batches_from_dev(tmp_path, tiny_recipe):
     ds = write_json(tmp_path / "z2.json", ds_config(2))
-    recipe = tiny_recipe("dev", weighting={"method": "cats"}, cats={"meta_every": [[None, 2]], "meta_data": "dev"},
+    recipe = tiny_recipe("dev", weighting={"method": "cats"}, meta={"every": [[None, 2]], "data": "dev"},
                          train={"max_updates": 4})
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2)
     log = read_log(tmp_path / "dev")
@@ -149,7 +151,7 @@ def test_non_finite_gram_skips_the_weighting_update(tmp_path, tiny_recipe):
     every rank: both skip the alpha update, both still take the training step, and
     training goes on with later meta steps updating alpha."""
     ds = write_json(tmp_path / "z2.json", ds_config(2))
-    recipe = tiny_recipe("skip", weighting={"method": "cats"}, cats={"meta_every": [[None, 2]]},
+    recipe = tiny_recipe("skip", weighting={"method": "cats"}, meta={"every": [[None, 2]]},
                          train={"max_updates": 6, "warmup_init_lr": 0.003})
     launch(["tests/scripts/skip_check.py", "--deepspeed_config", ds, "--config", recipe, "--out", tmp_path / "out"], 2)
     for rank in (0, 1):
@@ -165,7 +167,7 @@ def test_non_finite_gram_skips_the_weighting_update(tmp_path, tiny_recipe):
 
 @pytest.mark.parametrize("gas", [1, 2])
 def test_cats_at_alpha_one_is_the_temperature_run(tmp_path, tiny_recipe, gas):
-    """cats.weight_by=tokens: with alpha held at 1 (lr_alpha = lr_lambda = 0), CATS trains
+    """meta.weight_by=tokens: with alpha held at 1 (lr_alpha = lr_lambda = 0), CATS trains
     exactly like the temperature baseline at the same T and sampler, meta steps included
     (their sum_n S_n g_n is the plain update). 20 updates, 1 process."""
     ds = write_json(tmp_path / "z0.json", ds_config(0, gas=gas))
@@ -175,11 +177,11 @@ def test_cats_at_alpha_one_is_the_temperature_run(tmp_path, tiny_recipe, gas):
     # sampling.draws_at_meta_steps=true trains on the draws as drawn at those updates and on
     # length-pooled micro-batches between them, as CATS does (train.draws_as_drawn); a plain
     # temperature run pools every update (tests/test_batches.py)
-    temp = tiny_recipe("temp", weighting={"method": "temperature"}, cats={"meta_every": [[None, 3]]},
+    temp = tiny_recipe("temp", weighting={"method": "temperature"}, meta={"every": [[None, 3]]},
                        sampling={**common["sampling"], "draws_at_meta_steps": True},
                        **{k: v for k, v in common.items() if k != "sampling"})
     cats = tiny_recipe("cats", weighting={"method": "cats"},
-                       cats={"lr_alpha": 0.0, "lr_lambda": 0.0, "meta_every": [[None, 3]]}, **common)
+                       cats={"lr_alpha": 0.0, "lr_lambda": 0.0}, meta={"every": [[None, 3]]}, **common)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", temp], 1)
     launch(["launch/train.py", "--deepspeed_config", ds, "--config", cats], 1)
     ref, got = read_log(tmp_path / "temp"), read_log(tmp_path / "cats")

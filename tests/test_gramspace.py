@@ -320,7 +320,7 @@ def test_gradvac_zero_init_fails_the_null_test_for_long():
 def test_weights_between_meta_steps_and_schedule():
     """M = 3: the weights set at a meta step are the loss coefficients' w_n until the next
     meta step (c_n = w_n mix_n); M = 1 makes every step a meta step."""
-    cfg = load_config(None, ["weighting.method=imtl", "cats.meta_every=[[null, 3]]"])
+    cfg = load_config(None, ["weighting.method=imtl", "meta.every=[[null, 3]]"])
     w = make_weighting(cfg, ["a", "b", "c"])
     assert [s for s in range(7) if w.is_meta_step(s)] == [0, 3, 6]
     g = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
@@ -329,7 +329,7 @@ def test_weights_between_meta_steps_and_schedule():
     assert coeffs == pytest.approx({0: 1 / 3, 2: 2 / 3}, abs=1e-12)
     assert w.coefficients([0, 1, 2], {0: 10, 1: 20, 2: 10}) == pytest.approx(
         {0: (2 / 3) * 0.25, 1: 0.5, 2: (4 / 3) * 0.25}, abs=1e-12)
-    every = make_weighting(load_config(None, ["weighting.method=imtl", "cats.meta_every=[[null, 1]]"]), ["a"])
+    every = make_weighting(load_config(None, ["weighting.method=imtl", "meta.every=[[null, 1]]"]), ["a"])
     assert all(every.is_meta_step(s) for s in range(5))
 
 

@@ -73,7 +73,7 @@ def test_tensorboard_tags_weighting_grad_norms_hparams_and_fp32_weights(tmp_path
 
     ds = write_json(tmp_path / "z2.json", ds_config(2))
     recipe = tiny_recipe("tb", train={"max_updates": 4, "log_every": 1, "valid_every": 2, "tensorboard": True},
-                         weighting={"method": "cats"}, cats={"meta_every": [[None, 1]]})
+                         weighting={"method": "cats"}, meta={"every": [[None, 1]]})
     out = launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2)
     run = tmp_path / "tb"
     # the run explains itself: config.yaml (printed at start) reads back to the config it ran with

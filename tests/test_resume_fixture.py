@@ -122,7 +122,7 @@ def test_checkpoint_from_before_the_restructure_resumes_exactly(tmp_path):
             a.pop(key, None), b.pop(key, None)
         assert_same(a, b, name)
     states = torch.load(resumed / "latest" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    assert states["step"] == 8 and states["sampler"]  # the client state: step, sampler position, weighting
+    assert states["train"]["step"] == 8 and states["sampler"]  # the client state: step, sampler position, weighting
     meta_a, meta_b = (json.loads((d / "latest" / "cats_ds.json").read_text()) for d in (scratch, resumed))
     for key in ("step", "valid_loss", "languages", "manifest_fingerprint", "vocab_size", "zero_stage"):
         assert meta_a[key] == meta_b[key], key

@@ -160,7 +160,7 @@ def test_meta_steps_log_the_gram_diagnostics(tmp_path, tiny_recipe):
     ds = write_json(tmp_path / "z1.json", ds_config(1))
     for name, extra in (("split", {}), ("plain", {"grads": {"gram": "plain"}})):
         recipe = tiny_recipe(name, weighting={"method": "pcgrad"}, sampling={"langs_per_batch": 3},
-                             cats={"meta_every": [[None, 2]]}, train={"max_updates": 4}, **extra)
+                             meta={"every": [[None, 2]]}, train={"max_updates": 4}, **extra)
         launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2)
         log = read_log(tmp_path / name)
         assert [r["step"] for r in log] == [1, 2, 3, 4]

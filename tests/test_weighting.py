@@ -23,8 +23,8 @@ GETTEXT8 = {"de": 37435, "es": 39923, "it": 34572, "uk": 50319, "af": 3471, "cy"
 """gettext8's training pairs per language (launch/recipes/gettext8.yaml, README)."""
 
 
-def cats(languages, **kw) -> CatsWeighting:
-    return CatsWeighting(languages, CatsConfig(meta_every=[[None, 1]], **kw))
+def cats(languages, weight_by: str = "tokens", **kw) -> CatsWeighting:
+    return CatsWeighting(languages, CatsConfig(**kw), meta_every=[[None, 1]], weight_by=weight_by)
 
 
 # --------------------------------------------------------------------------- the sharp-task toy
@@ -578,7 +578,7 @@ def test_old_cats_states_and_configs_still_load(capsys):
 
 
 def test_meta_schedule():
-    w = CatsWeighting(["a"], CatsConfig(meta_every=[[4, 1], [10, 3], [None, 5]]))
+    w = CatsWeighting(["a"], CatsConfig(), meta_every=[[4, 1], [10, 3], [None, 5]])
     assert [s for s in range(20) if w.is_meta_step(s)] == [0, 1, 2, 3, 6, 9, 10, 15]
 
 
@@ -855,7 +855,7 @@ def test_gradnorm_blow_up_stops_every_rank_with_exit_2(tiny_recipe, tmp_path):
     from helpers import ds_config, launch, write_json
 
     recipe = tiny_recipe("gn", weighting={"method": "gradnorm"}, gradnorm={"lr": 1e30},
-                         cats={"meta_every": [[None, 1]]}, train={"max_updates": 3})
+                         meta={"every": [[None, 1]]}, train={"max_updates": 3})
     ds = write_json(tmp_path / "z2.json", ds_config(2))
     out = launch(["launch/train.py", "--deepspeed_config", ds, "--config", recipe], 2, check=False)
     assert out.returncode == 2, out.stderr[-3000:]

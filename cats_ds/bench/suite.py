@@ -25,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 from typing import Optional
+
+from cats_ds.config import GRAM_METHODS, distinct_languages, load_config, micro_step_tokens
 
 RECIPE = "launch/recipes/gettext8.yaml"
 DS_CONFIG = "ds_configs/cpu_zero2.json"
@@ -68,7 +69,6 @@ def _free_port() -> int:
 
 
 def _ensure_prepared(recipe: str, overrides: list[str]) -> None:
-    from cats_ds.config import load_config
     from cats_ds.data.prepare import prepare
 
     prepare(load_config(recipe, overrides))  # a no-op when the manifest is up to date
@@ -126,7 +126,6 @@ def bench_pool(args) -> dict:
     micro-batches per draw, over the first --batches micro-batches at 1 and 2 ranks."""
     import numpy as np
 
-    from cats_ds.config import distinct_languages, load_config
     from cats_ds.data.manifest import Manifest, load_split
     from cats_ds.data.sampler import LanguageSampler
 
@@ -238,7 +237,6 @@ def bench_peer(args) -> dict:
 def bench_decode(args) -> dict:
     import torch
 
-    from cats_ds.config import load_config
     from cats_ds.data.manifest import Manifest, Vocab, load_split
     from cats_ds.inference.search import beam_search
     from cats_ds.model.build import model_from_config
@@ -426,14 +424,13 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
     import numpy as np
     import torch
 
-    from cats_ds.config import load_config
     from cats_ds.weighting import make_weighting
 
     out: dict[str, dict[str, float]] = {}
     for method in methods:
         for n in ns:
             rng = np.random.default_rng(0)
-            cfg = load_config(None, [f"weighting.method={method}", "cats.meta_every=[[null, 1]]"])
+            cfg = load_config(None, [f"weighting.method={method}", "meta.every=[[null, 1]]"])
             weighting = make_weighting(cfg, [f"l{i}" for i in range(n)], vocab_size=1000)
             times = []
             for step in range(reps):
@@ -451,13 +448,10 @@ def solve_costs(methods: list[str], k: int = 8, ns=(8, 100), reps: int = 50, dim
 
 def bench_cats(args) -> dict:
     methods = [m for m in (args.methods or "").split(",") if m]
-    from cats_ds.config import WeightingConfig
-
-    allowed = typing.get_args(typing.get_type_hints(WeightingConfig)["method"])
     for m in methods:
-        if m not in allowed or m == "temperature":
+        if m not in GRAM_METHODS:
             raise SystemExit(f"--methods: {m!r} is not a Gram-based weighting.method; choices: "
-                             f"{', '.join(a for a in allowed if a != 'temperature')}")
+                             f"{', '.join(GRAM_METHODS)}")
     solve = solve_costs(methods) if methods else {}
     if methods:
         rows = [[m, solve[m]["solve_us_n8"], solve[m]["solve_us_n100"]] for m in methods]
@@ -472,8 +466,6 @@ def bench_cats(args) -> dict:
                          + (["--methods", ",".join(methods)] if methods else []) + args.overrides)
     # N=8 vs N=100 on one model, vocabulary and token budget: the gettext100 recipe with all
     # its languages vs its first 8; alternating launches so drift in machine load hits both
-    from cats_ds.config import load_config
-
     langs100 = load_config(args.recipe100, []).data.languages
 
     def g100(n: int, k: int, extra: tuple = ()) -> list[str]:  # gettext100's first n languages, K=k
@@ -532,7 +524,6 @@ def bench_cats(args) -> dict:
 def _worker_setup(args):
     import torch.distributed as dist
 
-    from cats_ds.config import load_config
     from cats_ds.training.loop import setup
 
     overrides = list(args.overrides) + [f"train.save_dir={args.save_dir}", "train.tensorboard=false",
@@ -625,7 +616,6 @@ class BareStep:
 def _local_forwards(run, plans) -> list:
     """The forwards the full step runs for these plans, collated for this rank (as
     train.forward_plan does): [(global target tokens, [(batch, live), ...])]."""
-    from cats_ds.config import micro_step_tokens
     from cats_ds.data.sampler import split_by_length, target_tokens
     from cats_ds.training.loop import local_batch
 
@@ -764,7 +754,7 @@ def worker_peer(args) -> None:
 def _use_cats(run, cfg, every: int):
     from cats_ds.weighting.cats import CatsWeighting
 
-    cfg.cats.meta_every = [[None, every]]
+    cfg.meta.every = [[None, every]]
     run.weighting = CatsWeighting(run.languages, cfg.cats)
     _ensure_grads(run)
 
@@ -786,7 +776,7 @@ def _method_steps(run, cfg, dist, args) -> dict:
     out = {}
     for method in [m for m in (args.methods or "").split(",") if m]:
         cfg.weighting.method = method
-        cfg.cats.meta_every = [[None, 1]]
+        cfg.meta.every = [[None, 1]]
         run.weighting = make_weighting(cfg, run.languages, len(run.vocab))
         _ensure_grads(run)
         _timed(run, dist, 1, meta_update)

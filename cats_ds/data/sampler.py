@@ -128,12 +128,13 @@ class LanguageSampler:
         self.probs = temperature_probs(self.sizes, temperature)
         self.k = langs_per_batch
         self.distinct = distinct
-        self.slot_budget = max(1, max_tokens * world_size // langs_per_batch)
+        budget = max_tokens * world_size  # config.micro_step_tokens: the global budget of one micro-step
+        self.slot_budget = max(1, budget // langs_per_batch)
         self.seed = seed
         self.micro_step = 0
         self.cursor = [[0, 0] for _ in languages]  # (epoch, position) per language
         self._chunks: dict[int, tuple[int, list[np.ndarray]]] = {}
-        self.batch_budget = max(1, max_tokens * world_size)
+        self.batch_budget = max(1, budget)
         self.length_pool = length_pool
         self._pool: list[Plan] = []
         self._pool_pos = 0

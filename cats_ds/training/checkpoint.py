@@ -6,17 +6,16 @@ are cats_ds/checkpoints.py's.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
-import math
 import os
-import random
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,6 +23,7 @@ from cats_ds.checkpoints import (CHECKPOINT_META, STEP_PREFIX, CheckpointError, 
                                  optimizer_state_classes, read_meta)
 from cats_ds.config import Config, micro_step_tokens, upgrade_legacy
 from cats_ds.runtime.output import print0
+from cats_ds.training.state import client_state, read_client_state, rng_state, set_rng_state
 from cats_ds.training.validation import mean_score
 
 if TYPE_CHECKING:
@@ -45,22 +45,15 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Op
     tmp = f"{name}.tmp"
     failures = _guard_writes(run.engine)
     failures.clear()
-    client = {"step": run.step, "best_valid": run.best_valid, "best_score": run.best_score, "stale": run.stale,
-              "sampler": run.sampler.state_dict(),
-              "dev_sampler": run.dev_sampler.state_dict() if run.dev_sampler else None,
-              "weighting": run.weighting.state_dict(), "elapsed": run.elapsed + time.time() - run.t_start}
+    client = client_state(run)
     try:
         run.engine.save_checkpoint(str(save_dir), tag=tmp, client_state=client, save_latest=False)
     except (OSError, RuntimeError) as e:  # a write _guard_writes does not cover (another DeepSpeed version)
         failures.append((save_dir / tmp, e))
     if not failures:
-        rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_to_tensors(np.random.get_state()),
-               "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
         rng_path = save_dir / tmp / f"rng_rank{run.rank}.pt"
         try:
-            torch.save(rng, rng_path)
+            torch.save(rng_state(), rng_path)
         except (OSError, RuntimeError) as e:
             failures.append((rng_path, e))
     _agree_on_save(run, save_dir, name, failures)  # (every rank's files are written: the barrier)
@@ -69,7 +62,7 @@ def save_checkpoint(run: Run, name: str, valid_loss: Optional[float], scores: Op
         meta = {"step": run.step, "valid_loss": valid_loss, "config": run.cfg.to_dict(),
                 "languages": run.languages, "manifest_fingerprint": run.manifest.fingerprint,
                 "vocab_size": len(run.vocab), "world_size": run.world,
-                "zero_stage": run.engine.zero_optimization_stage(), "elapsed_s": client["elapsed"]}
+                "zero_stage": run.engine.zero_optimization_stage(), "elapsed_s": client["train"]["elapsed"]}
         if scores is not None:
             meta["valid_scores"] = {"bleu": mean_score(scores, "bleu"), "chrf": mean_score(scores, "chrf"),
                                     "languages": scores, "beam": run.cfg.eval.valid_beam,
@@ -245,18 +238,6 @@ def check_save_dir(save_dir: str | Path, rank: int, world: int) -> None:
         others = [r for r in gather_reports(problem, world) if r and r != problem]
         raise CheckpointError((problem or others[0]) + ". Choose another train.save_dir (or make this one a "
                               "writable folder); checkpoints, logs and evaluation outputs go there")
-
-
-def numpy_rng_to_tensors(state: tuple) -> tuple:
-    """np.random.get_state() with its key array as a tensor, so the RNG file loads with
-    torch.load(weights_only=True) (a numpy array would need unpickling)."""
-    name, keys, pos, has_gauss, gauss = state
-    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
-
-
-def numpy_rng_from_tensors(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, gauss = state
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
 
 
 def save_numbered(run: Run) -> None:
@@ -469,12 +450,7 @@ def resume(run: Run, lr_factor: Callable[[int], float]) -> None:
     rng_file = path / f"rng_rank{run.rank}.pt"
     if failure is None and rng_file.is_file() and same_world:
         try:
-            rng = torch.load(rng_file, weights_only=True)  # tensors, ints and tuples only: no pickle code runs
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(numpy_rng_from_tensors(rng["numpy"]))
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+            set_rng_state(torch.load(rng_file, weights_only=True))  # tensors, ints, tuples: no pickle code runs
         except Exception as e:  # truncated, overwritten or not an RNG file at all
             failure = (f"{rng_file}: damaged RNG state ({type(e).__name__}: {e}); delete the file to resume with "
                        f"reseeded dropout, or resume from another checkpoint")
@@ -493,12 +469,8 @@ def resume(run: Run, lr_factor: Callable[[int], float]) -> None:
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint at {path}")
     apply_lr_schedule(run, lr_factor)
-    run.step = int(client["step"])
-    run.best_valid = float(client["best_valid"])
-    # checkpoints from before train.best_metric: their best/ was chosen by loss
-    run.best_score = client.get("best_score", run.best_valid if math.isfinite(run.best_valid) else None)
-    run.stale = int(client.get("stale", 0))
-    run.elapsed = float(client.get("elapsed", 0.0))
+    client = read_client_state(client)  # a checkpoint from before TrainState: its flat layout mapped
+    run.state.load_state_dict(client["train"])
     try:
         run.sampler.load_state_dict(client["sampler"])
     except ValueError as e:
@@ -513,7 +485,7 @@ def resume(run: Run, lr_factor: Callable[[int], float]) -> None:
                          f"{meta['world_size']} = {total} tokens, now {run.cfg.train.max_tokens} x {run.world} = "
                          f"{micro_step_tokens(run.cfg, run.world)}): {hint}, so the run continues with the same "
                          f"batches") from None
-    if run.dev_sampler is not None and client.get("dev_sampler"):
+    if run.dev_sampler is not None and client["dev_sampler"]:
         run.dev_sampler.load_state_dict(client["dev_sampler"])
     run.weighting.load_state_dict(client["weighting"])
     if not (rng_file.is_file() and same_world):
@@ -576,10 +548,6 @@ def to_universal(run: Run, path: Path, saved_world: int) -> Path:
     parameter's fp32 weights and Adam moments, whole, under zero/<name>/), which any world
     size loads with `checkpoint.load_universal`. Rank 0 converts, the others wait;
     resume() deletes the folder once every rank has loaded it."""
-    import argparse
-    import contextlib
-    import io
-
     out = path.parent / f"{path.name}{UNIVERSAL_SUFFIX}"
     failure = ""
     if run.rank == 0:

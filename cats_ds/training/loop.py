@@ -26,7 +26,7 @@ from cats_ds.analysis import analysis_step
 from cats_ds.analysis.analyze import AnalysisError, check_settings
 from cats_ds.analysis.similarity import param_group
 from cats_ds.config import (GRAM_METHODS, Config, cats_start_note, config_yaml, distinct_languages,
-                            draws_at_meta_steps, gram_kind, meta_interval)
+                            draws_at_meta_steps, gram_kind, meta_interval, micro_step_tokens, tokens_per_update)
 from cats_ds.data.manifest import Manifest, RawTextError, Vocab, load_split
 from cats_ds.data.sampler import (Batch, LanguageSampler, Plan, collate, eval_plans, split_by_length,
                                   target_tokens, temperature_probs)
@@ -43,6 +43,7 @@ from cats_ds.training.checkpoint import (check_save_dir, free_space, needs_unive
 from cats_ds.training.grads import (HalfGrads, MetaGrams, PartitionGrads, grad_norms, half_grams, is_expert_param,
                                    split_slot)
 from cats_ds.training.losses import per_language_sums
+from cats_ds.training.state import TrainState
 from cats_ds.training.validation import check_supported, dev_scores, load_dev_texts, mean_score
 from cats_ds.weighting import make_weighting
 from cats_ds.weighting.base import Weighting, mean_pairwise_cosine
@@ -90,11 +91,10 @@ def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
     if tbs is not None and tbs != micro * gas * world_size:
         raise TrainError(f"{path}: train_batch_size={tbs} contradicts train_micro_batch_size_per_gpu={micro} x "
                          f"gradient_accumulation_steps={gas} x world_size={world_size} = {micro * gas * world_size}")
-    want = cfg.train.update_tokens
-    if want is not None and want != cfg.train.max_tokens * gas * world_size:
+    want, have = cfg.train.update_tokens, tokens_per_update(cfg, world_size, gas)
+    if want is not None and want != have:
         raise TrainError(f"train.update_tokens={want} but train.max_tokens={cfg.train.max_tokens} x "
-                         f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = "
-                         f"{cfg.train.max_tokens * gas * world_size}")
+                         f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = {have}")
     offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
     if cfg.weighting.method in GRAM_METHODS and offload.get("device", "none") not in (None, "none"):
         # DeepSpeed's offload path computes the clipping norms during each backward and, from
@@ -169,6 +169,12 @@ def release_shm_workspace() -> None:
 # --------------------------------------------------------------------------- state
 
 
+def _state_field(name: str) -> property:
+    """Run.<name> reads and writes Run.state.<name>."""
+    return property(lambda run: getattr(run.state, name), lambda run, value: setattr(run.state, name, value),
+                    doc=f"run.state.{name} (TrainState)")
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -186,25 +192,22 @@ class Run:
     world: int
     gas: int
     tag_ids: list[int]
-    step: int = 0
-    best_valid: float = float("inf")
+    state: TrainState = field(default_factory=TrainState)
+    """The loop's progress: step, elapsed time, best/ and patience bookkeeping, the
+    non-finite count (cats_ds/training/state.py); what a checkpoint saves of it is
+    state.state_dict(). Run.step, Run.best_valid, ... read and write it."""
     log_path: Optional[Path] = None
-    elapsed: float = 0.0
-    """Training seconds before this process (resumed runs)."""
-    t_start: float = 0.0
     t_log: float = 0.0
     """Start of the current logging interval (tokens/s)."""
     acc: dict = field(default_factory=dict)
     grads: Optional[PartitionGrads] = None
     """This rank's gradient partition, for meta steps (Gram-based weighting only)."""
     dev_sampler: Optional[LanguageSampler] = None
-    """Meta batches from dev (cats.meta_data=dev)."""
+    """Meta batches from dev (meta.data=dev)."""
     filler: Optional[Batch] = None
     """One real sentence run with weight 0 by a rank that got no sentences."""
     update_loss: float = 0.0
     """This rank's loss sum over the current update (non-finite check)."""
-    nonfinite: int = 0
-    """Consecutive updates whose training loss was NaN or inf on some rank."""
     last_good: str = "none yet"
     """The newest checkpoint saved (or resumed from) with finite losses, for error messages."""
     good_step: int = -1
@@ -221,10 +224,6 @@ class Run:
     """Seconds the last validation + save took: the margin train.max_minutes leaves for the final one."""
     dev_refs: Optional[dict] = None
     """Raw dev references per language (eval.valid_every > 0)."""
-    best_score: Optional[float] = None
-    """Best value of train.best_metric so far (None before the first validation that measures it)."""
-    stale: int = 0
-    """Validations of train.best_metric in a row without improvement (train.patience)."""
     early_stop: bool = False
     timers: Optional[dict] = None
     """Seconds per phase of plain updates (data, forward, loss, backward, optimizer,
@@ -240,6 +239,14 @@ class Run:
     """The last validation's train_log.jsonl record (mean_loss; bleu and chrf when translated)."""
     gram_log: Optional[dict] = None
     """The Gram diagnostics of the last meta step since the last log line (gram_diagnostics)."""
+
+    step = _state_field("step")
+    elapsed = _state_field("elapsed")
+    t_start = _state_field("t_start")
+    best_valid = _state_field("best_valid")
+    best_score = _state_field("best_score")
+    stale = _state_field("stale")
+    nonfinite = _state_field("nonfinite")
 
 
 def setup(cfg: Config, ds_config_path: str) -> Run:
@@ -299,10 +306,10 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
               rank=rank, world=world, gas=engine.gradient_accumulation_steps(),
               tag_ids=[vocab.lang_ids[l] for l in languages], monitor=monitor(monitor_blocks))
     run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
-    if cfg.weighting.method != "temperature":
+    if cfg.weighting.method in GRAM_METHODS:
         shared_only = cfg.cats.params == "shared"
         run.grads = PartitionGrads(engine, include=lambda name, p: not (shared_only and is_expert_param(p)))
-        if cfg.cats.meta_data == "dev":
+        if cfg.meta.data == "dev":
             run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
                                               cfg.train.seed, allow_missing=True)
     if cfg.eval.valid_every:
@@ -318,7 +325,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"| model {n_params / 1e6:.2f}M parameters | {len(languages)} languages | world {world} | "
            f"ZeRO {engine.zero_optimization_stage()} | accumulation {run.gas} | "
-           f"{cfg.train.max_tokens * run.gas * world} tokens per update")
+           f"{tokens_per_update(cfg, world, run.gas)} tokens per update")
     print0("| sampling p: " + " ".join(f"{l}={p:.3f}" for l, p in zip(languages, sampler.probs))
            + (f" | {cfg.sampling.langs_per_batch} distinct languages per micro-batch (token share = inclusion "
               f"probability / K, flatter than p)" if sampler.distinct else ""))
@@ -380,11 +387,11 @@ def check_lengths(splits: dict[str, dict], cfg: Config) -> None:
 
 def token_weighted(cfg: Config) -> bool:
     """Whether the plain-step loss weights every target token by its language alone
-    (c_n = w_n tokens_n / tokens: temperature, or cats.weight_by=tokens): only then may
+    (c_n = w_n tokens_n / tokens: temperature, or meta.weight_by=tokens): only then may
     length pooling regroup sentences across draws without changing the objective.
-    cats.weight_by=language (c_n = w_n on the language's mean loss) depends on how many of
+    meta.weight_by=language (c_n = w_n on the language's mean loss) depends on how many of
     its tokens share a micro-batch, so it trains on the draws."""
-    return cfg.weighting.method == "temperature" or cfg.cats.weight_by == "tokens"
+    return cfg.weighting.method == "temperature" or cfg.meta.weight_by == "tokens"
 
 
 def make_optimizer(groups, cfg: Config, ds: dict):
@@ -465,7 +472,7 @@ def forward_plan(run: Run, plan: Plan, splits: dict):
     loss_sum = nll_sum = tok = None
     any_live = False
     with phase(run, "data"):
-        groups = split_by_length(plan, splits, run.languages, run.cfg.train.max_tokens * run.world)
+        groups = split_by_length(plan, splits, run.languages, micro_step_tokens(run.cfg, run.world))
     for group in groups:
         with phase(run, "data"):
             batch, live = local_batch(run, group, splits)
@@ -493,11 +500,11 @@ def next_plans(run: Run, meta: bool = False) -> list[Plan]:
 
 def draws_as_drawn(cfg: Config, step: int) -> bool:
     """Whether update `step` trains on the sampler's draws as drawn rather than on
-    length-pooled micro-batches: the steps of cats.meta_every when
+    length-pooled micro-batches: the steps of meta.every when
     sampling.draws_at_meta_steps is on (by default for the Gram-based methods, whose meta
     steps need the draws). A temperature run pools every update unless it sets it, as CATS'
     alpha = 1 reference does (then both train on the same batches at every update)."""
-    return draws_at_meta_steps(cfg) and step % meta_interval(cfg.cats.meta_every, step) == 0
+    return draws_at_meta_steps(cfg) and step % meta_interval(cfg.meta.every, step) == 0
 
 
 def next_batches(run: Run) -> list[Plan]:
@@ -590,9 +597,9 @@ def meta_update(run: Run) -> None:
     """A meta step: per-language half gradients -> G and S -> weighting.update on the one
     grads.gram picks -> sum_n c_n g_n (whole slots) written into the partition ->
     engine.step(). Meta batches are the training batches (the paper's Algorithm 1) unless
-    cats.meta_data=dev."""
+    meta.data=dev."""
     plans = next_plans(run, meta=True)
-    if run.cfg.cats.meta_data == "dev":
+    if run.cfg.meta.data == "dev":
         # dev gradients only steer the weights; the update is a plain one on the train plans
         meta_plans = [run.dev_sampler.plan_for(p.langs) for p in plans]
         half = per_language_gradients(run, meta_plans, run.dev_splits, log=False)

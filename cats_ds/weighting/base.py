@@ -3,7 +3,7 @@
 The training loop calls it at one named point. Every micro-batch it asks `coefficients`
 for the per-language loss weights c_n of the combined loss sum_n c_n L_n (one backward):
 c_n = w_n * mix_n, with w_n the method's weight (CATS: alpha_n; 1 for temperature) and
-mix_n the sampled mix (`cats.weight_by`: tokens_n / tokens, or 1 per language).
+mix_n the sampled mix (`meta.weight_by`: tokens_n / tokens, or 1 per language).
 
 On a meta step (`is_meta_step`) it instead runs two backwards per language (the halves
 of its slot), builds the K x K Gram matrix G of the per-language gradients g_n (on ZeRO
@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from cats_ds.config import meta_interval
+from cats_ds.weighting.registry import register_method
 
 
 class WeightingError(FloatingPointError):
@@ -40,12 +41,20 @@ in a row gets a warning, once: that language barely trains any more."""
 
 class Weighting:
     name = "base"
+    """weighting.method (set by @register_method)."""
     floor: Optional[float] = None
     """The lowest weight the method gives a language (None: no floor); see floor_warnings."""
 
+    @classmethod
+    def from_config(cls, cfg, languages: list[str], vocab_size: Optional[int] = None) -> "Weighting":
+        """The instance make_weighting builds for a run: the method's own config section, the
+        shared meta-step keys (meta.every, meta.weight_by), train.seed if it draws random
+        numbers; vocab_size for a method that needs it."""
+        raise NotImplementedError(f"{cls.__qualname__}.from_config")
+
     def __init__(self, languages: list[str], meta_every: Optional[list] = None, weight_by: str = "tokens"):
         if weight_by not in ("tokens", "language"):
-            raise ValueError(f"cats.weight_by: {weight_by!r} is not one of 'tokens', 'language'")
+            raise ValueError(f"meta.weight_by: {weight_by!r} is not one of 'tokens', 'language'")
         self.languages = languages
         self.meta_every = meta_every
         self.weight_by = weight_by
@@ -180,8 +189,11 @@ def token_share(langs: list[int], tokens: dict[int, int]) -> dict[int, float]:
     return {l: tokens[l] / total for l in langs}
 
 
+@register_method("temperature")
 class TemperatureWeighting(Weighting):
     """Static: the token-mean loss of the sampled batch (the sampler's temperature does
     the weighting), c_n = tokens_n / tokens."""
 
-    name = "temperature"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages)

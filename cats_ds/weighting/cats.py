@@ -53,8 +53,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cats_ds.config import CatsConfig, legacy_value
+from cats_ds.config import CatsConfig, MetaConfig, legacy_value
 from cats_ds.weighting.base import Weighting, WeightingError
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest |B| whose f_min is solved exactly (every free set: 2^8 - 1 = 255 small solves,
@@ -286,11 +287,16 @@ def loss_sign(loss_term) -> float:
     return LOSS_SIGN[value]
 
 
+@register_method("cats")
 class CatsWeighting(Weighting):
-    name = "cats"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cats, cfg.meta.every, cfg.meta.weight_by)
 
-    def __init__(self, languages: list[str], cfg: CatsConfig):
-        super().__init__(languages, cfg.meta_every, cfg.weight_by)
+    def __init__(self, languages: list[str], cfg: CatsConfig, meta_every: Optional[list] = None,
+                 weight_by: str = "tokens"):
+        """meta_every, weight_by: meta.every (None: its default) and meta.weight_by."""
+        super().__init__(languages, MetaConfig().every if meta_every is None else meta_every, weight_by)
         self.cfg = cfg
         n = len(languages)
         self.alpha = torch.ones(n, dtype=torch.float64)

@@ -27,6 +27,7 @@ import torch
 from cats_ds.config import GradNormConfig
 from cats_ds.weighting.base import LanguageWeights, WeightingError
 from cats_ds.weighting.cats import floor_project
+from cats_ds.weighting.registry import register_method
 
 FLOOR = 1e-6
 """The smallest GradNorm weight."""
@@ -35,9 +36,13 @@ RENORM_LIMIT = 2.0
 renormalization to N (beyond it the step is a blow-up, not a gradient step)."""
 
 
+@register_method("gradnorm")
 class GradNormWeighting(LanguageWeights):
-    name = "gradnorm"
     floor = FLOOR
+
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.gradnorm, cfg.meta.every, vocab_size, cfg.meta.weight_by)
 
     def __init__(self, languages: list[str], cfg: GradNormConfig, meta_every, vocab_size: Optional[int] = None,
                  weight_by: str = "tokens"):

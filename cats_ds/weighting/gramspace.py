@@ -6,7 +6,7 @@ GradVac, its own state), so on ZeRO partitions it costs one K x K all_reduce lik
 Everything is computed in float64 on the K x K matrices.
 
 The task gradients. A meta step gives per-language gradients g_n with shares S_n (base.py),
-the plain update being sum_n S_n g_n, and S = sum_B S_n (1 with cats.weight_by=tokens).
+the plain update being sum_n S_n g_n, and S = sum_B S_n (1 with meta.weight_by=tokens).
 Every method here sees the K task gradients t_n = a_n g_n with a_n = K S_n / S, so that
 mean_n t_n = (sum_n S_n g_n) / S (with the equal shares that distinct-language batches
 nearly have, t_n = g_n), computes its update d = sum_n beta_n t_n in its paper's scale
@@ -19,7 +19,7 @@ Inner products of linear combinations come from G: if u = sum_k C[i, k] t_k then
 Between meta steps. Each language keeps the weight w_n = c_n / S_n = K beta_n of the last
 meta step it was in (init 1), and the loss is sum_n w_n mix_n L_n (base.py): the same
 linear combination of the per-language gradients the method chose, applied to the
-current ones. The papers apply the method every step: `cats.meta_every: [[null, 1]]`.
+current ones. The papers apply the method every step: `meta.every: [[null, 1]]`.
 Weights can be negative (PCGrad/GradVac subtract other languages' gradients; IMTL-G's
 alpha is not sign-constrained) and, for Nash-MTL, far from 1 (its update has norm
 sqrt(K) whatever the gradient scale); they are kept as the method gave them.
@@ -41,6 +41,7 @@ import torch
 
 from cats_ds.config import CagradConfig, GradVacConfig, NashMtlConfig
 from cats_ds.weighting.base import LanguageWeights
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest K for which CAGrad's dual is solved exactly (every support, closed form)."""
@@ -328,11 +329,14 @@ class GramSpaceWeighting(LanguageWeights):
             self.last[f"{self.name}/unsolved"] = float(state["unsolved"])
 
 
+@register_method("pcgrad")
 class PCGradWeighting(GramSpaceWeighting):
     """PCGrad: the mean of the projected t_i^PC (random order per i from train.seed and
     the step). No hyperparameters."""
 
-    name = "pcgrad"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.meta.every, cfg.meta.weight_by, cfg.train.seed)
 
     def __init__(self, languages, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -343,12 +347,15 @@ class PCGradWeighting(GramSpaceWeighting):
         return pcgrad_matrix(gram_t, pair_orders(self.seed, step, k)).sum(0) / k
 
 
+@register_method("gradvac")
 class GradVacWeighting(GramSpaceWeighting):
     """GradVac: the mean of the vaccinated t_i^PS, with a cosine target per ordered pair of
     languages (N x N), EMA rate gradvac.beta, starting at the pair's first observed cosine
     (gradvac.init=first) or at 0 (zero: the first meta steps act like PCGrad)."""
 
-    name = "gradvac"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.gradvac, cfg.meta.every, cfg.meta.weight_by, cfg.train.seed)
 
     def __init__(self, languages, cfg: GradVacConfig, meta_every, weight_by: str = "tokens", seed: int = 1):
         super().__init__(languages, meta_every, weight_by)
@@ -375,10 +382,13 @@ class GradVacWeighting(GramSpaceWeighting):
         self.target = torch.tensor(state["target"], dtype=torch.float64)
 
 
+@register_method("cagrad")
 class CagradWeighting(GramSpaceWeighting):
     """CAGrad: d = g0 + (c |g0| / |g_w*|) g_w* (rescaled), w* from the dual on G."""
 
-    name = "cagrad"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.cagrad, cfg.meta.every, cfg.meta.weight_by)
 
     def __init__(self, languages, cfg: CagradConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -388,11 +398,14 @@ class CagradWeighting(GramSpaceWeighting):
         return cagrad_beta(gram_t, self.cfg.c, self.cfg.rescale, self.cfg.iters)
 
 
+@register_method("nashmtl")
 class NashMtlWeighting(GramSpaceWeighting):
     """Nash-MTL: d = sum alpha_n t_n with G alpha = 1 / alpha (|d| = sqrt(K)). Scale-free:
     the same d from the g_n as from the t_n."""
 
-    name = "nashmtl"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.nashmtl, cfg.meta.every, cfg.meta.weight_by)
 
     def __init__(self, languages, cfg: NashMtlConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)
@@ -402,11 +415,14 @@ class NashMtlWeighting(GramSpaceWeighting):
         return nash_alpha(gram_t, self.cfg.iters)
 
 
+@register_method("imtl")
 class ImtlWeighting(GramSpaceWeighting):
     """IMTL-G: d = sum alpha_n t_n, sum alpha = 1, equal projections on the unit gradients.
     No hyperparameters."""
 
-    name = "imtl"
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.meta.every, cfg.meta.weight_by)
 
     def beta(self, step, langs, gram_t):
         return imtl_alpha(gram_t)

@@ -6,7 +6,7 @@ support is one small linear solve; the best candidate with lambda >= 0 is the op
 by Frank-Wolfe with exact line search (mgda.iters) above.
 
 At a meta step the update is the min-norm direction itself, sum_B lambda_n S g_n with
-S = sum_B S_n the batch's total share (1 with cats.weight_by=tokens), so its size is that
+S = sum_B S_n the batch's total share (1 with meta.weight_by=tokens), so its size is that
 of a plain step. Between meta steps each language's weight w_n (init 1, coefficient
 w_n * mix_n) holds the last meta step's lambda, redistributing the in-batch languages'
 own mass: w_B <- (sum_B w_n) lambda. So sum w = N always and a weight is never scaled by
@@ -22,6 +22,7 @@ import torch
 
 from cats_ds.config import MgdaConfig
 from cats_ds.weighting.base import LanguageWeights, WeightingError
+from cats_ds.weighting.registry import register_method
 
 EXACT_MAX = 8
 """Largest K solved exactly (2^8 - 1 = 255 supports, each a <= 9 x 9 solve)."""
@@ -84,9 +85,13 @@ def min_norm_exact(gram: torch.Tensor) -> torch.Tensor:
     return best
 
 
+@register_method("mgda")
 class MgdaWeighting(LanguageWeights):
-    name = "mgda"
     floor = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, languages, vocab_size=None):
+        return cls(languages, cfg.mgda, cfg.meta.every, cfg.meta.weight_by)
 
     def __init__(self, languages: list[str], cfg: MgdaConfig, meta_every, weight_by: str = "tokens"):
         super().__init__(languages, meta_every, weight_by)

@@ -46,7 +46,7 @@ def main():
     grams = half_grams(run.grads, half)
     langs, gram, losses = half.langs, grams.plain, grams.losses
     whole_langs, whole_rows, whole_losses = reference_rows(ref, plans, run.train_splits, run.languages, run.tag_ids,
-                                                           cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+                                                           cfg.train.label_smoothing, run.gas, cfg.meta.weight_by)
     ref_langs, ref_rows, ref_grams = reference(ref, plans, run, cfg)
     ref_gram, ref_losses = ref_grams.plain, ref_grams.losses
     run.engine.optimizer.zero_grad()
@@ -58,7 +58,7 @@ def main():
     lr = run.engine.get_lr()[0]
     meta_update(run)
     ref_weighting = make_weighting(cfg, run.languages, len(run.vocab))
-    shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
+    shares = plan_shares(plans, run.train_splits, run.languages, cfg.meta.weight_by)
     coeffs = ref_weighting.update(0, ref_langs, ref_losses, ref_grams.for_method(gram_kind(cfg)), shares,
                                   nll=ref_grams.nll)
     combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
@@ -124,7 +124,7 @@ def check_methods(args, cfg, run):
         del run.weighting.update  # the class's method again
         ref_langs, ref_rows, ref_grams = reference(ref, plans, run, cfg)
         ref_losses, ref_gram = ref_grams.losses, ref_grams.for_method(gram_kind(cfg))
-        shares = plan_shares(plans, run.train_splits, run.languages, cfg.cats.weight_by)
+        shares = plan_shares(plans, run.train_splits, run.languages, cfg.meta.weight_by)
         coeffs = ref_weighting.update(run.step, ref_langs, ref_losses, ref_gram, shares, nll=ref_grams.nll)
         combo = torch.tensor([coeffs[l] for l in ref_langs], dtype=torch.float64) @ ref_rows
         offset = 0
@@ -158,7 +158,7 @@ def reference(ref, plans, run, cfg):
     """The single-process reference of a meta step on the same halves: (langs, whole-slot
     rows g_n (K, |theta|), MetaGrams from the 2K half rows)."""
     langs, rows, rho, losses, nll = reference_halves(ref, plans, run.train_splits, run.languages, run.tag_ids,
-                                                     cfg.train.label_smoothing, run.gas, cfg.cats.weight_by)
+                                                     cfg.train.label_smoothing, run.gas, cfg.meta.weight_by)
     k = len(langs)
     plain, split, noise, agreement = fold_halves(rows @ rows.T, rho)
     return langs, rows[:k] + rows[k:], MetaGrams(plain, split, noise, agreement, losses, nll)
