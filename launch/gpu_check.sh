@@ -21,7 +21,9 @@
 # MAX_TOKENS (4000 tokens per rank and micro-batch: the CPU recipe's 1000 leaves a GPU idle),
 # DEVICE (cuda), DS_CONFIG (ds_configs/zero2_bf16.json), RECIPE (launch/recipes/gettext8.yaml),
 # FAMILIES (default), OUT (runs/gpu_check/<date-time>), BENCH_STEPS (8), BENCH_ROUNDS (2),
-# EXTRA (more section.key=value overrides for every run, space-separated).
+# EXTRA (more section.key=value overrides for every run, space-separated), MASTER_PORT (the
+# launcher's rendezvous port; default: a free one, so that a training already on 29500 does
+# not collide).
 # The test suite runs it on the CPU accelerator with a tiny recipe (tests/test_gpu_check.py):
 #   DEVICE=cpu DS_ACCELERATOR=cpu NPROC=2 UPDATES=4 RECIPE=tiny.yaml bash launch/gpu_check.sh
 set -uo pipefail
@@ -51,6 +53,7 @@ mkdir -p "$OUT"
 RESULTS="$OUT/results.tsv"
 : > "$RESULTS"
 PY=${PYTHON:-python}
+MASTER_PORT=${MASTER_PORT:-$("$PY" -c "from cats_ds.runtime.ports import free_port; print(free_port())")}
 
 record() {  # path status seconds
   printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RESULTS"
@@ -71,7 +74,7 @@ step() {  # name command...: run, log to $OUT/name.log, record pass/fail and sec
 
 train() {  # save_dir overrides...
   local dir=$1; shift
-  deepspeed --num_gpus "$NPROC" launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RECIPE" \
+  deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RECIPE" \
     "train.save_dir=$dir" "train.max_updates=$UPDATES" train.max_minutes=null "train.log_every=$(( UPDATES < 10 ? 1 : 10 ))" \
     "train.valid_every=$UPDATES" "${EXTRA_ARGS[@]}" "$@"
 }

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import socket
 import struct
 import subprocess
 import tempfile
@@ -57,6 +56,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from cats_ds.data.manifest import Manifest, lang_tag, load_split
+from cats_ds.runtime.ports import free_port
 
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 """fairseq's Dictionary specials in id order 0..3."""
@@ -88,7 +90,6 @@ def id_map(vocab_size: int) -> np.ndarray:
 def fairseq_dict_lines(pieces: list[str], languages: list[str]) -> list[str]:
     """dict.txt lines for our vocabulary (`pieces[i]` = the piece of id i): ids 4.. in order
     (fairseq prepends its four specials), our tags `<2xx>` under fairseq's names."""
-    from cats_ds.data.manifest import lang_tag
 
     rename = {lang_tag(lang): fairseq_tag(lang) for lang in languages}
     for ours, name in OUR_SPECIALS.items():
@@ -152,7 +153,6 @@ def export_fairseq(data_dir: str | Path, out: str | Path, languages: Optional[li
     split names to fairseq's). A no-op when `out` already holds this export of the same
     prepared folder (the manifest fingerprint and languages match). Returns the stamp:
     {"fingerprint", "languages", "vocab_size", "sentences": {split: {lang: n}}}."""
-    from cats_ds.data.manifest import Manifest, load_split
 
     data_dir, out = Path(data_dir), Path(out)
     manifest = Manifest.load(data_dir)
@@ -241,12 +241,6 @@ def fairseq_train_args(cfg, data: Path, languages: list[str], max_tokens: int, u
     return [str(a) for a in [data] + model + task + optim + run]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_fairseq(python: str, args: list[str], nproc: int, workdir: Path) -> str:
     """fairseq_cli.train on nproc CPU processes (gloo, tcp rendezvous, one process each:
     fairseq's own launch paths assume CUDA devices); returns rank 0's log."""
@@ -256,7 +250,7 @@ def launch_fairseq(python: str, args: list[str], nproc: int, workdir: Path) -> s
     env.pop("PYTHONPATH", None)  # the fairseq venv sees neither cats_ds nor its site-packages
     dist: list[list[str]] = [[] for _ in range(nproc)]
     if nproc > 1:
-        port = _free_port()
+        port = free_port()
         dist = [["--distributed-world-size", str(nproc), "--distributed-rank", str(r), "--distributed-no-spawn",
                  "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-backend", "gloo",
                  "--ddp-backend", "legacy_ddp", "--device-id", "0"] for r in range(nproc)]

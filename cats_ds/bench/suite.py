@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from cats_ds.config import GRAM_METHODS, distinct_languages, load_config, micro_step_tokens
+from cats_ds.runtime.ports import free_port
 
 RECIPE = "launch/recipes/gettext8.yaml"
 DS_CONFIG = "ds_configs/cpu_zero2.json"
@@ -45,7 +46,7 @@ def _launch_worker(name: str, nproc: int, args: list[str]) -> dict:
         if not _has_cuda():  # a GPU node keeps DeepSpeed's own accelerator detection
             env.setdefault("DS_ACCELERATOR", "cpu")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(_free_port()), "--module", "cats_ds.bench", f"worker-{name}",
+               "--master_port", str(free_port()), "--module", "cats_ds.bench", f"worker-{name}",
                "--out", str(out), "--save_dir", str(Path(tmp) / "run")] + args
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
@@ -58,14 +59,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_prepared(recipe: str, overrides: list[str]) -> None:
@@ -363,7 +356,7 @@ def _bench_processes(args, cfg, model, manifest, vocab, languages, per_lang) -> 
         for nproc in args.processes:
             res = Path(tmp) / f"eval{nproc}"
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-                   str(_free_port()), "launch/evaluate.py", "--checkpoint", str(ckpt), "--limit", str(per_lang),
+                   str(free_port()), "launch/evaluate.py", "--checkpoint", str(ckpt), "--limit", str(per_lang),
                    "--out", str(res), f"eval.beam={args.beam}"]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[2])
             if proc.returncode != 0:
