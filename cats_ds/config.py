@@ -29,8 +29,23 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
+class Section:
+    """A config section: `check` holds every check of its own keys (Config.validate calls
+    it; the checks that need another section's keys are in Config.validate)."""
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+
+
+def _check_table(rows) -> None:
+    """(key, value, ok, allowed) rows: ConfigError "<key> must be <allowed>, got <value>" for the first not ok."""
+    for key, value, ok, allowed in rows:
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}, got {value}")
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     dir: str = "data-bin/gettext8"
     """Prepared data folder (manifest.json, spm.model, binarized shards)."""
     corpus: Literal["gettext", "plain", "opus100", "ted8", "wmt"] = "gettext"
@@ -80,9 +95,28 @@ class DataConfig:
     hash, up to data.dev_max per split), the rest are dropped. Makes a corpus as
     imbalanced as TED8 (Hi:Lo about 40:1) with larger Lo dev/test sets."""
 
+    def check(self) -> None:
+        repeated = sorted({lang for lang in self.languages if self.languages.count(lang) > 1})
+        if repeated:
+            raise ConfigError(f"data.languages lists {', '.join(repeated)} more than once "
+                              f"({self.languages}); name each language once")
+        if self.vocab_temperature <= 0:
+            raise ConfigError(f"data.vocab_temperature must be > 0 (inf for uniform), got {self.vocab_temperature}")
+        if not (0 <= self.dev_fraction and 0 <= self.test_fraction and self.dev_fraction + self.test_fraction < 1):
+            raise ConfigError(f"data.dev_fraction={self.dev_fraction} and data.test_fraction={self.test_fraction} "
+                              f"must be >= 0 and sum to less than 1")
+        for key in ("vocab_size", "vocab_sentences", "max_chars", "max_tokens_per_side"):
+            if getattr(self, key) < 2:
+                raise ConfigError(f"data.{key} must be >= 2, got {getattr(self, key)}")
+        for lang, cap in self.max_train_pairs.items():
+            if cap < 1:
+                raise ConfigError(f"data.max_train_pairs.{lang} must be >= 1, got {cap}")
+            if self.languages and lang not in self.languages:
+                raise ConfigError(f"data.max_train_pairs.{lang}: '{lang}' is not in data.languages ({self.languages})")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     embed_dim: int = 512
     """Model width."""
     ffn_dim: int = 2048
@@ -110,9 +144,15 @@ class ModelConfig:
     max_positions: int = 256
     """Longest sequence the sinusoidal positions cover."""
 
+    def check(self) -> None:
+        if self.embed_dim % self.heads:
+            raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by model.heads={self.heads}")
+        if self.max_positions < 2:
+            raise ConfigError(f"model.max_positions must be >= 2, got {self.max_positions}")
+
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Section):
     temperature: Optional[float] = None
     """Language sampling temperature T: p_l ~ n_l^(1/T). 1 = proportional, inf = uniform.
     null (default): inf for weighting.method=cats (alpha = 1 is then the paper's equal
@@ -143,6 +183,15 @@ class SamplingConfig:
     the method, so a temperature run with this set is the alpha = 1 reference of CATS (the
     same batches at every update); false: only meta steps do; null (default): true for the
     Gram-based methods, false for temperature (a temperature run pools every update)."""
+
+    def check(self) -> None:
+        """temperature None (not yet resolved from weighting.method, see Config.validate) passes."""
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"sampling.temperature must be > 0 (inf for uniform), got {self.temperature}")
+        if self.langs_per_batch < 1:
+            raise ConfigError(f"sampling.langs_per_batch must be >= 1, got {self.langs_per_batch}")
+        if self.length_pool < 0:
+            raise ConfigError(f"sampling.length_pool must be >= 0 (0 = off), got {self.length_pool}")
 
 
 @dataclass(frozen=True)
@@ -184,7 +233,7 @@ MethodName = Literal[tuple(METHODS)]
 
 
 @dataclass
-class WeightingConfig:
+class WeightingConfig(Section):
     method: MethodName = "temperature"
     """Task weighting. temperature: token-mean loss of the sampled batch. The others run
     meta steps on the Gram matrix (schedule meta.every, shares meta.weight_by);
@@ -192,7 +241,7 @@ class WeightingConfig:
 
 
 @dataclass
-class MetaConfig:
+class MetaConfig(Section):
     every: list[list[Optional[int]]] = field(default_factory=lambda: [[None, 10]])
     """Schedule of the meta steps of every Gram-based method, [[until_step, M], ...]: a meta
     step every M updates until until_step (None = forever). (Was cats.meta_every.)"""
@@ -204,9 +253,16 @@ class MetaConfig:
     data: Literal["train", "dev"] = "train"
     """Where meta batches come from (the paper: train). (Was cats.meta_data.)"""
 
+    def check(self) -> None:
+        if not self.every:
+            raise ConfigError("meta.every must list at least one [until_step, M] entry")
+        for i, entry in enumerate(self.every):
+            if len(entry) != 2 or entry[1] is None or entry[1] < 1:
+                raise ConfigError(f"meta.every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
+
 
 @dataclass
-class CatsConfig:
+class CatsConfig(Section):
     update: Literal["mirror", "lagrangian"] = "mirror"
     """How alpha moves at a meta step (docs/design.md, section 4, "CATS as implemented").
     mirror: exponentiated-gradient steps on dimensionless loss/curvature scores, in-batch languages keep their
@@ -243,9 +299,21 @@ class CatsConfig:
     params: Literal["shared", "all"] = "shared"
     """Gram over shared parameters only (experts excluded) or all parameters."""
 
+    def check(self) -> None:
+        c = self
+        _check_table((
+            ("cats.kappa", c.kappa, 0 <= c.kappa <= 1, "in [0, 1]"),
+            ("cats.loss_ema", c.loss_ema, 0 <= c.loss_ema < 1, "in [0, 1)"),
+            ("cats.alpha_min", c.alpha_min, 0 <= c.alpha_min < 1, "in [0, 1) (sum alpha = N)"),
+            ("cats.lr_alpha", c.lr_alpha, math.isfinite(c.lr_alpha) and c.lr_alpha >= 0, "finite and >= 0"),
+            ("cats.lr_lambda", c.lr_lambda, math.isfinite(c.lr_lambda) and c.lr_lambda >= 0, "finite and >= 0"),
+            ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0"),
+            ("cats.meta_temperature", c.meta_temperature, c.meta_temperature is None or c.meta_temperature > 0,
+             "> 0 (inf for uniform) or null")))
+
 
 @dataclass
-class GradNormConfig:
+class GradNormConfig(Section):
     asymmetry: float = 1.5
     """GradNorm's alpha (restoring-force strength)."""
     lr: float = 0.025
@@ -253,14 +321,14 @@ class GradNormConfig:
 
 
 @dataclass
-class MgdaConfig:
+class MgdaConfig(Section):
     iters: int = 200
     """Frank-Wolfe iterations for the min-norm point when a meta batch holds more than 8
     languages (up to 8 it is solved exactly)."""
 
 
 @dataclass
-class GradVacConfig:
+class GradVacConfig(Section):
     beta: float = 0.01
     """EMA rate of the per-pair cosine targets phi^_ij <- (1 - beta) phi^_ij + beta phi_ij
     (Wang et al., 2021, 1e-2); in (0, 1]."""
@@ -270,9 +338,12 @@ class GradVacConfig:
     meta steps, so rare languages are vaccinated less than frequent ones (it fails the null
     test for thousands of meta steps); first has no such transient."""
 
+    def check(self) -> None:
+        _check_table((("gradvac.beta", self.beta, 0 < self.beta <= 1, "in (0, 1]"),))
+
 
 @dataclass
-class CagradConfig:
+class CagradConfig(Section):
     c: float = 0.5
     """Radius of the ball around the mean gradient, as a fraction of its norm (Liu et al.,
     2021; 0.5 is the reference implementation's default); in [0, 1) (0: plain GD)."""
@@ -282,16 +353,23 @@ class CagradConfig:
     """Projected-gradient iterations for the dual when a meta batch holds more than 8
     languages (up to 8 it is solved exactly)."""
 
+    def check(self) -> None:
+        _check_table((("cagrad.c", self.c, 0 <= self.c < 1, "in [0, 1)"),
+                      ("cagrad.iters", self.iters, self.iters >= 1, ">= 1")))
+
 
 @dataclass
-class NashMtlConfig:
+class NashMtlConfig(Section):
     iters: int = 100
     """Newton steps at most for G alpha = 1 / alpha (converges in ~10; the solution is
     accepted only at max |alpha_n (G alpha)_n - 1| < 1e-10)."""
 
+    def check(self) -> None:
+        _check_table((("nashmtl.iters", self.iters, self.iters >= 1, ">= 1"),))
+
 
 @dataclass
-class GradsConfig:
+class GradsConfig(Section):
     gram: Optional[Literal["plain", "split"]] = None
     """Which K x K matrix a meta step gives the Gram-based method. Each language's slot is
     cut into two halves of disjoint sentences and about equal target tokens, each backed
@@ -305,7 +383,7 @@ class GradsConfig:
 
 
 @dataclass
-class ExpertsConfig:
+class ExpertsConfig(Section):
     modules: list[Literal["ffn", "attn", "out_embed", "all"]] = field(default_factory=list)
     """Which modules get one expert per language family; empty = dense model."""
     side: Literal["encoder", "decoder", "both"] = "decoder"
@@ -315,9 +393,13 @@ class ExpertsConfig:
     ep_size: int = 1
     """Expert-parallel world size (DeepSpeed MoE)."""
 
+    def check(self) -> None:
+        if self.ep_size < 1:
+            raise ConfigError(f"experts.ep_size must be >= 1, got {self.ep_size}")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     save_dir: str = "runs/gettext8"
     """Checkpoints (best/, latest/), logs and TensorBoard events go here."""
     max_updates: int = 1000
@@ -375,9 +457,29 @@ class TrainConfig:
     """Stop after this many validations of train.best_metric in a row without improvement
     (0: never stop early)."""
 
+    def check(self) -> None:
+        t = self
+        if t.max_tokens < 8:
+            raise ConfigError(f"train.max_tokens must be >= 8, got {t.max_tokens}")
+        for key in ("log_every", "valid_every", "max_nonfinite"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        for key in ("max_updates", "warmup_updates"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
+        if not (math.isfinite(t.warmup_init_lr) and t.warmup_init_lr >= 0):
+            raise ConfigError(f"train.warmup_init_lr must be a finite number >= 0, got {t.warmup_init_lr}")
+        if t.resume not in ("auto", "none") and not t.resume:
+            raise ConfigError("train.resume must be auto, none or a checkpoint path")
+        for key in ("save_every", "keep_last", "patience"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0 (0: off), got {getattr(t, key)}")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     beam: int = 5
     """Beam size."""
     lenpen: float = 1.0
@@ -413,9 +515,22 @@ class EvalConfig:
     """Translate N dev sentences of each language (evaluate --limit's sample: the smallest
     sha256 of the English source)."""
 
+    def check(self) -> None:
+        """eval.valid_every is checked against train.valid_every in Config.validate."""
+        e = self
+        if e.beam < 1:
+            raise ConfigError(f"eval.beam must be >= 1, got {e.beam}")
+        try:
+            check_named_groups(e.groups)
+        except GroupError as err:
+            raise ConfigError(str(err)) from None
+        if e.valid_beam < 1 or e.valid_sentences < 1:
+            raise ConfigError(f"eval.valid_beam and eval.valid_sentences must be >= 1, got "
+                              f"{e.valid_beam} and {e.valid_sentences}")
+
 
 @dataclass
-class AnalysisConfig:
+class AnalysisConfig(Section):
     every: int = 0
     """Run the gradient/Hessian analysis every N updates during training (0 = never)."""
     pairs: list[str] = field(default_factory=list)
@@ -426,6 +541,13 @@ class AnalysisConfig:
     """Power-iteration steps for lambda_max."""
     hessian_tol: float = 1e-3
     """Stop power iteration when lambda changes by less than this (relative)."""
+
+    def check(self) -> None:
+        """analysis.pairs needs the run's languages: cats_ds/analysis/analyze.py, check_settings."""
+        minimum = {"every": 0, "sentences": 1, "hessian_iters": 1, "hessian_tol": 0}
+        for key, least in minimum.items():
+            if getattr(self, key) < least:
+                raise ConfigError(f"analysis.{key} must be >= {least}, got {getattr(self, key)}")
 
 
 @dataclass
@@ -451,83 +573,29 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        m = self.model
-        if m.embed_dim % m.heads:
-            raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.heads={m.heads}")
+        """Resolve the method-dependent defaults, run every section's own check (Section.check),
+        then the checks that read keys of two sections; returns self. Checks that need the
+        DeepSpeed JSON, the prepared data or the language list are outside config.py
+        (docs/architecture.md, "Where the config checks live")."""
         if self.sampling.temperature is None:
             self.sampling.temperature = math.inf if self.weighting.method == "cats" else 5.0
-        if self.sampling.temperature <= 0:
-            raise ConfigError(f"sampling.temperature must be > 0 (inf for uniform), got {self.sampling.temperature}")
-        if self.sampling.langs_per_batch < 1:
-            raise ConfigError(f"sampling.langs_per_batch must be >= 1, got {self.sampling.langs_per_batch}")
-        if self.sampling.length_pool < 0:
-            raise ConfigError(f"sampling.length_pool must be >= 0 (0 = off), got {self.sampling.length_pool}")
-        if self.train.max_tokens < 8:
-            raise ConfigError(f"train.max_tokens must be >= 8, got {self.train.max_tokens}")
-        t = self.train
-        for key in ("log_every", "valid_every", "max_nonfinite"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-        for key in ("max_updates", "warmup_updates"):
-            if getattr(t, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
-        if not (math.isfinite(t.lr) and t.lr > 0):
-            raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
-        if not (math.isfinite(t.warmup_init_lr) and t.warmup_init_lr >= 0):
-            raise ConfigError(f"train.warmup_init_lr must be a finite number >= 0, got {t.warmup_init_lr}")
-        if m.max_positions < 2:
-            raise ConfigError(f"model.max_positions must be >= 2, got {m.max_positions}")
-        repeated = sorted({lang for lang in self.data.languages if self.data.languages.count(lang) > 1})
-        if repeated:
-            raise ConfigError(f"data.languages lists {', '.join(repeated)} more than once "
-                              f"({self.data.languages}); name each language once")
-        if not self.meta.every:
-            raise ConfigError("meta.every must list at least one [until_step, M] entry")
-        for i, entry in enumerate(self.meta.every):
-            if len(entry) != 2 or entry[1] is None or entry[1] < 1:
-                raise ConfigError(f"meta.every[{i}] = {entry!r}: expected [until_step or null, M >= 1]")
-        c = self.cats
-        for key, value, ok, allowed in (
-                ("cats.kappa", c.kappa, 0 <= c.kappa <= 1, "in [0, 1]"),
-                ("cats.loss_ema", c.loss_ema, 0 <= c.loss_ema < 1, "in [0, 1)"),
-                ("cats.alpha_min", c.alpha_min, 0 <= c.alpha_min < 1, "in [0, 1) (sum alpha = N)"),
-                ("cats.lr_alpha", c.lr_alpha, math.isfinite(c.lr_alpha) and c.lr_alpha >= 0, "finite and >= 0"),
-                ("cats.lr_lambda", c.lr_lambda, math.isfinite(c.lr_lambda) and c.lr_lambda >= 0, "finite and >= 0"),
-                ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0"),
-                ("cats.meta_temperature", c.meta_temperature, c.meta_temperature is None or c.meta_temperature > 0,
-                 "> 0 (inf for uniform) or null")):
-            if not ok:
-                raise ConfigError(f"{key} must be {allowed}, got {value}")
-        for key, value, ok, allowed in (
-                ("gradvac.beta", self.gradvac.beta, 0 < self.gradvac.beta <= 1, "in (0, 1]"),
-                ("cagrad.c", self.cagrad.c, 0 <= self.cagrad.c < 1, "in [0, 1)"),
-                ("cagrad.iters", self.cagrad.iters, self.cagrad.iters >= 1, ">= 1"),
-                ("nashmtl.iters", self.nashmtl.iters, self.nashmtl.iters >= 1, ">= 1")):
-            if not ok:
-                raise ConfigError(f"{key} must be {allowed}, got {value}")
-        if self.train.resume not in ("auto", "none") and not self.train.resume:
-            raise ConfigError("train.resume must be auto, none or a checkpoint path")
-        if self.experts.ep_size < 1:
-            raise ConfigError(f"experts.ep_size must be >= 1, got {self.experts.ep_size}")
-        if self.eval.beam < 1:
-            raise ConfigError(f"eval.beam must be >= 1, got {self.eval.beam}")
-        for key in ("save_every", "keep_last", "patience"):
-            if getattr(self.train, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0 (0: off), got {getattr(self.train, key)}")
-        e = self.eval
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check()
+        t, e, x = self.train, self.eval, self.experts
         if e.valid_every < 0 or (e.valid_every and e.valid_every % t.valid_every):
             raise ConfigError(f"eval.valid_every={e.valid_every} must be 0 (off) or a multiple of "
                               f"train.valid_every={t.valid_every} (dev translation runs at validations)")
-        try:
-            check_named_groups(e.groups)
-        except GroupError as err:
-            raise ConfigError(str(err)) from None
-        if e.valid_beam < 1 or e.valid_sentences < 1:
-            raise ConfigError(f"eval.valid_beam and eval.valid_sentences must be >= 1, got "
-                              f"{e.valid_beam} and {e.valid_sentences}")
         if t.best_metric != "loss" and not e.valid_every:
             raise ConfigError(f"train.best_metric={t.best_metric} needs dev translation: set eval.valid_every "
                               f"(a multiple of train.valid_every={t.valid_every}), or train.best_metric=loss")
+        if e.valid_every and x.modules and x.ep_size > 1:  # ZeRO-3 (the DeepSpeed JSON): training.validation
+            raise ConfigError(f"eval.valid_every={e.valid_every}: dev translation during training is not "
+                              f"supported with experts.ep_size={x.ep_size} (every forward needs all ranks); set "
+                              f"eval.valid_every=0 and evaluate saved checkpoints with launch/evaluate.py --split dev")
+        if self.analysis.every and x.modules and x.ep_size > 1:
+            raise ConfigError(f"analysis.every={self.analysis.every} with experts.ep_size={x.ep_size}: the Hessian "
+                              f"needs every expert in one process; set analysis.every=0 and run cats-analyze on "
+                              f"checkpoints")
         return self
 
 

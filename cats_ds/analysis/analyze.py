@@ -274,16 +274,12 @@ def spread_hessians(run: "Run", plan: Plan, splits: dict[str, LangSplit]) -> dic
 
 def check_settings(cfg: Config, languages: Sequence[str]) -> list[tuple[str, str]]:
     """Validate the analysis settings of a training run (cheap: call it at setup to fail
-    before training rather than at the first analysis). Returns the parsed pairs."""
-    a = cfg.analysis
-    minimum = {"every": 0, "sentences": 1, "hessian_iters": 1, "hessian_tol": 0}
-    for key, least in minimum.items():
-        if getattr(a, key) < least:
-            raise AnalysisError(f"analysis.{key} must be >= {least}, got {getattr(a, key)}")
-    if a.every and cfg.experts.modules and cfg.experts.ep_size > 1:
-        raise AnalysisError(f"analysis.every={a.every} with experts.ep_size={cfg.experts.ep_size}: the Hessian needs "
-                            f"every expert in one process; set analysis.every=0 and run cats-analyze on checkpoints")
-    return parse_pairs(a.pairs, languages)
+    before training rather than at the first analysis). Returns the parsed pairs.
+    The analysis.* minimums and analysis.every with experts.ep_size are config checks
+    (AnalysisConfig.check, Config.validate: ConfigError, at load_config); they run again
+    here for a Config built without it. analysis.pairs needs the languages: AnalysisError."""
+    cfg.validate()
+    return parse_pairs(cfg.analysis.pairs, languages)
 
 
 def analysis_step(run: "Run", per_language_gradients: Callable) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from cats_ds.config import Config, DataConfig
+from cats_ds.config import Config, ConfigError, DataConfig
 from cats_ds.data.indexed import shard_problem, token_dtype, write_shard
 from cats_ds.data.manifest import (BOS, EOS, MANIFEST, PAD, SPLITS, SPM_PREFIX, TEXT_SPLITS, UNK, Manifest,
                                    lang_tag, shard_prefix, text_paths)
@@ -194,20 +194,12 @@ def remove_previous(out: Path) -> None:
 
 
 def check_settings(data: DataConfig) -> None:
-    """Settings `prepare` cannot work with, named by their key."""
-    if data.vocab_temperature <= 0:
-        raise PrepareError(f"data.vocab_temperature must be > 0 (inf for uniform), got {data.vocab_temperature}")
-    if not (0 <= data.dev_fraction and 0 <= data.test_fraction and data.dev_fraction + data.test_fraction < 1):
-        raise PrepareError(f"data.dev_fraction={data.dev_fraction} and data.test_fraction={data.test_fraction} "
-                           f"must be >= 0 and sum to less than 1")
-    for key in ("vocab_size", "vocab_sentences", "max_chars", "max_tokens_per_side"):
-        if getattr(data, key) < 2:
-            raise PrepareError(f"data.{key} must be >= 2, got {getattr(data, key)}")
-    for lang, cap in data.max_train_pairs.items():
-        if cap < 1:
-            raise PrepareError(f"data.max_train_pairs.{lang} must be >= 1, got {cap}")
-        if data.languages and lang not in data.languages:
-            raise PrepareError(f"data.max_train_pairs.{lang}: '{lang}' is not in data.languages ({data.languages})")
+    """Settings `prepare` cannot work with, named by their key: DataConfig.check's (config.py;
+    load_config runs them too), as a PrepareError for a DataConfig built without load_config."""
+    try:
+        data.check()
+    except ConfigError as e:
+        raise PrepareError(str(e)) from None
 
 
 def check_min_pairs(train: dict[str, int], min_pairs: int, stage: str) -> None:
