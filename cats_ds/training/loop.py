@@ -68,7 +68,9 @@ def inverse_sqrt(cfg_train) -> callable:
 
 
 def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
-    """Read the DeepSpeed JSON and check it against the world size and the token budget."""
+    """Read the DeepSpeed JSON and check it against the world size, the token budget and the
+    config keys that depend on it (train.update_tokens, weighting.method with optimizer
+    offload, eval.valid_every with ZeRO-3): the config checks that need the JSON."""
     p = Path(path)
     if not p.is_file():
         raise TrainError(f"DeepSpeed config not found: {path}")
@@ -95,6 +97,10 @@ def load_ds_config(path: str, world_size: int, cfg: Config) -> dict:
     if want is not None and want != have:
         raise TrainError(f"train.update_tokens={want} but train.max_tokens={cfg.train.max_tokens} x "
                          f"gradient_accumulation_steps={gas} ({path}) x world_size={world_size} = {have}")
+    try:
+        check_supported(cfg, (ds.get("zero_optimization") or {}).get("stage", 0))  # dev translation with ZeRO-3
+    except EvalError as e:
+        raise TrainError(f"{path}: {e}") from None
     offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
     if cfg.weighting.method in GRAM_METHODS and offload.get("device", "none") not in (None, "none"):
         # DeepSpeed's offload path computes the clipping norms during each backward and, from
@@ -314,7 +320,6 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
                                               cfg.train.seed, allow_missing=True)
     if cfg.eval.valid_every:
         try:
-            check_supported(cfg, engine.zero_optimization_stage())
             run.dev_refs = load_dev_texts(cfg, manifest, dev_splits)
         except (EvalError, RawTextError) as e:
             raise TrainError(str(e)) from None

@@ -47,11 +47,12 @@ def load_dev_texts(cfg: Config, manifest: Manifest, dev: dict[str, LangSplit]) -
 
 def check_supported(cfg: Config, zero_stage: int) -> None:
     """Ranks decode different batches, so no forward may need the other ranks: refuse
-    ZeRO-3 (parameters gathered per module) and expert parallelism (all-to-all)."""
-    if zero_stage == 3 or (cfg.experts.modules and cfg.experts.ep_size > 1):
-        what = "ZeRO-3" if zero_stage == 3 else f"experts.ep_size={cfg.experts.ep_size}"
+    ZeRO-3 (parameters gathered per module). The stage is the DeepSpeed JSON's, so this
+    check is here (training.loop.load_ds_config calls it); expert parallelism
+    (experts.ep_size > 1, all-to-all) is a config check: Config.validate."""
+    if cfg.eval.valid_every and zero_stage == 3:
         raise EvalError(f"eval.valid_every={cfg.eval.valid_every}: dev translation during training is not "
-                        f"supported with {what} (every forward needs all ranks); set eval.valid_every=0 and "
+                        f"supported with ZeRO-3 (every forward needs all ranks); set eval.valid_every=0 and "
                         f"evaluate saved checkpoints with launch/evaluate.py --split dev")
 
 
