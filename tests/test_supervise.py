@@ -54,9 +54,11 @@ sys.exit(code)
 
 def supervise_fake(tmp_path: Path, ranks: list[str], rc: int = 0, signal_after_start=None):
     env = dict(os.environ, PYTHONPATH=str(REPO), FAKE_RC=str(rc))
+    # SIGINT at its default in the wrapper: a shell that starts pytest in the background
+    # (`pytest ... &`) leaves SIGINT ignored, and the wrapper keeps an ignored signal ignored
     proc = subprocess.Popen([sys.executable, SUPERVISE, sys.executable, "-c", FAKE_RUNNER, FAKE_RANK] + ranks,
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids = [int(p) for p in proc.stdout.readline().split()]
     if signal_after_start is not None:
         time.sleep(2.0)  # the fake ranks have recorded themselves
