@@ -163,7 +163,6 @@ def bench_peer(args) -> dict:
     import numpy as np
 
     from cats_ds.bench.peer import SOURCE_LANG, check_fairseq_python, export_fairseq, run_fairseq
-    from cats_ds.config import load_config
     from cats_ds.data.manifest import Manifest
 
     version = check_fairseq_python(args.fairseq_python)
@@ -657,9 +656,6 @@ def worker_train(args) -> None:
 
     run.engine._backward_epilogue = timed_epilogue
 
-    def upcoming(n: int):
-        return _upcoming_forwards(run, n)
-
     def run_bare(batches) -> float:
         dist.barrier()
         t0 = time.perf_counter()
@@ -675,7 +671,7 @@ def worker_train(args) -> None:
         wall = fn(*a)
         return wall, time.process_time() - c0
 
-    run_bare(upcoming(args.warmup))
+    run_bare(_upcoming_forwards(run, args.warmup))
     _timed(run, dist, args.warmup, plain_update)
     full_s = bare_s = 0.0
     cpu = torch.zeros(2, dtype=torch.float64)  # full, bare CPU seconds
@@ -683,7 +679,7 @@ def worker_train(args) -> None:
     counts = torch.zeros(6, dtype=torch.float64)  # forwards, src real, src padded, tgt real, tgt padded, FLOPs
     run.timers = {}
     for r in range(args.rounds):
-        batches = upcoming(args.steps)
+        batches = _upcoming_forwards(run, args.steps)
         tokens += sum(t for t, _ in batches)
         for _, forwards in batches:
             for b, live in forwards:

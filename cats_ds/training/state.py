@@ -11,7 +11,7 @@ A checkpoint's client state is
 
 Checkpoints written before TrainState kept the counters flat beside the sampler and the
 weighting ({"step", "best_valid", "best_score", "stale", "elapsed", "sampler", ...});
-`client_state` reads both. The RNG states are per rank, so they stay in
+`read_client_state` maps the older one to the current layout. The RNG states are per rank, so they stay in
 rng_rank<r>.pt beside the states files (`rng_state` / `set_rng_state`).
 """
 
