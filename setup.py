@@ -34,9 +34,9 @@ setup(
     entry_points={
         "console_scripts": [
             "cats-prepare=cats_ds.cli:prepare_main",
-            "cats-train=cats_ds.cli:train_main",
-            "cats-evaluate=cats_ds.cli:evaluate_main",
-            "cats-analyze=cats_ds.cli:analyze_main",
+            "cats-train=cats_ds.cli:train_script",
+            "cats-evaluate=cats_ds.cli:evaluate_script",
+            "cats-analyze=cats_ds.cli:analyze_script",
             "cats-export=cats_ds.cli:export_main",
             "cats-average=cats_ds.cli:average_main",
             "cats-curve=cats_ds.cli:curve_main",

@@ -359,3 +359,25 @@ def figure3_main(argv: Optional[list[str]] = None) -> None:
         _fail(str(e))
     print(table)
     print(f"written: {args.out}" + "".join(f", {f}" for f in (args.json, args.alpha_out) if f))
+
+
+def train_script() -> None:
+    """launch/train.py and cats-train: a launched rank ends with its own status, not an
+    abort in the interpreter's teardown (cats_ds/runtime/rank_exit.py)."""
+    from cats_ds.runtime.rank_exit import run_rank
+
+    run_rank(train_main)
+
+
+def evaluate_script() -> None:
+    """launch/evaluate.py and cats-evaluate, under run_rank as train_script."""
+    from cats_ds.runtime.rank_exit import run_rank
+
+    run_rank(evaluate_main)
+
+
+def analyze_script() -> None:
+    """launch/analyze.py and cats-analyze, under run_rank as train_script."""
+    from cats_ds.runtime.rank_exit import run_rank
+
+    run_rank(analyze_main)

@@ -15,7 +15,7 @@ Writes analysis.json, tensorboard/, lambda_max.png, hilo_cos.png, group_similari
 loss_curves.png (and report.md / report.json). Same as the `cats-analyze` command.
 """
 
-from cats_ds.cli import analyze_main
+from cats_ds.cli import analyze_script
 
 if __name__ == "__main__":
-    analyze_main()
+    analyze_script()

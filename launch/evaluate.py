@@ -14,7 +14,7 @@ hyp.en-xx.txt, ref.en-xx.txt and src.en-xx.txt. --samples N prints N sample tran
 Same as the `cats-evaluate` command.
 """
 
-from cats_ds.cli import evaluate_main
+from cats_ds.cli import evaluate_script
 
 if __name__ == "__main__":
-    evaluate_main()
+    evaluate_script()

@@ -14,7 +14,7 @@ continues from <train.save_dir>/latest. Every key, its default and its doc (no l
 The resolved config is printed at start and written to <train.save_dir>/config.yaml.
 """
 
-from cats_ds.cli import train_main
+from cats_ds.cli import train_script
 
 if __name__ == "__main__":
-    train_main()
+    train_script()

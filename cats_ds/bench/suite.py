@@ -944,13 +944,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # the deepspeed launcher adds --local_rank before the subcommand; ranks read LOCAL_RANK
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
-    if args.cmd.startswith("worker-"):
-        try:
-            {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta,
-             "worker-peer": worker_peer}[args.cmd](args)
-        finally:
-            _close_process_group()
-        return
+    if args.cmd.startswith("worker-"):  # a launched rank: ends with its own status (runtime/rank_exit.py)
+        from cats_ds.runtime.rank_exit import run_rank
+
+        work = {"worker-train": worker_train, "worker-cats": worker_cats, "worker-meta": worker_meta,
+                "worker-peer": worker_peer}[args.cmd]
+
+        def worker() -> None:
+            try:
+                work(args)
+            finally:
+                _close_process_group()
+
+        run_rank(worker)
     if args.cmd == "experts":
         from cats_ds.bench.experts import bench_experts
 

@@ -1049,6 +1049,7 @@ def train(cfg: Config, ds_config_path: str) -> Run:
     """The whole run; run.requeue tells the caller it stopped on SIGTERM/SIGUSR1 (exit
     with preempt.REQUEUE_EXIT)."""
     preempt.install()  # before setup: a signal during start-up is honoured after the first update
+    run = None
     try:
         try:
             run = setup(cfg, ds_config_path)
@@ -1059,12 +1060,21 @@ def train(cfg: Config, ds_config_path: str) -> Run:
             run.t_start = run.t_log = time.time()
             fit(run)
         finally:  # done, stopped by a signal, or an error every rank raised outside a collective
+            close_tensorboard(run)
             shutdown_distributed()
         if run.rank == 0 and not run.requeue:
             write_best_model(cfg.train.save_dir)  # still under the save_dir lock
     finally:
         release()  # <save_dir>/train.lock (rank 0)
     return run
+
+
+def close_tensorboard(run: Optional[Run]) -> None:
+    """Rank 0: write out and close the TensorBoard event file DeepSpeed's monitor holds open
+    (launched ranks leave without the interpreter's teardown: cats_ds/runtime/rank_exit.py)."""
+    writer = getattr(getattr(getattr(run, "monitor", None), "tb_monitor", None), "summary_writer", None)
+    if writer is not None:
+        writer.close()
 
 
 def shutdown_distributed() -> None:
