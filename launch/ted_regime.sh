@@ -17,9 +17,13 @@
 #
 # Env: SEEDS (3), SEEDS2 (2), UPDATES (1000), NPROC (2), EVAL_LIMIT (300), OUT (runs/ted),
 # ONLY (arm names to run, e.g. "t5 tinf"; the others are only listed for compare), DS_CONFIG,
-# DRY_RUN (0). Resumable like launch/gettext8_experiments.sh: a finished run is
+# DRY_RUN (0), KEEP (none). Resumable like launch/gettext8_experiments.sh: a finished run is
 # skipped, an unfinished one continues, a run is re-evaluated only when its best checkpoint
 # is newer than its evaluation.
+# KEEP=DIR keeps what the comparison and Figure 3 read of each evaluated run, small enough to
+# commit: DIR/<arm>-s<seed>/{config.yaml, train_log.jsonl, eval/} (no checkpoints). A run whose
+# folder is gone but whose kept copy has the same train.max_updates counts as done, and
+# compare reads the kept evaluation: seeds run on different machines or sessions add up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
@@ -31,6 +35,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-300}
 OUT=${OUT:-runs/ted}
 DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_zero2.json}
 DRY_RUN=${DRY_RUN:-0}
+KEEP=${KEEP:-}
 RECIPE=launch/recipes/gettext8_ted.yaml
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 case "$WHAT" in primary|secondary|all|compare) ;;
@@ -49,11 +54,30 @@ finished() {  # save_dir: its latest checkpoint has reached UPDATES
 sys.exit(json.load(open('$1/latest/cats_ds.json'))['step'] < $UPDATES)"
 }
 
+kept() {  # name: KEEP/name holds a run of this budget (its folder may be gone)
+  [ -n "$KEEP" ] && [ -f "$KEEP/$1/eval/bleu.json" ] && grep -qx "  max_updates: $UPDATES" "$KEEP/$1/config.yaml"
+}
+
+keep() {  # run folder, name: copy its config, log and evaluation to KEEP/name (when newer)
+  local dir=$1 to="$KEEP/$2"
+  [ -n "$KEEP" ] && [ -f "$dir/eval/best-test/bleu.json" ] || return 0
+  [ -f "$to/eval/bleu.json" ] && ! [ "$dir/eval/best-test/bleu.json" -nt "$to/eval/bleu.json" ] && return 0
+  do_cmd mkdir -p "$to"
+  do_cmd cp "$dir/config.yaml" "$dir/train_log.jsonl" "$to/"
+  do_cmd rm -rf "$to/eval"
+  do_cmd cp -r "$dir/eval/best-test" "$to/eval"
+}
+
 run() {  # arm, seeds, overrides...: train and evaluate each seed; DIRS = the evaluation folders
   local arm=$1 seeds=$2; shift 2
   DIRS=""
   for seed in $(seq 1 "$seeds"); do
     local dir="$OUT/$arm-s$seed"
+    if [ ! -d "$dir" ] && kept "$arm-s$seed"; then
+      echo "| $arm seed $seed: kept in $KEEP/$arm-s$seed (run folder not here)"
+      DIRS="${DIRS:+$DIRS,}$KEEP/$arm-s$seed/eval"
+      continue
+    fi
     if [ "$WHAT" != compare ] && { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $arm "* ]]; }; then
       if finished "$dir"; then
         echo "| $arm seed $seed: finished ($dir)"
@@ -68,6 +92,7 @@ run() {  # arm, seeds, overrides...: train and evaluate each seed; DIRS = the ev
           --limit "$EVAL_LIMIT"
       fi
     fi
+    keep "$dir" "$arm-s$seed"
     DIRS="${DIRS:+$DIRS,}$dir/eval/best-test"
   done
 }

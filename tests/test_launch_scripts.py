@@ -158,3 +158,37 @@ def test_quickstart_refuses_bad_limits(tmp_path, env, message):
     done = quickstart_dry_run(tmp_path, **env)
     assert done.returncode == 2 and message in done.stderr
     assert "== 1/5" not in done.stdout
+
+
+def ted_dry_run(tmp_path: Path, what: str, **env) -> list[str]:
+    full = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "runs"), **env)
+    done = subprocess.run(["bash", "launch/ted_regime.sh", what], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def fake_evaluated_run(folder: Path, updates: int, eval_sub: str = "eval/best-test") -> None:
+    (folder / eval_sub).mkdir(parents=True)
+    (folder / eval_sub / "bleu.json").write_text("{}")
+    (folder / "config.yaml").write_text(f"train:\n  max_updates: {updates}\n")
+    (folder / "train_log.jsonl").write_text("")
+
+
+def test_ted_regime_keeps_evaluated_runs_and_counts_kept_seeds(tmp_path):
+    """KEEP: an evaluated run's config, log and evaluation are copied; a seed whose run folder is
+    gone but whose kept copy has the same budget is not retrained and compare reads the copy;
+    a kept copy of another budget does not count."""
+    keep = tmp_path / "kept"
+    fake_evaluated_run(tmp_path / "runs" / "t5-s1", 2500)  # evaluated here: kept
+    fake_evaluated_run(keep / "t5-s2", 2500, "eval")  # from another session: counts
+    fake_evaluated_run(keep / "cats-s1", 1500, "eval")  # another budget: retrained
+    lines = ted_dry_run(tmp_path, "all", SEEDS="2", SEEDS2="1", UPDATES="2500", KEEP=str(keep), ONLY="t5 cats")
+    trains = [l for l in lines if l.startswith("+ deepspeed")]
+    assert not any("t5-s2" in l for l in trains)
+    assert any("t5-s1" in l for l in trains)  # no latest/ checkpoint in the fake folder: resumed
+    assert any("cats-s1 " in l for l in trains)
+    assert f"+ cp -r {tmp_path}/runs/t5-s1/eval/best-test {keep}/t5-s1/eval" in lines
+    assert f"| t5 seed 2: kept in {keep}/t5-s2 (run folder not here)" in lines
+    compare = next(l for l in lines if l.startswith("+ python launch/compare.py"))
+    assert f"T5={tmp_path}/runs/t5-s1/eval/best-test,{keep}/t5-s2/eval " in compare
