@@ -139,10 +139,11 @@ def test_old_loss_term_booleans_still_load(tmp_path, capsys):
     assert load_config(None, ["cats.loss_term=false"]).cats.loss_term == "off"
     assert load_config(None, ["cats.loss_term=off"]).cats.loss_term == "off"
     assert load_config(None, ["cats.loss_term=ascent"]).cats.loss_term == "ascent"
-    saved = load_config(None, ["cats.loss_term=descent"]).to_dict()
+    saved = load_config(None, ["weighting.method=cats", "cats.loss_term=descent"]).to_dict()
     saved["cats"]["loss_term"] = True  # as an older checkpoint's cats_ds.json holds it
-    assert changed_settings(saved, load_config(None, ["cats.loss_term=descent"]).to_dict()) == []
-    assert changed_settings(saved, load_config(None, []).to_dict()) == ["cats.loss_term: 'descent' -> 'off'"]
+    assert changed_settings(saved, load_config(None, ["weighting.method=cats", "cats.loss_term=descent"]).to_dict()) == []
+    assert changed_settings(saved, load_config(None, ["weighting.method=cats"]).to_dict()) == [
+        "cats.loss_term: 'descent' -> 'off'"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -374,11 +374,40 @@ def test_changed_settings_allowed_keys():
                              "eval": {"beam": 2}, "analysis": {"every": 3}, "data": {"dir": "y"}}).to_dict()
     assert changed_settings(saved, free) == []
     bound = config_from_dict({"sampling": {"temperature": 1.0}, "train": {"seed": 3},
-                              "meta": {"every": [[None, 5]]}}).to_dict()
-    assert changed_settings(saved, bound) == ["meta.every: [[None, 10]] -> [[None, 5]]",
-                                              "sampling.temperature: 5.0 -> 1.0", "train.seed: 1 -> 3"]
+                              "model": {"encoder_layers": 2}}).to_dict()
+    assert changed_settings(saved, bound) == ["model.encoder_layers: 6 -> 2", "sampling.temperature: 5.0 -> 1.0",
+                                              "train.seed: 1 -> 3"]
     del saved["train"]["seed"]  # a key an older checkpoint does not know is not compared
     assert changed_settings(saved, bound)[-1] == "sampling.temperature: 5.0 -> 1.0"
+
+
+def test_resume_ignores_settings_the_method_never_reads():
+    """A temperature run may change the Gram methods' settings (defaults that moved since it
+    was trained included); a Gram method may change the other methods' sections; a changed
+    method, or a setting the method reads, is still refused."""
+    from cats_ds.config import config_from_dict
+    from cats_ds.training.checkpoint import changed_settings
+
+    def cfg(**sections):
+        return config_from_dict(sections).to_dict()
+
+    saved = cfg()  # temperature
+    unused = cfg(cats={"kappa": 0.9, "loss_term": "descent"}, gradnorm={"lr": 0.5}, grads={"gram": "plain"},
+                 meta={"every": [[None, 5]], "weight_by": "language"})
+    assert changed_settings(saved, unused) == []
+    # under sampling.draws_at_meta_steps the meta steps shape a temperature run's batches
+    draws = {"draws_at_meta_steps": True}
+    assert changed_settings(cfg(sampling=draws), cfg(sampling=draws, meta={"every": [[None, 5]]})) == [
+        "meta.every: [[None, 10]] -> [[None, 5]]"]
+    assert "weighting.method: 'temperature' -> 'cats'" in changed_settings(saved, cfg(weighting={"method": "cats"}))
+    cats = {"weighting": {"method": "cats"}}
+    assert changed_settings(cfg(**cats), cfg(**cats, gradnorm={"lr": 0.5}, mgda={"iters": 5})) == []
+    assert changed_settings(cfg(**cats), cfg(**cats, cats={"kappa": 0.9}, grads={"gram": "split"})) == [
+        "cats.kappa: 0.5 -> 0.9", "grads.gram: None -> 'split'"]
+    gradvac = {"weighting": {"method": "gradvac"}}
+    assert changed_settings(cfg(**gradvac), cfg(**gradvac, cats={"kappa": 0.9, "params": "all"},
+                                                 gradvac={"beta": 0.5})) == [
+        "cats.params: 'shared' -> 'all'", "gradvac.beta: 0.01 -> 0.5"]
 
 
 @pytest.mark.parametrize("victim", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt"])

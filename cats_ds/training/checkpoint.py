@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cats_ds.checkpoints import (CHECKPOINT_META, STEP_PREFIX, CheckpointError, load_states, numbered_checkpoints,
                                  optimizer_state_classes, read_meta)
-from cats_ds.config import Config, micro_step_tokens, upgrade_legacy
+from cats_ds.config import METHODS, Config, micro_step_tokens, upgrade_legacy
 from cats_ds.runtime.output import print0
 from cats_ds.training.state import client_state, read_client_state, rng_state, set_rng_state
 from cats_ds.training.validation import mean_score
@@ -260,7 +260,8 @@ RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.sa
                      "train.max_nonfinite", "train.save_every", "train.keep_last", "train.patience")
 """Config keys (or section prefixes) a resumed run may change. data.* is checked through
 the manifest fingerprint and the language list, experts.ep_size by its own message,
-train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`).
+train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`);
+the settings the run's weighting method never reads may change too (`unused_by_method`).
 Any other change (model shape, weighting, sampling, max_tokens, optimizer, seed, ...) is
 refused before DeepSpeed loads anything."""
 
@@ -344,16 +345,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def unused_by_method(config: dict) -> tuple[str, ...]:
+    """Keys and sections (ending in '.') that the run's weighting.method never reads, so a
+    resumed run may change them (a changed weighting.method itself is refused): a temperature
+    run reads no method section, no grads.* and of meta.* only meta.every, when
+    sampling.draws_at_meta_steps is on; a Gram method reads its own section, and of cats.*
+    (the Gram's settings every Gram method shares) cats.params and cats.meta_temperature."""
+    method = config.get("weighting", {}).get("method")
+    if method not in METHODS:
+        return ()
+    sections = tuple(name for name in METHODS if isinstance(config.get(name), dict))
+    if not METHODS[method].gram:
+        draws = config.get("sampling", {}).get("draws_at_meta_steps")
+        meta = ("meta.weight_by", "meta.data") + (() if draws else ("meta.every",))
+        return tuple(f"{name}." for name in sections) + ("grads.",) + meta
+    unused = tuple(f"{name}." for name in sections if name not in (method, "cats"))
+    if method != "cats":
+        unused += tuple(f"cats.{key}" for key in config.get("cats", {}) if key not in ("params", "meta_temperature"))
+    return unused
+
+
 def changed_settings(saved: dict, current: dict, also: tuple = ()) -> list[str]:
     """Keys (outside RESUME_MAY_CHANGE and `also`) whose value differs between the config a
     checkpoint was trained with and this run's, as "key: old -> new". Keys only one side
     knows (a checkpoint from an older version) are not compared; old spellings of a value
     (config.LEGACY_VALUES, e.g. cats.loss_term: true) compare as their new one."""
     old, new = _flatten(upgrade_legacy(saved)), _flatten(current)
+    free = RESUME_MAY_CHANGE + tuple(also) + unused_by_method(current)
     diffs = []
     for key in sorted(old.keys() & new.keys()):
-        if key in RESUME_MAY_CHANGE or key in also or any(key.startswith(k) for k in RESUME_MAY_CHANGE
-                                                          if k.endswith(".")):
+        if key in free or any(key.startswith(k) for k in free if k.endswith(".")):
             continue
         if json.dumps(old[key]) != json.dumps(new[key]):
             diffs.append(f"{key}: {old[key]!r} -> {new[key]!r}")
