@@ -252,8 +252,17 @@ class MetaConfig(Section):
     in-batch language's mean loss weighted by w_n alone). (Was cats.weight_by.)"""
     data: Literal["train", "dev"] = "train"
     """Where meta batches come from (the paper: train). (Was cats.meta_data.)"""
+    temperature: Optional[float] = None
+    """Draw the meta steps' batches at this language temperature (inf = uniform) instead
+    of sampling.temperature; the meta step also trains on that batch. null: the run's T.
+    (Was cats.meta_temperature.)"""
+    params: Literal["shared", "all"] = "shared"
+    """The Gram over shared parameters only (family experts excluded) or all parameters.
+    (Was cats.params.)"""
 
     def check(self) -> None:
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"meta.temperature must be > 0 (inf for uniform) or null, got {self.temperature!r}")
         if not self.every:
             raise ConfigError("meta.every must list at least one [until_step, M] entry")
         for i, entry in enumerate(self.every):
@@ -293,11 +302,6 @@ class CatsConfig(Section):
     alpha_min: float = 0.1
     """Floor on every alpha (the paper's eps in the lambda_n term): exact for mirror, by
     multipliers for lagrangian; in [0, 1)."""
-    meta_temperature: Optional[float] = None
-    """Draw the meta steps' batches at this language temperature (inf = uniform) instead
-    of sampling.temperature; the meta step also trains on that batch. null: the run's T."""
-    params: Literal["shared", "all"] = "shared"
-    """Gram over shared parameters only (experts excluded) or all parameters."""
 
     def check(self) -> None:
         c = self
@@ -307,9 +311,7 @@ class CatsConfig(Section):
             ("cats.alpha_min", c.alpha_min, 0 <= c.alpha_min < 1, "in [0, 1) (sum alpha = N)"),
             ("cats.lr_alpha", c.lr_alpha, math.isfinite(c.lr_alpha) and c.lr_alpha >= 0, "finite and >= 0"),
             ("cats.lr_lambda", c.lr_lambda, math.isfinite(c.lr_lambda) and c.lr_lambda >= 0, "finite and >= 0"),
-            ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0"),
-            ("cats.meta_temperature", c.meta_temperature, c.meta_temperature is None or c.meta_temperature > 0,
-             "> 0 (inf for uniform) or null")))
+            ("cats.budget", c.budget, math.isfinite(c.budget) and c.budget >= 0, "finite and >= 0")))
 
 
 @dataclass
@@ -671,6 +673,8 @@ MOVED = {
     "cats.meta_every": "meta.every",
     "cats.weight_by": "meta.weight_by",
     "cats.meta_data": "meta.data",
+    "cats.meta_temperature": "meta.temperature",
+    "cats.params": "meta.params",
 }
 """Keys that moved -> their new name. The old name still loads (recipes, overrides, the
 config saved in a checkpoint), with a note printed once per process; setting both the old

@@ -56,8 +56,8 @@ def test_cats_eps_names_its_replacements(tmp_path):
 
 
 def test_moved_meta_keys_still_load(tmp_path, capsys):
-    """cats.meta_every, cats.weight_by, cats.meta_data are meta.every, meta.weight_by,
-    meta.data (config.MOVED): the old names load from a recipe or an override with a note,
+    """cats.meta_every, cats.weight_by, cats.meta_data, cats.meta_temperature, cats.params are
+    meta.every, meta.weight_by, meta.data, meta.temperature, meta.params (config.MOVED): the old names load from a recipe or an override with a note,
     a checkpoint's saved config compares equal to today's, and contradicting the new name
     is an error."""
     from cats_ds.config import MOVED, config_from_dict, upgrade_legacy
@@ -65,9 +65,10 @@ def test_moved_meta_keys_still_load(tmp_path, capsys):
 
     recipe = tmp_path / "old.yaml"
     recipe.write_text("weighting: {method: gradnorm}\ncats: {meta_every: [[null, 3]], weight_by: language, "
-                      "meta_data: dev, kappa: 0.9}\n")
+                      "meta_data: dev, kappa: 0.9, meta_temperature: 2.0, params: all}\n")
     cfg = load_config(str(recipe))
     assert (cfg.meta.every, cfg.meta.weight_by, cfg.meta.data, cfg.cats.kappa) == ([[None, 3]], "language", "dev", 0.9)
+    assert (cfg.meta.temperature, cfg.meta.params) == (2.0, "all")
     assert load_config(None, ["cats.meta_every=[[null, 4]]"]).meta.every == [[None, 4]]
     err = capsys.readouterr().err
     if "cats.meta_every" in MOVED and "cats.meta_every is now meta.every" not in err:
@@ -75,7 +76,8 @@ def test_moved_meta_keys_still_load(tmp_path, capsys):
         from cats_ds.config import _legacy_noted
         assert "cats.meta_every" in _legacy_noted
     saved = cfg.to_dict()
-    old = {**saved, "cats": {**saved["cats"], "meta_every": [[None, 3]], "weight_by": "language", "meta_data": "dev"}}
+    old = {**saved, "cats": {**saved["cats"], "meta_every": [[None, 3]], "weight_by": "language", "meta_data": "dev",
+                             "meta_temperature": 2.0, "params": "all"}}
     del old["meta"]  # the layout a checkpoint written before the meta section saved
     assert upgrade_legacy(old) == saved and changed_settings(old, saved) == []
     assert config_from_dict(old).meta == cfg.meta
@@ -92,7 +94,7 @@ def test_cats_values_are_checked():
                               ("cats.alpha_min=1", r"cats.alpha_min must be in \[0, 1\)"),
                               ("cats.loss_ema=1", r"cats.loss_ema must be in \[0, 1\)"),
                               ("cats.lr_alpha=-0.1", "cats.lr_alpha must be finite and >= 0"),
-                              ("cats.meta_temperature=0", "cats.meta_temperature must be > 0"),
+                              ("meta.temperature=0", "meta.temperature must be > 0"),
                               ("cats.update=sgd", r"cats.update: 'sgd' is not one of 'mirror', 'lagrangian'"),
                               ("meta.weight_by=sentences", "meta.weight_by")]:
         with pytest.raises(ConfigError, match=message):

@@ -229,7 +229,7 @@ def test_expert_parameters_are_deepspeed_moe_params(families):
     moe = [g for g in groups if g.get("moe")]
     assert len(moe) == 1 and moe[0]["name"] == "ep_size_1"
     assert {id(p) for p in moe[0]["params"]} == {id(p) for n, p in model.named_parameters() if n in marked}
-    assert config_from_dict({}).cats.params == "shared"  # the Gram leaves these out by default
+    assert config_from_dict({}).meta.params == "shared"  # the Gram leaves these out by default
     assert len(param_groups(build(tiny_cfg()))) == 1
 
 

@@ -405,9 +405,9 @@ def test_resume_ignores_settings_the_method_never_reads():
     assert changed_settings(cfg(**cats), cfg(**cats, cats={"kappa": 0.9}, grads={"gram": "split"})) == [
         "cats.kappa: 0.5 -> 0.9", "grads.gram: None -> 'split'"]
     gradvac = {"weighting": {"method": "gradvac"}}
-    assert changed_settings(cfg(**gradvac), cfg(**gradvac, cats={"kappa": 0.9, "params": "all"},
+    assert changed_settings(cfg(**gradvac), cfg(**gradvac, cats={"kappa": 0.9}, meta={"params": "all"},
                                                  gradvac={"beta": 0.5})) == [
-        "cats.params: 'shared' -> 'all'", "gradvac.beta: 0.01 -> 0.5"]
+        "gradvac.beta: 0.01 -> 0.5", "meta.params: 'shared' -> 'all'"]
 
 
 @pytest.mark.parametrize("victim", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt"])

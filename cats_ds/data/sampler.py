@@ -168,7 +168,7 @@ class LanguageSampler:
 
     def next_plan(self, probs: Optional[np.ndarray] = None) -> Plan:
         """The next micro-batch; `probs` overrides the language probabilities of this one
-        draw (meta batches at cats.meta_temperature)."""
+        draw (meta batches at meta.temperature)."""
         rng = np.random.default_rng([self.seed, 2, self.micro_step])
         self.micro_step += 1
         slots = draw_languages(rng, self.probs if probs is None else probs, self.k, self.distinct)

@@ -349,20 +349,16 @@ def unused_by_method(config: dict) -> tuple[str, ...]:
     """Keys and sections (ending in '.') that the run's weighting.method never reads, so a
     resumed run may change them (a changed weighting.method itself is refused): a temperature
     run reads no method section, no grads.* and of meta.* only meta.every, when
-    sampling.draws_at_meta_steps is on; a Gram method reads its own section, and of cats.*
-    (the Gram's settings every Gram method shares) cats.params and cats.meta_temperature."""
+    sampling.draws_at_meta_steps is on; a Gram method reads meta.*, grads.* and its own section."""
     method = config.get("weighting", {}).get("method")
     if method not in METHODS:
         return ()
     sections = tuple(name for name in METHODS if isinstance(config.get(name), dict))
     if not METHODS[method].gram:
         draws = config.get("sampling", {}).get("draws_at_meta_steps")
-        meta = ("meta.weight_by", "meta.data") + (() if draws else ("meta.every",))
+        meta = tuple(f"meta.{key}" for key in config.get("meta", {}) if draws is not True or key != "every")
         return tuple(f"{name}." for name in sections) + ("grads.",) + meta
-    unused = tuple(f"{name}." for name in sections if name not in (method, "cats"))
-    if method != "cats":
-        unused += tuple(f"cats.{key}" for key in config.get("cats", {}) if key not in ("params", "meta_temperature"))
-    return unused
+    return tuple(f"{name}." for name in sections if name != method)
 
 
 def changed_settings(saved: dict, current: dict, also: tuple = ()) -> list[str]:

@@ -313,7 +313,7 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
               tag_ids=[vocab.lang_ids[l] for l in languages], monitor=monitor(monitor_blocks))
     run.filler = collate(Plan([0], [np.array([0])]), train_splits, languages, run.tag_ids).to(run.device)
     if cfg.weighting.method in GRAM_METHODS:
-        shared_only = cfg.cats.params == "shared"
+        shared_only = cfg.meta.params == "shared"
         run.grads = PartitionGrads(engine, include=lambda name, p: not (shared_only and is_expert_param(p)))
         if cfg.meta.data == "dev":
             run.dev_sampler = LanguageSampler(dev_splits, languages, 1.0, 1, cfg.train.max_tokens, world,
@@ -493,10 +493,10 @@ def forward_plan(run: Run, plan: Plan, splits: dict):
 
 def next_plans(run: Run, meta: bool = False) -> list[Plan]:
     """The gas micro-batch plans of one update; a meta step's are drawn at
-    cats.meta_temperature when that is set."""
+    meta.temperature when that is set."""
     probs = None
-    if meta and run.cfg.cats.meta_temperature is not None:
-        probs = temperature_probs(run.sampler.sizes, run.cfg.cats.meta_temperature)
+    if meta and run.cfg.meta.temperature is not None:
+        probs = temperature_probs(run.sampler.sizes, run.cfg.meta.temperature)
     plans = [run.sampler.next_plan(probs) for _ in range(run.gas)]
     for plan in plans:
         count_slots(run, plan)
