@@ -37,3 +37,13 @@ def test_fused_loss_refuses_a_double_backward():
     (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_fused_loss_refuses_a_second_backward_through_the_same_graph():
+    """The backward reuses the saved log-probabilities as its gradient buffer: a second
+    backward (retain_graph) must fail loudly, not run on a consumed buffer."""
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    loss = per_language_sums(x, torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 0]), 1, 0.1, fused=True)[0]
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
