@@ -445,6 +445,11 @@ class TrainConfig(Section):
     """Seed for initialization, sampling and dropout."""
     tensorboard: bool = True
     """Write TensorBoard events through DeepSpeed's monitor (unless the JSON sets it)."""
+    host_malloc: Literal["reuse", "system"] = "reuse"
+    """CPU ranks only: reuse keeps glibc malloc from mmapping (and page-faulting anew) the
+    step's large buffers, so freed memory is reused (cats_ds/runtime/host_malloc.py; the
+    environment's own MALLOC_* / GLIBC_TUNABLES settings win); system leaves malloc as it is.
+    Numbers are unchanged either way, only the speed."""
     save_every: int = 0
     """Also save a numbered checkpoint <save_dir>/step_<n>/ every N updates (0: off); the
     inputs of `launch/average.py --last K`."""

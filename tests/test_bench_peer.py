@@ -148,3 +148,23 @@ def test_run_fairseq_launches_the_ranks(tmp_path, tiny_data):
         assert opt["--lang-pairs"] == "en-aa,en-bb" and opt["--sampling-temperature"] == "5.0"
         assert opt["--encoder-embed-dim"] == "32" and opt["--decoder-layers"] == "2"
         assert "--cpu" in args and "--decoder-langtok" in args and "--share-all-embeddings" in args
+
+
+@pytest.mark.launcher  # starts a stand-in for the fairseq python (a shell script)
+@pytest.mark.parametrize("malloc", ["system", "reuse"])
+def test_run_fairseq_allocator_setting(tmp_path, tiny_data, monkeypatch, malloc):
+    """--fairseq-malloc reuse gives fairseq our trainer's allocator setting through
+    GLIBC_TUNABLES; system leaves the environment as it is."""
+    from cats_ds.bench.peer import run_fairseq
+    from cats_ds.config import config_from_dict
+    from cats_ds.runtime.host_malloc import GLIBC_TUNABLES_REUSE
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    (tmp_path / "sample.log").write_text(SAMPLE_LOG + "\n")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"tunables=$GLIBC_TUNABLES\" > \"{tmp_path}/env\"\ncat \"{tmp_path}/sample.log\"\n")
+    fake.chmod(0o755)
+    cfg = config_from_dict({"data": {"dir": str(tiny_data)}})
+    run_fairseq(str(fake), cfg, tmp_path / "fs", ["aa", "bb"], 1, 3000, 10, 30, malloc=malloc)
+    expected = GLIBC_TUNABLES_REUSE if malloc == "reuse" else ""
+    assert (tmp_path / "env").read_text().strip() == f"tunables={expected}"

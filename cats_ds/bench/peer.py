@@ -40,6 +40,10 @@ The peer setup:
     target tokens (the criterion's ntokens, summed over processes) per second of wall time
     since the previous log line; the timed rate is the timed tokens over the sum of the
     intervals' seconds. Ours: `train_step` between barriers over the same number of updates.
+  * allocator: ours sets glibc malloc to reuse freed buffers (train.host_malloc=reuse,
+    cats_ds/runtime/host_malloc.py). `--fairseq-malloc both` (the default) runs fairseq
+    twice per round, as the environment has it and with the same setting given through
+    GLIBC_TUNABLES, so the table shows what the setting is worth and what is left without it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from typing import Optional
 import numpy as np
 
 from cats_ds.data.manifest import Manifest, lang_tag, load_split
+from cats_ds.runtime.host_malloc import GLIBC_TUNABLES_REUSE
 from cats_ds.runtime.ports import free_port
 
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -241,12 +246,14 @@ def fairseq_train_args(cfg, data: Path, languages: list[str], max_tokens: int, u
     return [str(a) for a in [data] + model + task + optim + run]
 
 
-def launch_fairseq(python: str, args: list[str], nproc: int, workdir: Path) -> str:
+def launch_fairseq(python: str, args: list[str], nproc: int, workdir: Path, extra_env: Optional[dict] = None) -> str:
     """fairseq_cli.train on nproc CPU processes (gloo, tcp rendezvous, one process each:
-    fairseq's own launch paths assume CUDA devices); returns rank 0's log."""
+    fairseq's own launch paths assume CUDA devices), with `extra_env` added to the
+    environment; returns rank 0's log."""
     if os.sep in python:  # the processes run in workdir
         python = str(Path(python).absolute())
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), CUDA_VISIBLE_DEVICES="",
+               **(extra_env or {}))
     env.pop("PYTHONPATH", None)  # the fairseq venv sees neither cats_ds nor its site-packages
     dist: list[list[str]] = [[] for _ in range(nproc)]
     if nproc > 1:
@@ -303,13 +310,18 @@ def parse_fairseq_log(text: str, warmup: int, timed: int) -> dict:
             "params": int(params.group(1).replace(",", "")) if params else None}
 
 
+FAIRSEQ_MALLOC = {"system": None, "reuse": {"GLIBC_TUNABLES": GLIBC_TUNABLES_REUSE}}
+"""fairseq's allocator in the peer bench: as the environment has it, or given the setting
+our trainer applies to itself (train.host_malloc=reuse), as an environment variable."""
+
+
 def run_fairseq(python: str, cfg, data: Path, languages: list[str], nproc: int, max_tokens: int, warmup: int,
-                timed: int) -> dict:
+                timed: int, malloc: str = "system") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = fairseq_train_args(cfg, data, languages, max_tokens, warmup + timed, math.gcd(warmup, timed),
                                   Path(tmp) / "ckpt")
         t0 = time.perf_counter()
-        text = launch_fairseq(python, args, nproc, Path(tmp))
+        text = launch_fairseq(python, args, nproc, Path(tmp), FAIRSEQ_MALLOC[malloc])
         result = parse_fairseq_log(text, warmup, timed)
         result["launch_s"] = time.perf_counter() - t0
         return result

@@ -177,48 +177,53 @@ def bench_peer(args) -> dict:
           f"({sum(stamp['sentences']['train'].values())} training pairs, {len(languages)} languages)")
     common = ["--config", args.recipe, "--deepspeed_config", args.ds_config, "--steps", str(args.timed),
               "--warmup", str(args.warmup)] + overrides
-    per: dict[int, dict] = {n: {"ours": [], "fairseq": []} for n in args.processes}
+    mallocs = ["system", "reuse"] if args.fairseq_malloc == "both" else [args.fairseq_malloc]
+    sides = ["ours"] + [f"fairseq/{m}" for m in mallocs]
+    per: dict[int, dict] = {n: {side: [] for side in sides} for n in args.processes}
     start = time.perf_counter()
     for r in range(args.rounds):
         for n in args.processes:
-            order = ("ours", "fairseq") if (r + n) % 2 == 0 else ("fairseq", "ours")
-            for side in order:
+            shift = (r + n) % len(sides)  # which side goes first rotates from round to round
+            for side in sides[shift:] + sides[:shift]:
                 if side == "ours":
                     t0 = time.perf_counter()
                     res = _launch_worker("peer", n, common)
                     res["launch_s"] = time.perf_counter() - t0
                 else:
                     res = run_fairseq(args.fairseq_python, cfg, data, languages, n, args.max_tokens, args.warmup,
-                                      args.timed)
+                                      args.timed, malloc=side.split("/")[1])
                 per[n][side].append(res)
                 print(f"round {r + 1}/{args.rounds}, {n} process(es), {side}: {res['tokens_per_s']:.0f} target tokens/s "
                       f"({res['tokens_per_update']:.0f} per update)", flush=True)
     out = {"fairseq_version": version, "recipe": args.recipe, "max_tokens": args.max_tokens, "warmup": args.warmup,
-           "timed": args.timed, "rounds": args.rounds, "target": 1.2}
+           "timed": args.timed, "rounds": args.rounds, "target": 1.2, "fairseq_malloc": mallocs}
+
+    def rate(runs: list[dict]) -> float:  # tokens over seconds, the rounds pooled
+        return sum(x["tokens"] for x in runs) / sum(x["seconds"] for x in runs)
+
     rows = []
     for n in args.processes:
-        ours = [x["tokens_per_s"] for x in per[n]["ours"]]
-        theirs = [x["tokens_per_s"] for x in per[n]["fairseq"]]
-        ratios = [a / b for a, b in zip(ours, theirs)]
-        # the rate over all rounds: tokens over seconds, each side's rounds pooled
-        ours_rate = sum(x["tokens"] for x in per[n]["ours"]) / sum(x["seconds"] for x in per[n]["ours"])
-        fs_rate = sum(x["tokens"] for x in per[n]["fairseq"]) / sum(x["seconds"] for x in per[n]["fairseq"])
-        out[f"processes_{n}"] = {
-            "processes": n, "ours_tokens_per_s": ours_rate, "fairseq_tokens_per_s": fs_rate,
-            "ratio": ours_rate / fs_rate, "round_ratios": ratios,
-            "ours_params": per[n]["ours"][0]["params"], "fairseq_params": per[n]["fairseq"][0]["params"],
-            "ours_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in per[n]["ours"]])),
-            "fairseq_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in per[n]["fairseq"]])),
-            "ours_rounds": per[n]["ours"], "fairseq_rounds": per[n]["fairseq"]}
-        o = out[f"processes_{n}"]
-        rows.append([n, ours_rate, fs_rate, o["ratio"], " ".join(f"{x:.3f}" for x in ratios),
-                     o["ours_tokens_per_update"], o["fairseq_tokens_per_update"]])
+        ours = per[n]["ours"]
+        for malloc in mallocs:
+            theirs = per[n][f"fairseq/{malloc}"]
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs)]
+            key = f"processes_{n}" + ("" if malloc == "system" else f"_fairseq_{malloc}")
+            o = out[key] = {
+                "processes": n, "fairseq_malloc": malloc, "ours_tokens_per_s": rate(ours),
+                "fairseq_tokens_per_s": rate(theirs), "ratio": rate(ours) / rate(theirs), "round_ratios": ratios,
+                "ours_params": ours[0]["params"], "fairseq_params": theirs[0]["params"],
+                "ours_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in ours])),
+                "fairseq_tokens_per_update": float(np.mean([x["tokens_per_update"] for x in theirs])),
+                "ours_rounds": ours, "fairseq_rounds": theirs}
+            rows.append([n, malloc, o["ours_tokens_per_s"], o["fairseq_tokens_per_s"], o["ratio"],
+                         " ".join(f"{x:.3f}" for x in ratios), o["ours_tokens_per_update"],
+                         o["fairseq_tokens_per_update"]])
     print_table(f"peer: cats_ds vs fairseq {version}, target tokens/s over {args.timed} updates after {args.warmup} "
                 f"warm-up ({args.recipe}, max_tokens {args.max_tokens} per process, {args.rounds} round(s), "
-                f"alternating launches)",
-                ["processes", "cats_ds tok/s", "fairseq tok/s", "ratio", "round ratios", "cats_ds tok/update",
-                 "fairseq tok/update"], rows)
-    first = out[f"processes_{args.processes[0]}"]
+                f"alternating launches; ours with train.host_malloc={cfg.train.host_malloc})",
+                ["processes", "fairseq malloc", "cats_ds tok/s", "fairseq tok/s", "ratio", "round ratios",
+                 "cats_ds tok/update", "fairseq tok/update"], rows)
+    first = out[f"processes_{args.processes[0]}" + ("" if mallocs[0] == "system" else f"_fairseq_{mallocs[0]}")]
     print(f"parameters: cats_ds {first['ours_params']:,}, fairseq {first['fairseq_params']:,} "
           f"(fairseq's dictionary holds one more language tag, {SOURCE_LANG}: +{cfg.model.embed_dim})")
     out["elapsed_s"] = time.perf_counter() - start
@@ -880,6 +885,9 @@ def peer_arguments(s) -> None:
     s.add_argument("--warmup", type=int, default=10, help="untimed updates per launch")
     s.add_argument("--timed", type=int, default=30, help="timed updates per launch")
     s.add_argument("--export-dir", default=None, help="fairseq data (default: <data.dir>-fairseq)")
+    s.add_argument("--fairseq-malloc", choices=["system", "reuse", "both"], default="both",
+                   help="fairseq's glibc malloc: as the environment has it, with the setting of our "
+                        "train.host_malloc=reuse (GLIBC_TUNABLES), or both, a launch each per round (default)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -256,8 +256,8 @@ CHECKPOINT_NAMES = ("latest", "best")
 
 RESUME_MAY_CHANGE = ("data.", "eval.", "analysis.", "experts.ep_size", "train.save_dir", "train.max_updates",
                      "train.max_minutes", "train.log_every", "train.valid_every", "train.resume", "train.overwrite",
-                     "train.tensorboard", "train.lr", "train.warmup_updates", "train.warmup_init_lr",
-                     "train.max_nonfinite", "train.save_every", "train.keep_last", "train.patience")
+                     "train.tensorboard", "train.host_malloc", "train.lr", "train.warmup_updates",
+                     "train.warmup_init_lr", "train.max_nonfinite", "train.save_every", "train.keep_last", "train.patience")
 """Config keys (or section prefixes) a resumed run may change. data.* is checked through
 the manifest fingerprint and the language list, experts.ep_size by its own message,
 train.lr and the warmup are applied to the restored schedule (`apply_lr_schedule`);

@@ -35,7 +35,7 @@ from cats_ds.inference.export import write_best_model
 from cats_ds.model.build import model_from_config
 from cats_ds.model.experts import param_groups
 from cats_ds.model.transformer import Transformer
-from cats_ds.runtime import preempt
+from cats_ds.runtime import host_malloc, preempt
 from cats_ds.runtime.output import monitor, print0, split_monitors, write_events
 from cats_ds.runtime.runlock import LockError, acquire, release
 from cats_ds.training.checkpoint import (check_save_dir, free_space, needs_universal, prepare_save_dir, resume,
@@ -261,6 +261,8 @@ def setup(cfg: Config, ds_config_path: str) -> Run:
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    if get_accelerator().device_name() == "cpu":  # before the model and data take memory
+        print0(f"| {host_malloc.configure(cfg.train.host_malloc)}")
     check_save_dir(cfg.train.save_dir, rank, world)  # a folder every rank can write into, or a named error
     lock_save_dir(cfg, rank, world)
     ds = load_ds_config(ds_config_path, world, cfg)
