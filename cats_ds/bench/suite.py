@@ -201,14 +201,16 @@ def bench_peer(args) -> dict:
     def rate(runs: list[dict]) -> float:  # tokens over seconds, the rounds pooled
         return sum(x["tokens"] for x in runs) / sum(x["seconds"] for x in runs)
 
+    def key(n: int, malloc: str) -> str:  # the JSON entry of a row
+        return f"processes_{n}" + ("" if malloc == "system" else f"_fairseq_{malloc}")
+
     rows = []
     for n in args.processes:
         ours = per[n]["ours"]
         for malloc in mallocs:
             theirs = per[n][f"fairseq/{malloc}"]
             ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs)]
-            key = f"processes_{n}" + ("" if malloc == "system" else f"_fairseq_{malloc}")
-            o = out[key] = {
+            o = out[key(n, malloc)] = {
                 "processes": n, "fairseq_malloc": malloc, "ours_tokens_per_s": rate(ours),
                 "fairseq_tokens_per_s": rate(theirs), "ratio": rate(ours) / rate(theirs), "round_ratios": ratios,
                 "ours_params": ours[0]["params"], "fairseq_params": theirs[0]["params"],
@@ -223,7 +225,7 @@ def bench_peer(args) -> dict:
                 f"alternating launches; ours with train.host_malloc={cfg.train.host_malloc})",
                 ["processes", "fairseq malloc", "cats_ds tok/s", "fairseq tok/s", "ratio", "round ratios",
                  "cats_ds tok/update", "fairseq tok/update"], rows)
-    first = out[f"processes_{args.processes[0]}" + ("" if mallocs[0] == "system" else f"_fairseq_{mallocs[0]}")]
+    first = out[key(args.processes[0], mallocs[0])]
     print(f"parameters: cats_ds {first['ours_params']:,}, fairseq {first['fairseq_params']:,} "
           f"(fairseq's dictionary holds one more language tag, {SOURCE_LANG}: +{cfg.model.embed_dim})")
     out["elapsed_s"] = time.perf_counter() - start
